@@ -1,0 +1,150 @@
+/**
+ * The one schema for mailgate's YAML configuration. Every key is validated
+ * strictly (unknown keys are errors) and every default lives here, so the rest
+ * of the program reads a complete, typed, frozen object.
+ */
+import { z } from 'zod';
+import { parseDuration } from '../core/duration.ts';
+import { parseHostPort, type HostPort } from '../net/address.ts';
+
+const duration = z
+  .union([z.number(), z.string()])
+  .transform((v, ctx) => {
+    const ms = parseDuration(v);
+    if (ms === undefined) {
+      ctx.addIssue({ code: 'custom', message: `"${v}" is not a duration (use e.g. 500ms, 30s, 5m, 2h or a number of seconds)` });
+      return z.NEVER;
+    }
+    return ms;
+  });
+
+const hostPort = z.string().transform((v, ctx): HostPort => {
+  const r = parseHostPort(v);
+  if (typeof r === 'string') {
+    ctx.addIssue({ code: 'custom', message: `bad address "${v}": ${r}` });
+    return z.NEVER;
+  }
+  return r;
+});
+
+const positiveInt = z.number().int().positive();
+
+const timeoutsShape = {
+  tls_handshake: duration,
+  preauth_idle: duration,
+  backend_connect: duration,
+  login_replay: duration,
+  postauth_idle: duration,
+};
+const limitsShape = {
+  max_line: positiveInt.min(512).max(1_048_576),
+  max_preauth_commands: positiveInt.max(10_000),
+  max_literal: positiveInt.max(1_048_576),
+  max_sasl: positiveInt.max(1_048_576),
+  max_auth_attempts: positiveInt.max(100),
+  max_connections: positiveInt,
+};
+
+export const DEFAULT_TIMEOUTS = {
+  tls_handshake: 10_000,
+  preauth_idle: 60_000,
+  backend_connect: 5_000,
+  login_replay: 20_000,
+  postauth_idle: 1_800_000,
+};
+export const DEFAULT_LIMITS = {
+  max_line: 8192,
+  max_preauth_commands: 50,
+  max_literal: 8192,
+  max_sasl: 8192,
+  max_auth_attempts: 3,
+  max_connections: 10_000,
+};
+
+const timeouts = z.strictObject(timeoutsShape).partial();
+const limits = z.strictObject(limitsShape).partial();
+
+/** One address or a list; written as one string in the common case. */
+const listen = z.preprocess((v) => (typeof v === 'string' ? [v] : v), z.array(hostPort).min(1));
+
+const listenerBase = {
+  name: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'use 1-64 letters, digits, "_", "." or "-"'),
+  listen,
+  backend: hostPort,
+  proxy_protocol: z.union([z.literal(false), z.literal('v1'), z.literal('v2')]).default(false),
+  timeouts: timeouts.default({}),
+  limits: limits.default({}),
+};
+
+const imapListener = z.strictObject({
+  ...listenerBase,
+  protocol: z.literal('imap'),
+  tls: z.enum(['implicit', 'starttls', 'none']),
+  /** Send IMAP ID with x-originating-ip etc. before replaying the login (Dovecot honours it from login_trusted_networks). */
+  imap_id: z.boolean().default(true),
+  /** On a starttls/none listener, refuse LOGIN/AUTHENTICATE until TLS is up (advertises LOGINDISABLED). */
+  require_tls: z.boolean().default(true),
+});
+
+const pop3Listener = z.strictObject({
+  ...listenerBase,
+  protocol: z.literal('pop3'),
+  tls: z.enum(['implicit', 'starttls', 'none']),
+  require_tls: z.boolean().default(true),
+});
+
+const smtpListener = z.strictObject({
+  ...listenerBase,
+  protocol: z.literal('smtp'),
+  tls: z.enum(['implicit', 'starttls', 'none']),
+  /** Submission listeners require AUTH before MAIL; an MX listener (auth: none) forwards the session as is. */
+  auth: z.enum(['required', 'none']).default('required'),
+  /** Tell the backend the client's address and login with XCLIENT, when the backend offers it. */
+  xclient: z.boolean().default(true),
+  require_tls: z.boolean().default(true),
+});
+
+const httpListener = z.strictObject({
+  ...listenerBase,
+  protocol: z.literal('http'),
+  tls: z.enum(['implicit', 'none']),
+  /** A plain listener that only answers with a redirect to https (and serves ACME HTTP-01 when configured). */
+  redirect_https: z.boolean().default(false),
+  /** Strict-Transport-Security max-age in seconds; 0 sends none. */
+  hsts: z.number().int().min(0).max(63_072_000).default(0),
+  /** Keep the client's own X-Forwarded-For chain only from these proxies (none by default: the header is replaced). */
+  trust_forwarded: z.boolean().default(false),
+});
+
+export const listenerSchema = z.discriminatedUnion('protocol', [imapListener, pop3Listener, smtpListener, httpListener]);
+
+const certificate = z.strictObject({
+  cert: z.string().min(1),
+  key: z.string().min(1),
+});
+
+export const configSchema = z
+  .strictObject({
+    /** Name used in greetings and as the self-signed certificate's subject. */
+    hostname: z.string().regex(/^[A-Za-z0-9.-]{1,253}$/, 'not a host name').optional(),
+    log: z.strictObject({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info') }).default({ level: 'info' }),
+    tls: z
+      .strictObject({
+        min_version: z.enum(['TLSv1.2', 'TLSv1.3']).default('TLSv1.2'),
+        /** Certificate files; the first is the default for clients without a matching SNI name. */
+        certificates: z.array(certificate).default([]),
+        /** Folder for generated (self-signed) and obtained certificates. Relative to the config file. */
+        dir: z.string().min(1).default('../certs'),
+      })
+      .default({ min_version: 'TLSv1.2', certificates: [], dir: '../certs' }),
+    timeouts: timeouts.extend({ shutdown_drain: duration }).partial().default({}),
+    limits: limits.default({}),
+    listeners: z.array(listenerSchema).min(1),
+  });
+
+export type RawConfig = z.input<typeof configSchema>;
+export type ParsedConfig = z.output<typeof configSchema>;
+export type ListenerConfig = z.output<typeof listenerSchema>;
+export type Timeouts = typeof DEFAULT_TIMEOUTS;
+export type Limits = typeof DEFAULT_LIMITS;
+export type Protocol = ListenerConfig['protocol'];

@@ -1,0 +1,125 @@
+/**
+ * The contract between the session driver and a mail protocol adapter.
+ *
+ * An adapter knows one protocol and nothing about sockets, policy, TLS or
+ * logging. It greets, consumes client lines and says what happens next
+ * (a Step); it phrases refusals in the protocol's own words; and, once the
+ * driver has a backend connection, it replays the login there.
+ */
+import type { Listener } from '../config/load.ts';
+
+export interface Credentials {
+  user: string;
+  password: string;
+  /** SASL PLAIN authorization identity, when different from `user`. */
+  authzid?: string;
+  mechanism: 'PLAIN' | 'LOGIN' | 'USER';
+}
+
+/** What the adapter may know about the session it speaks for. */
+export interface SessionFacts {
+  readonly id: string;
+  readonly listener: Listener;
+  readonly hostname: string;
+  readonly clientIp: string;
+  readonly clientPort: number;
+  readonly localIp: string;
+  readonly localPort: number;
+  /** True once TLS is up (implicit, or after STARTTLS). */
+  tls(): boolean;
+}
+
+/** What the backend advertised before login, learned by the protocol's probe. */
+export interface BackendCapabilities {
+  /** IMAP: capability atoms; POP3: CAPA lines; SMTP: EHLO keyword lines (without the status code). */
+  capabilities: readonly string[];
+  /** When the probe was made (ms since epoch). */
+  at: number;
+}
+
+export type CloseReason =
+  | 'client-quit'
+  | 'client-closed'
+  | 'backend-closed'
+  | 'protocol-error'
+  | 'too-many-commands'
+  | 'too-many-auth-failures'
+  | 'line-too-long'
+  | 'early-talker'
+  | 'idle-timeout'
+  | 'tls-handshake-failed'
+  | 'tls-handshake-timeout'
+  | 'backend-unavailable'
+  | 'backend-timeout'
+  | 'backend-error'
+  | 'policy-denied'
+  | 'policy-tempfail'
+  | 'shutdown'
+  | 'killed'
+  | 'internal-error';
+
+export type Step =
+  /** Send `data` and keep reading commands. */
+  | { kind: 'reply'; data: string }
+  /** Send `data` (a continuation, or '' for a non-synchronising literal), then read `size` raw bytes for onLiteral. */
+  | { kind: 'literal'; size: number; data: string }
+  /** Send `data`, discard anything the client sent after the command, then start TLS. */
+  | { kind: 'starttls'; data: string }
+  /** Credentials are ready (null: an SMTP listener without auth reached its first transaction). */
+  | { kind: 'login'; credentials: Credentials | null }
+  /** Send `data` and close the session. */
+  | { kind: 'close'; data: string; reason: CloseReason };
+
+/** Why the driver refuses or ends a session; the adapter puts it in the protocol's words. */
+export type Refusal =
+  | 'denied'
+  | 'tempfail'
+  | 'backend-unavailable'
+  | 'auth-unavailable'
+  | 'idle-timeout'
+  | 'line-too-long'
+  | 'too-many-auth-failures'
+  | 'early-talker'
+  | 'shutdown'
+  | 'internal-error';
+
+/** A line-oriented view of the backend connection during the login replay. */
+export interface BackendLink {
+  /** The next line without CRLF; rejects if the backend closes, times out or sends an overlong line. */
+  readLine(): Promise<string>;
+  write(data: string): void;
+}
+
+export type LoginResult =
+  /** Logged in: `reply` goes to the client, then bytes are spliced. */
+  | { ok: true; reply: string }
+  /** The backend refused the credentials: `reply` goes to the client, which may try again. */
+  | { ok: false; reply: string };
+
+export interface MailAdapter {
+  greeting(): string;
+  onLine(line: Buffer): Step;
+  onLiteral(data: Buffer): Step;
+  /** TLS came up after STARTTLS: forget what was said before it (RFC 3207 §4.2, RFC 9051 §6.2.1). */
+  tlsStarted(): void;
+  /** The last words before the driver closes, or a failed-login answer when `inLogin`. */
+  refusal(why: Refusal, text?: string): string;
+  /** The answer to the pending login command when policy or the backend makes it fail (the session stays open). */
+  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string;
+  /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
+  login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
+  /** A goodbye that can be written into a spliced stream at shutdown, if the protocol has one. */
+  shutdownNotice(): string | undefined;
+}
+
+export interface ProtocolModule {
+  readonly protocol: 'imap' | 'pop3' | 'smtp';
+  createAdapter(facts: SessionFacts, caps: BackendCapabilities | undefined): MailAdapter;
+  /** Learns the backend's pre-login capabilities on a throwaway connection, then says goodbye. */
+  probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
+}
+
+/** Values copied into XCLIENT, ID or PROXY headers: never CR, LF or NUL, never unbounded. */
+export function sanitizeValue(value: string, max = 255): string {
+  return value.replace(/[\0\r\n]/g, '').slice(0, max);
+}

@@ -1,0 +1,123 @@
+/**
+ * The registry of live sessions: the one place that knows who is connected,
+ * to what, as whom, and how much has moved. Typed events feed the control
+ * socket, metrics and the dashboard; `kill` and `drain` reach every session.
+ */
+import { EventEmitter } from 'node:events';
+import type { CloseReason } from '../protocols/types.ts';
+
+export type SessionState = 'handshake' | 'preauth' | 'starttls' | 'authenticating' | 'relaying' | 'closing' | 'closed';
+
+export interface SessionRecord {
+  readonly id: string;
+  readonly listener: string;
+  readonly protocol: 'imap' | 'pop3' | 'smtp' | 'http';
+  readonly clientIp: string;
+  readonly clientPort: number;
+  readonly startedAt: number;
+  state: SessionState;
+  lastActivity: number;
+  user: string | null;
+  backend: string | null;
+  tlsVersion: string | null;
+  tlsCipher: string | null;
+  bytesIn: number;
+  bytesOut: number;
+  /** SMTP only: messages and recipients seen after authentication. */
+  messages: number;
+  recipients: number;
+  closeReason: CloseReason | null;
+}
+
+/** What the registry can ask of a live session. */
+export interface SessionControl {
+  readonly record: SessionRecord;
+  kill(reason: CloseReason): void;
+  /** Shutdown: finish politely if idle at a command boundary, else at the deadline. */
+  drain(): void;
+}
+
+export interface RegistryEvents {
+  opened: SessionRecord;
+  authenticated: SessionRecord;
+  closed: SessionRecord & { durationMs: number };
+  refused: { listener: string; clientIp: string; reason: string; at: number };
+}
+
+export class SessionRegistry {
+  private readonly sessions = new Map<string, SessionControl>();
+  private readonly events = new EventEmitter();
+  private counter = 0;
+  private readonly prefix = process.pid.toString(36);
+
+  constructor() {
+    // Dashboards and metrics subscribe; more than ten is legitimate, not a leak.
+    this.events.setMaxListeners(0);
+  }
+
+  nextId(): string {
+    return `${this.prefix}-${(++this.counter).toString(36)}`;
+  }
+
+  add(session: SessionControl): void {
+    this.sessions.set(session.record.id, session);
+    this.emit('opened', session.record);
+  }
+
+  authenticated(record: SessionRecord): void {
+    this.emit('authenticated', record);
+  }
+
+  remove(id: string): void {
+    const s = this.sessions.get(id);
+    if (!s) return;
+    this.sessions.delete(id);
+    this.emit('closed', { ...s.record, durationMs: Date.now() - s.record.startedAt });
+  }
+
+  refused(listener: string, clientIp: string, reason: string): void {
+    this.emit('refused', { listener, clientIp, reason, at: Date.now() });
+  }
+
+  get size(): number {
+    return this.sessions.size;
+  }
+
+  get(id: string): SessionControl | undefined {
+    return this.sessions.get(id);
+  }
+
+  list(): SessionRecord[] {
+    return [...this.sessions.values()].map((s) => s.record);
+  }
+
+  countFor(listener: string): number {
+    let n = 0;
+    for (const s of this.sessions.values()) if (s.record.listener === listener) n++;
+    return n;
+  }
+
+  kill(id: string, reason: CloseReason = 'killed'): boolean {
+    const s = this.sessions.get(id);
+    if (!s) return false;
+    s.kill(reason);
+    return true;
+  }
+
+  drainAll(): void {
+    for (const s of [...this.sessions.values()]) s.drain();
+  }
+
+  killAll(reason: CloseReason): void {
+    for (const s of [...this.sessions.values()]) s.kill(reason);
+  }
+
+  on<K extends keyof RegistryEvents>(event: K, listener: (e: RegistryEvents[K]) => void): () => void {
+    this.events.on(event, listener);
+    return () => this.events.off(event, listener);
+  }
+
+  private emit<K extends keyof RegistryEvents>(event: K, payload: RegistryEvents[K]): void {
+    this.events.emit(event, payload);
+  }
+}

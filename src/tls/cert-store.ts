@@ -1,0 +1,149 @@
+/**
+ * Certificates by host name for SNI. Lookups are synchronous map reads on
+ * the handshake path; `put` swaps a name's context atomically, so the next
+ * handshake uses the new certificate while live sessions keep theirs.
+ */
+import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createSecureContext, type SecureContext } from 'node:tls';
+import { MailgateError } from '../core/errors.ts';
+import { secureContextOptions } from './options.ts';
+
+export type CertSource = 'file' | 'self-signed' | 'acme';
+
+export interface CertInfo {
+  names: string[];
+  source: CertSource;
+  issuer: string;
+  subject: string;
+  notBefore: Date;
+  notAfter: Date;
+  fingerprint256: string;
+  certFile?: string;
+}
+
+interface Entry {
+  info: CertInfo;
+  context: SecureContext;
+}
+
+export class CertStore {
+  private byName = new Map<string, Entry>();
+  private defaultEntry: Entry | undefined;
+  private minVersion: 'TLSv1.2' | 'TLSv1.3';
+  private listeners = new Set<(info: CertInfo) => void>();
+
+  constructor(minVersion: 'TLSv1.2' | 'TLSv1.3') {
+    this.minVersion = minVersion;
+  }
+
+  /** Adds or replaces the certificate for every name it covers. The first one put becomes the default. */
+  put(certPem: string, keyPem: string, source: CertSource, opts: { certFile?: string; makeDefault?: boolean } = {}): CertInfo {
+    let x509: X509Certificate;
+    let context: SecureContext;
+    try {
+      x509 = new X509Certificate(certPem);
+      context = createSecureContext({ ...secureContextOptions(this.minVersion), cert: certPem, key: keyPem });
+    } catch (err) {
+      throw new MailgateError('CERT_LOAD', `certificate${opts.certFile ? ` ${opts.certFile}` : ''} or its key is not usable: ${(err as Error).message}`, { cause: err });
+    }
+    if (!x509.checkPrivateKey(privateKey(keyPem))) {
+      throw new MailgateError('CERT_LOAD', `the key does not belong to the certificate${opts.certFile ? ` ${opts.certFile}` : ''}`);
+    }
+    const info: CertInfo = {
+      names: certNames(x509),
+      source,
+      issuer: x509.issuer.replace(/\n/g, ', '),
+      subject: x509.subject.replace(/\n/g, ', '),
+      notBefore: new Date(x509.validFrom),
+      notAfter: new Date(x509.validTo),
+      fingerprint256: x509.fingerprint256,
+      ...(opts.certFile ? { certFile: opts.certFile } : {}),
+    };
+    const entry: Entry = { info, context };
+    for (const name of info.names) this.byName.set(name.toLowerCase(), entry);
+    if (!this.defaultEntry || opts.makeDefault) this.defaultEntry = entry;
+    else if (this.defaultEntry.info.names.some((n) => info.names.includes(n))) this.defaultEntry = entry;
+    for (const l of this.listeners) l(info);
+    return info;
+  }
+
+  loadFiles(certFile: string, keyFile: string, makeDefault = false): CertInfo {
+    let cert: string;
+    let key: string;
+    try {
+      cert = readFileSync(certFile, 'utf8');
+      key = readFileSync(keyFile, 'utf8');
+    } catch (err) {
+      throw new MailgateError('CERT_LOAD', `cannot read ${certFile} / ${keyFile}: ${(err as Error).message}`, { cause: err });
+    }
+    return this.put(cert, key, 'file', { certFile, makeDefault });
+  }
+
+  /** Exact name, then the wildcard one level up, then the default. */
+  contextFor(servername: string | undefined): SecureContext | undefined {
+    if (servername) {
+      const name = servername.toLowerCase();
+      const exact = this.byName.get(name);
+      if (exact) return exact.context;
+      const dot = name.indexOf('.');
+      if (dot > 0) {
+        const wild = this.byName.get(`*${name.slice(dot)}`);
+        if (wild) return wild.context;
+      }
+    }
+    return this.defaultEntry?.context;
+  }
+
+  has(name: string): boolean {
+    return this.byName.has(name.toLowerCase());
+  }
+
+  infoFor(name: string): CertInfo | undefined {
+    return this.byName.get(name.toLowerCase())?.info;
+  }
+
+  /** One row per distinct certificate. */
+  list(): CertInfo[] {
+    return [...new Set([...this.byName.values()].map((e) => e.info))];
+  }
+
+  /** Takes over another store's certificates (reload): listeners keep this object, so no server is rebuilt. */
+  replaceWith(other: CertStore): void {
+    this.byName = other.byName;
+    this.defaultEntry = other.defaultEntry;
+    this.minVersion = other.minVersion;
+  }
+
+  onChange(listener: (info: CertInfo) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /** For tls.createServer: SNI picks the context, falling back to the default. */
+  readonly sniCallback = (servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void => {
+    const ctx = this.contextFor(servername);
+    if (ctx) cb(null, ctx);
+    else cb(new MailgateError('CERT_LOAD', 'no certificate loaded'));
+  };
+}
+
+function privateKey(pem: string): KeyObject {
+  try {
+    return createPrivateKey(pem);
+  } catch (err) {
+    throw new MailgateError('CERT_LOAD', `the private key is not usable: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+export function certNames(x509: X509Certificate): string[] {
+  const names = new Set<string>();
+  for (const part of (x509.subjectAltName ?? '').split(/,\s*/)) {
+    if (part.startsWith('DNS:')) names.add(part.slice(4).toLowerCase());
+  }
+  if (names.size === 0) {
+    const cn = /(?:^|\n)CN=([^\n]+)/.exec(x509.subject);
+    if (cn?.[1]) names.add(cn[1].toLowerCase());
+  }
+  return [...names];
+}
