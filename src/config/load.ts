@@ -20,10 +20,12 @@ import {
   type Timeouts,
 } from './schema.ts';
 
-export type Listener = Omit<ListenerConfig, 'timeouts' | 'limits'> & {
-  timeouts: Timeouts;
-  limits: Limits;
-};
+/** A listener with the global timeouts and limits merged in (distributive, so `protocol` still narrows). */
+export type Listener = ListenerConfig extends infer L
+  ? L extends ListenerConfig
+    ? Omit<L, 'timeouts' | 'limits'> & { timeouts: Timeouts; limits: Limits }
+    : never
+  : never;
 
 export interface Config {
   /** Absolute path of the file this was read from. */

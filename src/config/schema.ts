@@ -32,6 +32,7 @@ const positiveInt = z.number().int().positive();
 const timeoutsShape = {
   tls_handshake: duration,
   preauth_idle: duration,
+  preauth_total: duration,
   backend_connect: duration,
   login_replay: duration,
   postauth_idle: duration,
@@ -48,6 +49,7 @@ const limitsShape = {
 export const DEFAULT_TIMEOUTS = {
   tls_handshake: 10_000,
   preauth_idle: 60_000,
+  preauth_total: 300_000,
   backend_connect: 5_000,
   login_replay: 20_000,
   postauth_idle: 1_800_000,

@@ -104,7 +104,11 @@ export interface MailAdapter {
   tlsStarted(): void;
   /** The last words before the driver closes, or a failed-login answer when `inLogin`. */
   refusal(why: Refusal, text?: string): string;
-  /** The answer to the pending login command when policy or the backend makes it fail (the session stays open). */
+  /**
+   * The answer to the pending login command when policy or the backend makes
+   * it fail. After 'denied' and 'tempfail' the session stays open; after
+   * 'backend-unavailable' the driver closes, so the answer includes the goodbye.
+   */
   loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string;
   /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
@@ -112,9 +116,27 @@ export interface MailAdapter {
   shutdownNotice(): string | undefined;
 }
 
+/**
+ * Watches a spliced stream without changing it (SMTP counts messages and
+ * recipients for rate rules). Must be cheap: it sees every chunk.
+ */
+export interface StreamObserver {
+  fromClient(chunk: Buffer): void;
+  fromBackend(chunk: Buffer): void;
+  /** True when a goodbye could be written without cutting a message or response in half. */
+  atBoundary(): boolean;
+}
+
+export interface StreamCounts {
+  onMessage(recipients: number): void;
+  onRecipient(): void;
+}
+
 export interface ProtocolModule {
   readonly protocol: 'imap' | 'pop3' | 'smtp';
   createAdapter(facts: SessionFacts, caps: BackendCapabilities | undefined): MailAdapter;
+  /** Optional observer for the spliced stream. */
+  createObserver?(counts: StreamCounts): StreamObserver;
   /** Learns the backend's pre-login capabilities on a throwaway connection, then says goodbye. */
   probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
 }

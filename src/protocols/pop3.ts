@@ -1,0 +1,260 @@
+/**
+ * POP3 (RFC 1939) in the AUTHORIZATION state: greeting, CAPA (RFC 2449),
+ * STLS (RFC 2595), USER/PASS, AUTH PLAIN/LOGIN (RFC 5034), QUIT. The login is
+ * replayed on the backend with AUTH PLAIN where offered, else USER/PASS.
+ */
+import { MailgateError } from '../core/errors.ts';
+import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
+import {
+  sanitizeValue,
+  type BackendCapabilities,
+  type BackendLink,
+  type Credentials,
+  type LoginResult,
+  type MailAdapter,
+  type ProtocolModule,
+  type Refusal,
+  type SessionFacts,
+  type Step,
+} from './types.ts';
+import { fromWire, toWire } from './wire.ts';
+
+type Pop3State =
+  | { s: 'command'; user: string | undefined }
+  | { s: 'sasl'; exchange: SaslExchange }
+  | { s: 'login' };
+
+/** CAPA lines the gateway answers for itself. */
+const OWN = /^(STLS|SASL|USER|IMPLEMENTATION|LOGIN-DELAY|APOP)\b/i;
+const MAX_ERRORS = 10;
+
+export class Pop3Adapter implements MailAdapter {
+  private state: Pop3State = { s: 'command', user: undefined };
+  private commands = 0;
+  private errors = 0;
+  private readonly facts: SessionFacts;
+  private readonly backendCaps: readonly string[];
+
+  constructor(facts: SessionFacts, caps: BackendCapabilities | undefined) {
+    this.facts = facts;
+    this.backendCaps = caps?.capabilities ?? ['TOP', 'UIDL', 'RESP-CODES'];
+  }
+
+  private loginAllowed(): boolean {
+    const l = this.facts.listener;
+    return !(l.protocol === 'pop3' && l.require_tls && !this.facts.tls());
+  }
+
+  capa(): string {
+    const lines = this.backendCaps.filter((c) => !OWN.test(c));
+    if (this.facts.listener.tls === 'starttls' && !this.facts.tls()) lines.push('STLS');
+    if (this.loginAllowed()) lines.push('USER', 'SASL PLAIN LOGIN');
+    return `+OK Capability list follows\r\n${lines.map((l) => `${l}\r\n`).join('')}.\r\n`;
+  }
+
+  greeting(): string {
+    return `+OK ${this.facts.hostname} POP3 ready\r\n`;
+  }
+
+  tlsStarted(): void {
+    this.state = { s: 'command', user: undefined };
+  }
+
+  onLine(line: Buffer): Step {
+    const text = line.toString('latin1');
+    switch (this.state.s) {
+      case 'sasl':
+        return this.saslStep(this.state.exchange.next(text));
+      case 'login':
+        return { kind: 'close', data: '-ERR Internal error\r\n', reason: 'internal-error' };
+      case 'command':
+        return this.command(text, this.state.user);
+      default:
+        return assertNever(this.state);
+    }
+  }
+
+  onLiteral(): Step {
+    return { kind: 'close', data: '-ERR Internal error\r\n', reason: 'internal-error' };
+  }
+
+  private command(text: string, user: string | undefined): Step {
+    this.commands++;
+    if (this.commands > this.facts.listener.limits.max_preauth_commands) {
+      return { kind: 'close', data: '-ERR Too many commands without logging in\r\n', reason: 'too-many-commands' };
+    }
+    const space = text.indexOf(' ');
+    const name = (space < 0 ? text : text.slice(0, space)).toUpperCase();
+    const arg = space < 0 ? '' : text.slice(space + 1);
+    switch (name) {
+      case 'CAPA':
+        return reply(this.capa());
+      case 'QUIT':
+        return { kind: 'close', data: '+OK Bye\r\n', reason: 'client-quit' };
+      case 'STLS':
+        if (this.facts.tls()) return this.err('-ERR TLS is already active');
+        if (this.facts.listener.tls !== 'starttls') return this.err('-ERR STLS is not offered here');
+        return { kind: 'starttls', data: '+OK Begin TLS negotiation\r\n' };
+      case 'USER':
+        if (!this.loginAllowed()) return this.err('-ERR [AUTH] Log in after STLS');
+        if (!arg || /[\0]/.test(arg)) return this.err('-ERR USER expects a name');
+        this.state = { s: 'command', user: arg };
+        return reply('+OK\r\n');
+      case 'PASS':
+        if (!this.loginAllowed()) return this.err('-ERR [AUTH] Log in after STLS');
+        if (user === undefined) return this.err('-ERR Send USER first');
+        if (!arg || /[\0]/.test(arg)) return this.err('-ERR PASS expects a password');
+        this.state = { s: 'login' };
+        return { kind: 'login', credentials: { user: fromWire(user), password: fromWire(arg), mechanism: 'USER' } };
+      case 'AUTH':
+        return this.auth(arg);
+      case 'APOP':
+        return this.err('-ERR APOP is not supported, use USER/PASS or AUTH');
+      case '':
+        return this.err('-ERR Empty command');
+      default:
+        return this.err(`-ERR Command ${sanitizeValue(name, 16)} is not valid before login`);
+    }
+  }
+
+  private auth(arg: string): Step {
+    if (arg === '') return reply('+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n');
+    if (!this.loginAllowed()) return this.err('-ERR [AUTH] Log in after STLS');
+    const [mechName, ir, extra] = arg.split(' ');
+    const mech = parseMechanism(mechName ?? '');
+    if (!mech) return this.err('-ERR Unsupported authentication mechanism');
+    if (extra !== undefined) return this.err('-ERR AUTH takes a mechanism and an optional initial response');
+    const exchange = new SaslExchange(mech);
+    return this.saslStep(exchange.start(ir), exchange);
+  }
+
+  private saslStep(step: SaslStep, exchange?: SaslExchange): Step {
+    switch (step.kind) {
+      case 'challenge':
+        if (exchange) this.state = { s: 'sasl', exchange };
+        return reply(`+ ${step.challenge}\r\n`);
+      case 'done':
+        this.state = { s: 'login' };
+        return { kind: 'login', credentials: step.credentials };
+      case 'fail':
+        this.state = { s: 'command', user: undefined };
+        return this.err(step.reason === 'aborted' ? '-ERR Authentication aborted' : '-ERR Invalid SASL response');
+      default:
+        return assertNever(step);
+    }
+  }
+
+  private err(text: string): Step {
+    this.errors++;
+    if (this.errors > MAX_ERRORS) return { kind: 'close', data: `${text}\r\n-ERR Too many errors\r\n`, reason: 'protocol-error' };
+    return reply(`${text}\r\n`);
+  }
+
+  refusal(why: Refusal, text?: string): string {
+    switch (why) {
+      case 'denied':
+        return `-ERR [SYS/PERM] ${text ?? 'Access denied'}\r\n`;
+      case 'tempfail':
+        return `-ERR [SYS/TEMP] ${text ?? 'Try again later'}\r\n`;
+      case 'backend-unavailable':
+      case 'auth-unavailable':
+        return `-ERR [SYS/TEMP] ${text ?? 'Backend server unavailable, try again later'}\r\n`;
+      case 'idle-timeout':
+        return '-ERR Disconnected for inactivity\r\n';
+      case 'line-too-long':
+        return '-ERR Line too long\r\n';
+      case 'too-many-auth-failures':
+        return '-ERR [AUTH] Too many failed logins\r\n';
+      case 'early-talker':
+        return '-ERR Protocol error\r\n';
+      case 'shutdown':
+        return '-ERR [SYS/TEMP] Server shutting down\r\n';
+      case 'internal-error':
+        return '-ERR [SYS/TEMP] Internal error\r\n';
+      default:
+        return assertNever(why);
+    }
+  }
+
+  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string {
+    this.state = { s: 'command', user: undefined };
+    switch (why) {
+      case 'denied':
+        return `-ERR [AUTH] ${text ?? 'Authentication failed'}\r\n`;
+      case 'tempfail':
+      case 'auth-unavailable':
+        return `-ERR [SYS/TEMP] ${text ?? 'Temporary failure, try again later'}\r\n`;
+      case 'backend-unavailable':
+        return `-ERR [SYS/TEMP] ${text ?? 'Backend server unavailable, try again later'}\r\n`;
+      default:
+        return assertNever(why);
+    }
+  }
+
+  shutdownNotice(): undefined {
+    // POP3 has no unsolicited responses: a spliced session is simply closed at the drain deadline.
+    return undefined;
+  }
+
+  async login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult> {
+    if (!credentials) throw new MailgateError('BACKEND_PROTOCOL', 'POP3 login without credentials');
+    const greeting = await backend.readLine();
+    if (!greeting.startsWith('+OK')) throw new MailgateError('BACKEND_PROTOCOL', `unexpected POP3 greeting: ${sanitizeValue(greeting, 80)}`);
+    const backendCaps = (caps?.capabilities ?? []).map((c) => c.toUpperCase());
+    if (backendCaps.some((c) => c === 'XCLIENT' || c.startsWith('XCLIENT '))) {
+      // Dovecot's pop3-login takes the real address from trusted networks this way.
+      backend.write(`XCLIENT ADDR=${sanitizeValue(this.facts.clientIp)} PORT=${this.facts.clientPort}\r\n`);
+      await backend.readLine();
+    }
+    const sasl = backendCaps.find((c) => c.startsWith('SASL '))?.split(' ') ?? [];
+    let answer: string;
+    if (sasl.includes('PLAIN')) {
+      backend.write(`AUTH PLAIN ${encodePlain(credentials.user, credentials.password, credentials.authzid ?? '')}\r\n`);
+      answer = await backend.readLine();
+      if (answer.startsWith('+ ')) {
+        backend.write('*\r\n');
+        answer = await backend.readLine();
+      }
+    } else {
+      backend.write(`USER ${toWire(credentials.user)}\r\n`);
+      answer = await backend.readLine();
+      if (answer.startsWith('+OK')) {
+        backend.write(`PASS ${toWire(credentials.password)}\r\n`);
+        answer = await backend.readLine();
+      }
+    }
+    this.state = { s: 'command', user: undefined };
+    if (answer.startsWith('+OK')) return { ok: true, reply: `${answer}\r\n` };
+    const text = answer.replace(/^-ERR ?/, '');
+    return { ok: false, reply: `-ERR ${text.startsWith('[') ? text : `[AUTH] ${text || 'Authentication failed'}`}\r\n` };
+  }
+}
+
+function reply(data: string): Step {
+  return { kind: 'reply', data };
+}
+
+function assertNever(x: never): never {
+  throw new Error(`unexpected state ${JSON.stringify(x)}`);
+}
+
+export const pop3Protocol: ProtocolModule = {
+  protocol: 'pop3',
+  createAdapter: (facts, caps) => new Pop3Adapter(facts, caps),
+  async probe(backend) {
+    const greeting = await backend.readLine();
+    if (!greeting.startsWith('+OK')) throw new MailgateError('BACKEND_PROTOCOL', `unexpected POP3 greeting: ${sanitizeValue(greeting, 80)}`);
+    backend.write('CAPA\r\n');
+    const first = await backend.readLine();
+    const caps: string[] = [];
+    if (first.startsWith('+OK')) {
+      for (let i = 0; i < 100; i++) {
+        const line = await backend.readLine();
+        if (line === '.') break;
+        caps.push(line);
+      }
+    }
+    backend.write('QUIT\r\n');
+    return { capabilities: caps, at: Date.now() };
+  },
+};

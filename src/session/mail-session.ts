@@ -1,0 +1,565 @@
+/**
+ * One mail session, start to end: TLS, greeting, the adapter's pre-auth
+ * dialogue, the policy decision, the backend login replay, then the splice.
+ * The session owns both sockets; `close(reason)` is the only way out and it
+ * records why. Every event handler first checks for the terminal state.
+ */
+import type { Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
+import type { Listener } from '../config/load.ts';
+import { errorCode, errorMessage } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { connectBackend } from '../backend/connector.ts';
+import type { CapabilityCache } from '../backend/capabilities.ts';
+import { SocketLink } from '../backend/link.ts';
+import { formatHostPort, normalizeIp } from '../net/address.ts';
+import { LINE_TOO_LONG, LineReader } from '../net/line-reader.ts';
+import type { AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
+import type {
+  BackendCapabilities,
+  CloseReason,
+  Credentials,
+  MailAdapter,
+  ProtocolModule,
+  Refusal,
+  SessionFacts,
+  Step,
+  StreamObserver,
+} from '../protocols/types.ts';
+import type { CertStore } from '../tls/cert-store.ts';
+import { alpnSelector } from '../tls/options.ts';
+import type { SessionControl, SessionRecord, SessionRegistry, SessionState } from './registry.ts';
+
+export interface MailSessionDeps {
+  hostname: string;
+  certs: CertStore;
+  registry: SessionRegistry;
+  policy: Policy;
+  log: Logger;
+  capabilities: CapabilityCache;
+  module: ProtocolModule;
+}
+
+/** After close() ends both sockets politely, how long they get to flush before being destroyed. */
+const CLOSE_GRACE_MS = 2_000;
+
+export class MailSession implements SessionControl {
+  readonly record: SessionRecord;
+  private readonly raw: Socket;
+  private client: Socket;
+  private readonly listener: Listener;
+  private readonly deps: MailSessionDeps;
+  private readonly log: Logger;
+  private readonly reader: LineReader;
+  private readonly facts: SessionFacts;
+  private readonly connectFacts: ConnectFacts;
+  private adapter: MailAdapter | undefined;
+  private caps: BackendCapabilities | undefined;
+  private backend: Socket | undefined;
+  private observer: StreamObserver | undefined;
+  private literalBytes: number | undefined;
+  private busy = false;
+  private greeted = false;
+  private allowed = false;
+  private authFailures = 0;
+  private draining = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  private totalTimer: NodeJS.Timeout | undefined;
+  private graceTimer: NodeJS.Timeout | undefined;
+  private readonly onClientData = (chunk: Buffer) => this.clientData(chunk);
+  private readonly onTimeout = () => this.idle();
+  private idleMs = 0;
+
+  constructor(raw: Socket, listener: Listener, deps: MailSessionDeps) {
+    this.raw = raw;
+    this.client = raw;
+    this.listener = listener;
+    this.deps = deps;
+    const now = Date.now();
+    const clientIp = normalizeIp(raw.remoteAddress);
+    this.record = {
+      id: deps.registry.nextId(),
+      listener: listener.name,
+      protocol: deps.module.protocol,
+      clientIp,
+      clientPort: raw.remotePort ?? 0,
+      startedAt: now,
+      state: 'handshake',
+      lastActivity: now,
+      user: null,
+      backend: null,
+      tlsVersion: null,
+      tlsCipher: null,
+      bytesIn: 0,
+      bytesOut: 0,
+      messages: 0,
+      recipients: 0,
+      closeReason: null,
+    };
+    this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
+    this.reader = new LineReader(listener.limits.max_line);
+    const record = this.record;
+    this.facts = {
+      id: record.id,
+      listener,
+      hostname: deps.hostname,
+      clientIp,
+      clientPort: record.clientPort,
+      localIp: normalizeIp(raw.localAddress),
+      localPort: raw.localPort ?? 0,
+      tls: () => record.tlsVersion !== null,
+    };
+    this.connectFacts = { listener, clientIp, tls: false, now };
+  }
+
+  get state(): SessionState {
+    return this.record.state;
+  }
+
+  private get closed(): boolean {
+    return this.record.state === 'closing' || this.record.state === 'closed';
+  }
+
+  start(): void {
+    const raw = this.raw;
+    raw.setNoDelay(true);
+    raw.on('error', (err) => this.socketError('client', err));
+    raw.on('close', () => this.finalize());
+    raw.on('timeout', this.onTimeout);
+    this.deps.registry.add(this);
+    this.totalTimer = setTimeout(() => this.preauthExpired(), this.listener.timeouts.preauth_total);
+
+    const verdict = this.deps.policy.onConnect(this.connectFacts);
+    if (verdict.action !== 'allow') {
+      const why: Refusal = verdict.action === 'deny' ? 'denied' : 'tempfail';
+      this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.reason);
+      this.log.info({ reason: verdict.reason }, 'connection refused by policy');
+      // Deny before greeting: the client hears the refusal and nothing else (after TLS on implicit ports).
+      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.reason));
+      if (this.listener.tls === 'implicit') this.startTls(refuse);
+      else refuse();
+      return;
+    }
+    this.allowed = true;
+    if (this.listener.tls === 'implicit') this.startTls(() => this.greet());
+    else this.greet();
+  }
+
+  kill(reason: CloseReason): void {
+    if (this.closed) return;
+    const notice = this.record.state === 'relaying' ? this.spliceGoodbye() : this.adapter?.refusal(reason === 'shutdown' ? 'shutdown' : 'internal-error');
+    this.close(reason, notice);
+  }
+
+  drain(): void {
+    if (this.closed) return;
+    this.draining = true;
+    // Before login nothing is lost by ending now; a spliced session runs until it ends or the drain deadline kills it.
+    if (this.record.state === 'preauth' || this.record.state === 'handshake' || this.record.state === 'starttls') {
+      this.close('shutdown', this.adapter?.refusal('shutdown'));
+    }
+  }
+
+  // ---- TLS -------------------------------------------------------------
+
+  private startTls(then: () => void): void {
+    this.record.state = this.record.state === 'handshake' ? 'handshake' : 'starttls';
+    const tls = new TLSSocket(this.raw, {
+      isServer: true,
+      secureContext: this.deps.certs.contextFor(undefined),
+      SNICallback: this.deps.certs.sniCallback,
+      ALPNCallback: alpnSelector(this.deps.module.protocol),
+    });
+    this.client = tls;
+    // The TLS socket reads the connection from now on, so activity (and the idle timer) is tracked there.
+    tls.on('close', () => this.finalize());
+    tls.on('timeout', this.onTimeout);
+    if (this.idleMs > 0) this.setIdle(this.idleMs);
+    this.handshakeTimer = setTimeout(() => {
+      this.log.debug('TLS handshake timed out');
+      this.close('tls-handshake-timeout');
+    }, this.listener.timeouts.tls_handshake);
+    tls.on('error', (err) => {
+      if (this.record.tlsVersion === null) {
+        this.log.debug({ err: errorMessage(err), code: errorCode(err) }, 'TLS handshake failed');
+        this.close('tls-handshake-failed');
+      } else {
+        this.socketError('client', err);
+      }
+    });
+    tls.once('secure', () => {
+      clearTimeout(this.handshakeTimer);
+      if (this.closed) return;
+      this.record.tlsVersion = tls.getProtocol() ?? 'unknown';
+      this.record.tlsCipher = tls.getCipher()?.name ?? 'unknown';
+      this.connectFacts.tls = true;
+      then();
+    });
+  }
+
+  // ---- pre-auth dialogue --------------------------------------------------
+
+  private adapterFor(): MailAdapter {
+    this.adapter ??= this.deps.module.createAdapter(this.facts, this.caps);
+    return this.adapter;
+  }
+
+  private greet(): void {
+    if (this.closed) return;
+    this.record.state = 'preauth';
+    this.client.on('data', this.onClientData);
+    this.setIdle(this.listener.timeouts.preauth_idle);
+    const l = this.listener;
+    this.deps.capabilities
+      .get({
+        module: this.deps.module,
+        backend: l.backend,
+        proxyProtocol: l.proxy_protocol,
+        connectTimeoutMs: l.timeouts.backend_connect,
+        replayTimeoutMs: l.timeouts.login_replay,
+        maxLine: l.limits.max_line,
+      })
+      .then(
+        (caps) => {
+          if (this.closed) return;
+          this.caps = caps;
+          this.write(this.adapterFor().greeting());
+          this.greeted = true;
+          this.process();
+        },
+        (err: unknown) => this.internalError('capability lookup', err),
+      );
+  }
+
+  private clientData(chunk: Buffer): void {
+    if (this.closed || this.record.state !== 'preauth' && this.record.state !== 'authenticating') return;
+    this.record.bytesIn += chunk.length;
+    this.record.lastActivity = Date.now();
+    if (!this.greeted && this.deps.module.protocol === 'smtp') {
+      // RFC 5321 §4.3.1: a client must wait for the greeting; one that does not is a spam engine.
+      this.close('early-talker', this.adapterFor().refusal('early-talker'));
+      return;
+    }
+    this.reader.push(chunk);
+    const l = this.listener.limits;
+    if (this.reader.buffered > l.max_line + l.max_literal) {
+      this.close('line-too-long', this.adapterFor().refusal('line-too-long'));
+      return;
+    }
+    this.process();
+  }
+
+  private process(): void {
+    const adapter = this.adapterFor();
+    while (!this.busy && this.greeted && this.record.state === 'preauth') {
+      let step: Step;
+      if (this.literalBytes !== undefined) {
+        const data = this.reader.takeBytes(this.literalBytes);
+        if (!data) return;
+        this.literalBytes = undefined;
+        step = adapter.onLiteral(data);
+      } else {
+        const line = this.reader.nextLine();
+        if (line === null) return;
+        if (line === LINE_TOO_LONG) {
+          this.close('line-too-long', adapter.refusal('line-too-long'));
+          return;
+        }
+        step = adapter.onLine(line);
+      }
+      this.handle(step);
+    }
+  }
+
+  private handle(step: Step): void {
+    switch (step.kind) {
+      case 'reply':
+        this.write(step.data);
+        return;
+      case 'literal':
+        this.write(step.data);
+        this.literalBytes = step.size;
+        return;
+      case 'starttls':
+        this.write(step.data);
+        // Anything the client sent after STARTTLS came in plaintext: discard it (CVE-2011-0411).
+        this.client.off('data', this.onClientData);
+        this.reader.drain();
+        this.busy = true;
+        this.startTls(() => {
+          this.busy = false;
+          this.adapterFor().tlsStarted();
+          this.record.state = 'preauth';
+          this.client.on('data', this.onClientData);
+          this.process();
+        });
+        return;
+      case 'login':
+        this.busy = true;
+        this.client.pause();
+        this.login(step.credentials).then(
+          () => undefined,
+          (err: unknown) => this.internalError('login', err),
+        );
+        return;
+      case 'close':
+        this.close(step.reason, step.data);
+        return;
+      default: {
+        const never: never = step;
+        throw new Error(`unknown step ${JSON.stringify(never)}`);
+      }
+    }
+  }
+
+  // ---- authentication and backend ----------------------------------------
+
+  private async login(credentials: Credentials | null): Promise<void> {
+    const adapter = this.adapterFor();
+    const l = this.listener;
+    this.record.state = 'authenticating';
+    const facts: AuthFacts = {
+      ...this.connectFacts,
+      now: Date.now(),
+      user: credentials?.user ?? null,
+      mechanism: credentials?.mechanism ?? null,
+    };
+    const decision = await this.deps.policy.onAuth(facts, credentials);
+    if (this.closed) return;
+    if (decision.action !== 'allow') {
+      this.log.info({ user: facts.user, reason: decision.reason }, 'login refused by policy');
+      this.deps.registry.refused(l.name, this.record.clientIp, decision.reason);
+      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.reason));
+      return;
+    }
+    const backendName = formatHostPort(decision.backend);
+    let socket: Socket;
+    try {
+      socket = await connectBackend(decision.backend, {
+        timeoutMs: l.timeouts.backend_connect,
+        proxyProtocol: l.proxy_protocol,
+        endpoints: {
+          clientIp: this.record.clientIp,
+          clientPort: this.record.clientPort,
+          localIp: this.facts.localIp,
+          localPort: this.facts.localPort,
+        },
+      });
+    } catch (err) {
+      this.log.warn({ backend: backendName, err: errorMessage(err) }, 'backend unavailable');
+      if (this.closed) return;
+      const reason = errorCode(err) === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-unavailable';
+      this.close(reason, adapter.loginRefusal('backend-unavailable'));
+      return;
+    }
+    if (this.closed) {
+      socket.destroy();
+      return;
+    }
+    this.backend = socket;
+    this.record.backend = backendName;
+    const link = new SocketLink(socket, { maxLine: l.limits.max_line, timeoutMs: l.timeouts.login_replay });
+    let result;
+    try {
+      result = await adapter.login(link, decision.credentials, this.caps);
+    } catch (err) {
+      link.destroy();
+      this.backend = undefined;
+      if (this.closed) return;
+      const code = errorCode(err);
+      this.log.warn({ backend: backendName, user: facts.user, err: errorMessage(err), code }, 'backend login replay failed');
+      this.close(code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-error', adapter.loginRefusal('backend-unavailable'));
+      return;
+    }
+    if (this.closed) {
+      link.destroy();
+      return;
+    }
+    this.deps.policy.onAuthResult(facts, result.ok);
+    if (!result.ok) {
+      link.destroy();
+      this.backend = undefined;
+      this.record.backend = null;
+      this.log.info({ user: facts.user, backend: backendName }, 'login failed');
+      this.loginFailed(result.reply);
+      return;
+    }
+    this.record.user = facts.user;
+    const { leftover } = link.release();
+    this.write(result.reply);
+    this.log.info({ user: facts.user, backend: backendName }, 'login ok');
+    this.deps.registry.authenticated(this.record);
+    this.splice(socket, leftover);
+  }
+
+  private loginFailed(reply: string): void {
+    this.authFailures++;
+    if (this.authFailures >= this.listener.limits.max_auth_attempts) {
+      this.close('too-many-auth-failures', reply + this.adapterFor().refusal('too-many-auth-failures'));
+      return;
+    }
+    this.write(reply);
+    if (this.draining) {
+      this.close('shutdown', this.adapterFor().refusal('shutdown'));
+      return;
+    }
+    this.record.state = 'preauth';
+    this.busy = false;
+    this.client.resume();
+    this.process();
+  }
+
+  // ---- splice ---------------------------------------------------------------
+
+  private splice(backend: Socket, leftover: Buffer): void {
+    const client = this.client;
+    const record = this.record;
+    record.state = 'relaying';
+    clearTimeout(this.totalTimer);
+    client.off('data', this.onClientData);
+    this.setIdle(this.listener.timeouts.postauth_idle);
+    this.observer = this.deps.module.createObserver?.({
+      onMessage: () => {
+        record.messages++;
+      },
+      onRecipient: () => {
+        record.recipients++;
+      },
+    });
+    const observer = this.observer;
+
+    backend.on('error', (err) => this.socketError('backend', err));
+    backend.on('close', () => this.close('backend-closed'));
+    client.on('end', () => this.close('client-closed'));
+
+    // Bytes each side sent past the login exchange belong to the other side, in order.
+    const pending = this.reader.drain();
+    if (leftover.length > 0) {
+      observer?.fromBackend(leftover);
+      record.bytesOut += leftover.length;
+      client.write(leftover);
+    }
+    if (pending.length > 0) {
+      observer?.fromClient(pending);
+      backend.write(pending);
+    }
+
+    client.on('data', (chunk: Buffer) => {
+      if (this.closed) return;
+      record.bytesIn += chunk.length;
+      record.lastActivity = Date.now();
+      observer?.fromClient(chunk);
+      if (!backend.write(chunk)) client.pause();
+    });
+    backend.on('data', (chunk: Buffer) => {
+      if (this.closed) return;
+      record.bytesOut += chunk.length;
+      record.lastActivity = Date.now();
+      observer?.fromBackend(chunk);
+      if (!client.write(chunk)) backend.pause();
+    });
+    backend.on('drain', () => client.resume());
+    client.on('drain', () => backend.resume());
+    client.resume();
+  }
+
+  private spliceGoodbye(): string | undefined {
+    if (this.observer && !this.observer.atBoundary()) return undefined;
+    return this.adapter?.shutdownNotice();
+  }
+
+  // ---- timers, errors, close --------------------------------------------------
+
+  private idle(): void {
+    if (this.closed) return;
+    switch (this.record.state) {
+      case 'preauth':
+      case 'handshake':
+      case 'starttls':
+        this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
+        return;
+      case 'relaying':
+        this.close('idle-timeout', this.spliceGoodbye());
+        return;
+      case 'authenticating':
+        // Bounded by backend_connect and login_replay; the client is paused meanwhile.
+        return;
+      default:
+        return;
+    }
+  }
+
+  private setIdle(ms: number): void {
+    this.idleMs = ms;
+    this.client.setTimeout(ms);
+  }
+
+  private preauthExpired(): void {
+    if (this.closed || this.record.state === 'relaying') return;
+    this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
+  }
+
+  private socketError(side: 'client' | 'backend', err: Error): void {
+    if (this.closed) return;
+    this.log.debug({ side, err: errorMessage(err), code: errorCode(err) }, 'socket error');
+    this.close(side === 'client' ? 'client-closed' : 'backend-closed');
+  }
+
+  private internalError(where: string, err: unknown): void {
+    this.log.error({ where, err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'internal error');
+    if (!this.closed) this.close('internal-error', this.adapter?.refusal('internal-error'));
+  }
+
+  private write(data: string): void {
+    if (data && !this.client.destroyed && this.client.writable) {
+      this.record.bytesOut += data.length;
+      this.client.write(data, 'latin1');
+    }
+  }
+
+  /** The one way out. Ends both sides politely, then destroys them if they do not go. */
+  close(reason: CloseReason, finalWords?: string): void {
+    if (this.closed) return;
+    if (finalWords) this.write(finalWords);
+    this.record.state = 'closing';
+    this.record.closeReason = reason;
+    clearTimeout(this.handshakeTimer);
+    clearTimeout(this.totalTimer);
+    this.client.end();
+    this.backend?.end();
+    this.graceTimer = setTimeout(() => {
+      this.client.destroy();
+      this.raw.destroy();
+      this.backend?.destroy();
+    }, CLOSE_GRACE_MS);
+    this.graceTimer.unref();
+  }
+
+  private finalize(): void {
+    if (this.record.state === 'closed') return;
+    if (this.record.state !== 'closing') this.record.closeReason = 'client-closed';
+    this.record.state = 'closed';
+    clearTimeout(this.handshakeTimer);
+    clearTimeout(this.totalTimer);
+    clearTimeout(this.graceTimer);
+    this.backend?.destroy();
+    this.deps.registry.remove(this.record.id);
+    if (this.allowed) this.deps.policy.onDisconnect(this.connectFacts);
+    const r = this.record;
+    this.log.info(
+      {
+        user: r.user,
+        backend: r.backend,
+        tls: r.tlsVersion,
+        cipher: r.tlsCipher,
+        bytesIn: r.bytesIn,
+        bytesOut: r.bytesOut,
+        messages: this.observer ? r.messages : undefined,
+        recipients: this.observer ? r.recipients : undefined,
+        durationMs: Date.now() - r.startedAt,
+        reason: r.closeReason,
+      },
+      'session end',
+    );
+  }
+}

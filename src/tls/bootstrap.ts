@@ -1,0 +1,26 @@
+import type { Config } from '../config/load.ts';
+import type { Logger } from '../core/log.ts';
+import { CertStore } from './cert-store.ts';
+import { loadOrCreateSelfSigned } from './self-signed.ts';
+
+/**
+ * Builds the certificate store a config asks for: the configured files (the
+ * first is the default), or a self-signed certificate for the host name until
+ * a real one exists.
+ */
+export async function buildCertStore(config: Config, log: Logger): Promise<CertStore> {
+  const store = new CertStore(config.tls.min_version);
+  config.tls.certificates.forEach((c, i) => {
+    const info = store.loadFiles(c.cert, c.key, i === 0);
+    log.info({ names: info.names, notAfter: info.notAfter.toISOString(), file: c.cert }, 'certificate loaded');
+  });
+  if (config.tls.certificates.length === 0) {
+    const pair = await loadOrCreateSelfSigned(config.tls.dir, config.hostname);
+    const info = store.put(pair.cert, pair.key, 'self-signed', { certFile: pair.certFile, makeDefault: true });
+    log.warn(
+      { names: info.names, file: pair.certFile, created: pair.created },
+      'serving a self-signed certificate: clients will warn until a real certificate is configured',
+    );
+  }
+  return store;
+}

@@ -1,0 +1,125 @@
+/**
+ * Starts the real mailgate daemon (`src/cli.ts run -c FILE`) as a child
+ * process with a generated config in a temp folder, on free loopback ports,
+ * and reads its JSON log lines back for assertions.
+ */
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+import { freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from './proc.ts';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const CLI = path.join(ROOT, 'src/cli.ts');
+
+export interface GatewayListenerSpec {
+  name: string;
+  protocol: 'imap' | 'pop3' | 'smtp' | 'http';
+  tls: 'implicit' | 'starttls' | 'none';
+  backend: string;
+  [key: string]: unknown;
+}
+
+export interface LogLine {
+  level: string;
+  msg: string;
+  [key: string]: unknown;
+}
+
+export interface Gateway {
+  dir: string;
+  configFile: string;
+  /** The self-signed certificate the gateway generated (a CA file for clients). */
+  certFile: string;
+  hostname: string;
+  ports: Record<string, number>;
+  proc: ManagedProcess;
+  logs(): Promise<LogLine[]>;
+  rawLogs(): Promise<string>;
+  /** Waits until a log line matches (polling the log file), or throws after timeoutMs. */
+  waitForLog(pred: (l: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  /** Rewrites the config file (same ports) with changes to the listeners. */
+  rewrite(mutate: (config: Record<string, unknown>) => void): Promise<void>;
+  writeRaw(text: string): Promise<void>;
+  signal(sig: NodeJS.Signals): void;
+  stop(): Promise<void>;
+}
+
+export interface GatewayOptions {
+  listeners: GatewayListenerSpec[];
+  extra?: Record<string, unknown>;
+  logLevel?: string;
+}
+
+export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
+  const dir = await makeTempDir('gateway');
+  const hostname = 'mail.e2e.test';
+  const ports: Record<string, number> = {};
+  const listeners = [];
+  for (const l of opts.listeners) {
+    const port = await freePort();
+    ports[l.name] = port;
+    listeners.push({ ...l, listen: `127.0.0.1:${port}` });
+  }
+  const config: Record<string, unknown> = {
+    hostname,
+    log: { level: opts.logLevel ?? 'debug' },
+    tls: { dir: './certs' },
+    timeouts: { shutdown_drain: '5s' },
+    ...opts.extra,
+    listeners,
+  };
+  const configFile = path.join(dir, 'mailgate.yaml');
+  await fsp.writeFile(configFile, stringify(config));
+  const outputFile = path.join(dir, 'mailgate.log');
+  const proc = spawnServer('mailgate', process.execPath, [CLI, 'run', '-c', configFile], { cwd: dir, outputFile });
+  const rawLogs = () => fsp.readFile(outputFile, 'utf8').catch(() => '');
+  const logs = async (): Promise<LogLine[]> =>
+    (await rawLogs())
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as LogLine);
+  const waitForLog = async (pred: (l: LogLine) => boolean, timeoutMs = 10_000): Promise<LogLine> => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const hit = (await logs()).find(pred);
+      if (hit) return hit;
+      if (proc.exitInfo()) throw new Error(`mailgate exited (${JSON.stringify(proc.exitInfo())}):\n${await rawLogs()}`);
+      if (Date.now() > deadline) throw new Error(`timed out waiting for a log line; log:\n${await rawLogs()}`);
+      await sleep(25);
+    }
+  };
+  const gw: Gateway = {
+    dir,
+    configFile,
+    certFile: path.join(dir, 'certs', `${hostname}.selfsigned.crt`),
+    hostname,
+    ports,
+    proc,
+    logs,
+    rawLogs,
+    waitForLog,
+    async rewrite(mutate) {
+      const next = structuredClone(config);
+      mutate(next);
+      await fsp.writeFile(configFile, stringify(next));
+    },
+    async writeRaw(text) {
+      await fsp.writeFile(configFile, text);
+    },
+    signal(sig) {
+      process.kill(proc.pid, sig);
+    },
+    async stop() {
+      await proc.stop(8000);
+      await removeTempDir(dir);
+    },
+  };
+  try {
+    await waitForLog((l) => l.msg === 'mailgate ready', 20_000);
+  } catch (err) {
+    await gw.stop();
+    throw err;
+  }
+  return gw;
+}
