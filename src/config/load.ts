@@ -27,17 +27,24 @@ export type Listener = ListenerConfig extends infer L
     : never
   : never;
 
-export interface Config {
+/**
+ * The validated configuration. Sections other parts add to the schema
+ * (policy, acme, control, metrics, ...) come through as parsed, fully
+ * defaulted; the core sections below are resolved further (paths, merged
+ * per-listener timeouts and limits).
+ */
+export type Config = Omit<ParsedConfig, 'hostname' | 'tls' | 'timeouts' | 'limits' | 'listeners'> & {
   /** Absolute path of the file this was read from. */
   file: string;
+  /** Folder of the config file: relative paths in it are resolved against this. */
+  baseDir: string;
   hostname: string;
-  log: ParsedConfig['log'];
   tls: { min_version: 'TLSv1.2' | 'TLSv1.3'; certificates: { cert: string; key: string }[]; dir: string };
   shutdownDrain: number;
   listeners: Listener[];
   /** Things that are legal but probably not what the admin wants. */
   warnings: string[];
-}
+};
 
 export function loadConfigFile(file: string): Config {
   const abs = resolve(file);
@@ -177,16 +184,18 @@ function finish(
 
   if (problems.length > 0) throw new ConfigError(problems);
 
+  const { hostname, tls, timeouts, limits: _limits, listeners: _listeners, ...sections } = parsed;
   const config: Config = {
+    ...sections,
     file,
-    hostname: parsed.hostname ?? osHostname(),
-    log: parsed.log,
+    baseDir: base,
+    hostname: hostname ?? osHostname(),
     tls: {
-      min_version: parsed.tls.min_version,
-      certificates: parsed.tls.certificates.map((c) => ({ cert: resolve(base, c.cert), key: resolve(base, c.key) })),
-      dir: resolve(base, parsed.tls.dir),
+      min_version: tls.min_version,
+      certificates: tls.certificates.map((c) => ({ cert: resolve(base, c.cert), key: resolve(base, c.key) })),
+      dir: resolve(base, tls.dir),
     },
-    shutdownDrain: parsed.timeouts.shutdown_drain ?? 30_000,
+    shutdownDrain: timeouts.shutdown_drain ?? 30_000,
     listeners,
     warnings,
   };

@@ -69,7 +69,7 @@ export class ScriptedBackend implements BackendLink {
     return new Promise((resolve, reject) => {
       this.waiting = resolve;
       this.flush();
-      if (this.waiting) setTimeout(() => reject(new Error(`backend script ran dry; written: ${JSON.stringify(this.written)}`)), 200);
+      if (this.waiting !== undefined) setTimeout(() => reject(new Error(`backend script ran dry; written: ${JSON.stringify(this.written)}`)), 200);
     });
   }
 
