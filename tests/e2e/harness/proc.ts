@@ -11,7 +11,7 @@
 //     the test runner, ...) and then kills the groups / removes the folders listed
 //     in its registry file.
 
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as net from 'node:net';
@@ -79,13 +79,14 @@ function startWatchdog(): void {
   watchdogStarted = true;
   const tmp = os.tmpdir().replace(/\/+$/, '');
   // Only folders directly below os.tmpdir() with our prefix are ever removed.
+  // (POSIX sh / dash: "kill -9 -PGID" signals a process group; "--" is not accepted.)
   const script = `
 parent=$1; list=$2; tmp=$3; prefix=$4
 while kill -0 "$parent" 2>/dev/null; do sleep 1; done
 [ -f "$list" ] || exit 0
 while read -r kind value; do
   case "$kind" in
-    pgid) case "$value" in ''|*[!0-9]*) ;; *) kill -KILL -- "-$value" 2>/dev/null ;; esac ;;
+    pgid) case "$value" in ''|*[!0-9]*) ;; *) kill -9 "-$value" 2>/dev/null ;; esac ;;
   esac
 done < "$list"
 sleep 0.2
@@ -418,6 +419,16 @@ export async function describeFiles(files: string[], n = 40): Promise<string> {
   return parts.join('\n');
 }
 
+/** Runs a short command and returns its combined output (never rejects; for diagnostics). */
+export function commandOutput(cmd: string, args: string[], timeoutMs = 5000): Promise<string> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { timeout: timeoutMs }, (err, stdout, stderr) => {
+      const out = `${stdout}${stderr}`.trim();
+      resolve(err ? `${out}${out ? '\n' : ''}(${cmd} ${args.join(' ')}: ${err.message.split('\n')[0]})` : out || '(no output)');
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------
 // readiness
 
@@ -432,6 +443,12 @@ export interface ProbeOptions {
   expect: RegExp;
   /** written after a successful match, before closing (e.g. "QUIT\r\n") */
   bye?: string;
+  /**
+   * Every TCP port the server binds. If the server exits early and one of them
+   * is taken, the error says "Address already in use" (Postfix's master, for
+   * one, only reports that to syslog), so retryOnAddrInUse() can retry.
+   */
+  ports?: number[];
 }
 
 function probeOnce(o: ProbeOptions, timeoutMs: number): Promise<{ ok: boolean; received: string; error?: string }> {
@@ -482,7 +499,12 @@ export async function waitUntilReady(
       const info = p.exitInfo();
       if (info) {
         const why = info.error ? `failed to start: ${info.error.message}` : `exited (code ${info.code}, signal ${info.signal})`;
-        throw new Error(`${what}: ${p.name} ${why} before it became ready\n${await describe()}`);
+        const taken: number[] = [];
+        for (const port of probe.ports ?? (probe.port !== undefined ? [probe.port] : [])) {
+          if (!(await tryBind(port))) taken.push(port);
+        }
+        const inUse = taken.length ? ` (${taken.map((x) => `${HOST}:${x}`).join(', ')}: Address already in use)` : '';
+        throw new Error(`${what}: ${p.name} ${why} before it became ready${inUse}\n${await describe()}`);
       }
     }
     const r = await probeOnce(probe, Math.max(100, Math.min(2000, deadline - Date.now())));

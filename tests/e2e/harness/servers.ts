@@ -6,6 +6,30 @@
 // The harness must run as root (the servers drop privileges themselves:
 // mail is owned by `nobody`, nginx workers run as `nobody`, Postfix daemons as
 // `postfix`, the smtp-sink as `nobody`).
+//
+// Overview (details at each start function):
+//  - startDovecot(): plaintext IMAP + POP3 (no TLS), AUTH=PLAIN/LOGIN, users from
+//    a passwd-file (TEST_USERS: alice, bob, carol, dave), Maildir++ mailboxes
+//    pre-filled from MAILBOXES (fixtures.ts) with pinned UIDs/UIDVALIDITY,
+//    login_trusted_networks = 127.0.0.0/8 (so ID x-originating-ip / POP3 XCLIENT
+//    from the gateway are honoured), auth penalty and failure delay disabled,
+//    log lines `Login: user=<..>, method=.., rip=.., rport=.., lip=.., lport=..,
+//    real_rip=..` and `ID sent: ...`. { preauth: true } makes imapPort greet with
+//    PREAUTH (real Dovecot imap for alice behind preauth-listener.ts).
+//    Note: the harness' readiness probes leave one "Aborted login ... rip=127.0.0.1"
+//    line per port in the log.
+//  - startSmtpSink(): Postfix's smtp-sink, accepts everything (AUTH is not
+//    checked: it answers 250 to AUTH), announces XCLIENT unless { xclient: false },
+//    logs the whole conversation (-v) incl. XCLIENT lines; captures each message.
+//  - startPostfix(): real Postfix smtpd (own master, queue and config) with SASL
+//    via an auth-only Dovecot instance (same users), XCLIENT/XFORWARD allowed from
+//    127.0.0.0/8; mail for @e2e.test is accepted from anyone, other domains only
+//    after AUTH (554 Relay access denied otherwise); every accepted message is
+//    delivered by a pipe(8) transport into <dir>/delivered/<ns-time>.<queueid>.eml
+//    (+ .env with sender/recipient). messages() strips Postfix's Received: header,
+//    so it returns the DATA content byte-exact; rawMessages() keeps it.
+//  - startNginx(): plain HTTP serving index.html and a 1 MiB big.bin, an access log
+//    with $remote_addr / X-Forwarded-For / -Proto / Host, and GET /echo-headers.
 
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
@@ -27,6 +51,7 @@ import {
   HOST,
   assertRoot,
   chownR,
+  commandOutput,
   describeFiles,
   freePort,
   makeTempDir,
@@ -307,8 +332,8 @@ async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
     procs.push(dovecot);
 
     const ready = [
-      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
-      waitUntilReady('startDovecot (pop3)', procs, { port: pop3Port, expect: /^\+OK .*\r\n/m, bye: 'QUIT\r\n' }, describe, READY_TIMEOUT_MS),
+      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, ports: [imapPort, pop3Port], expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
+      waitUntilReady('startDovecot (pop3)', procs, { port: pop3Port, ports: [imapPort, pop3Port], expect: /^\+OK .*\r\n/m, bye: 'QUIT\r\n' }, describe, READY_TIMEOUT_MS),
     ];
     let preauthUser: string | undefined;
     if (opts.preauth) {
@@ -323,7 +348,7 @@ async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
       // the standalone imap needs the master's auth-userdb socket, so probe after the login ports
       ready.push(
         Promise.all([...ready]).then(() =>
-          waitUntilReady('startDovecot (preauth imap)', procs, { port: preauthPort, expect: /^\* PREAUTH .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
+          waitUntilReady('startDovecot (preauth imap)', procs, { port: preauthPort, ports: [imapPort, pop3Port, preauthPort], expect: /^\* PREAUTH .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
         ),
       );
     }
@@ -736,14 +761,24 @@ async function startPostfixOnce(): Promise<Postfix> {
     await makePostfixQueue(queueDir, pf, groupId('postdrop'));
     await fsp.writeFile(path.join(etc, 'main.cf'), postfixMainCf({ dir, queueDir, dataDir, maillog, saslSocket }));
     await fsp.writeFile(path.join(etc, 'master.cf'), postfixMasterCf({ port, deliverScript, deliveredDir }));
+    // Postfix's load_file() re-reads (sleeping 300 ms each time) a config file whose
+    // mtime is not yet in the past ("being edited"); backdate them to start at once.
+    const past = Date.now() / 1000 - 60;
+    for (const f of ['main.cf', 'master.cf']) await fsp.utimes(path.join(etc, f), past, past);
 
-    const describe = () => describeFiles([masterOut, maillog, authStderr, authLog]);
+    let master: ManagedProcess | undefined;
+    const describe = async () => {
+      let text = await describeFiles([masterOut, maillog, authStderr, authLog]);
+      // master reports early fatal errors (bad config, permissions) only to syslog
+      if (master?.exitInfo()) text += `\n==> postfix -c ${etc} check <==\n${await commandOutput('/usr/sbin/postfix', ['-c', etc, 'check'])}`;
+      return text;
+    };
     const auth = spawnServer('dovecot-auth', DOVECOT_BIN, ['-F', '-c', authConf], { cwd: authDir, outputFile: authStderr });
     procs.push(auth);
     await waitUntilReady('startPostfix (dovecot auth)', procs, { path: saslSocket, expect: /^DONE\b/m }, describe, READY_TIMEOUT_MS);
 
     const env = { ...process.env, MAIL_CONFIG: etc };
-    const master = spawnServer('postfix master', POSTFIX_MASTER_BIN, ['-d', '-c', etc], { cwd: dir, env, outputFile: masterOut });
+    master = spawnServer('postfix master', POSTFIX_MASTER_BIN, ['-d', '-c', etc], { cwd: dir, env, outputFile: masterOut });
     procs.push(master);
     await waitUntilReady('startPostfix', procs, { port, expect: /^220 .*\r\n/m, bye: 'QUIT\r\n' }, describe, READY_TIMEOUT_MS);
 
