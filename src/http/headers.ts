@@ -1,0 +1,132 @@
+/**
+ * Pure header work for the HTTP gateway: the X-Forwarded-* set the backend
+ * sees, hop-by-hop stripping, the https redirect target and the path as it
+ * may appear in a log line. Nothing here touches a socket.
+ */
+import type { IncomingHttpHeaders } from 'node:http';
+import { isIP } from 'node:net';
+
+export interface ForwardFacts {
+  /** The address the TCP connection came from (normalized, no ::ffff: prefix). */
+  clientIp: string;
+  proto: 'http' | 'https';
+  /** The gateway port the client connected to. */
+  localPort: number;
+  /** Keep what an upstream proxy already said (trust_forwarded), appending ourselves to X-Forwarded-For. */
+  trust: boolean;
+}
+
+/**
+ * Headers a backend may believe about the client or the scheme. From an
+ * untrusted client they are forged by definition, so they are removed before
+ * ours are set (X-Forwarded-Ssl: on would make a plain request look secure).
+ */
+const SPOOFABLE = [
+  'forwarded',
+  'x-forwarded-ssl',
+  'x-forwarded-scheme',
+  'x-url-scheme',
+  'front-end-https',
+  'x-client-ip',
+  'x-cluster-client-ip',
+  'true-client-ip',
+] as const;
+
+/** Sets X-Forwarded-For/-Proto/-Host/-Port and X-Real-IP in place. */
+export function applyForwardedHeaders(headers: IncomingHttpHeaders, facts: ForwardFacts): void {
+  const keep = (name: string): boolean => facts.trust && typeof headers[name] === 'string' && headers[name] !== '';
+  const chain = headers['x-forwarded-for'];
+  headers['x-forwarded-for'] = facts.trust && typeof chain === 'string' && chain.trim() !== '' ? `${chain}, ${facts.clientIp}` : facts.clientIp;
+  if (!keep('x-real-ip')) headers['x-real-ip'] = facts.clientIp;
+  if (!keep('x-forwarded-proto')) headers['x-forwarded-proto'] = facts.proto;
+  if (!keep('x-forwarded-port')) headers['x-forwarded-port'] = String(facts.localPort);
+  if (!keep('x-forwarded-host')) {
+    if (headers.host) headers['x-forwarded-host'] = headers.host;
+    else delete headers['x-forwarded-host'];
+  }
+  if (!facts.trust) for (const name of SPOOFABLE) delete headers[name];
+}
+
+/** RFC 9110 §7.6.1: these belong to one hop and are not forwarded. */
+const HOP_BY_HOP = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'upgrade'];
+
+/**
+ * Removes hop-by-hop headers (and those the Connection header names) before a
+ * request goes to the backend. A WebSocket handshake keeps Connection and
+ * Upgrade: they are the point of it. Transfer-Encoding stays because it
+ * describes the body the proxy streams through.
+ */
+export function stripHopByHop(headers: IncomingHttpHeaders, upgrade: boolean): void {
+  const connection = headers.connection;
+  if (!upgrade && typeof connection === 'string') {
+    for (const token of connection.split(',')) {
+      const name = token.trim().toLowerCase();
+      if (name && name !== 'transfer-encoding' && name !== 'host' && name !== 'content-length') delete headers[name];
+    }
+  }
+  for (const name of HOP_BY_HOP) {
+    if (upgrade && (name === 'connection' || name === 'upgrade')) continue;
+    delete headers[name];
+  }
+}
+
+/** True for a WebSocket handshake (RFC 6455 §4.1: GET with Upgrade: websocket). */
+export function isWebSocketUpgrade(method: string | undefined, headers: IncomingHttpHeaders): boolean {
+  if (method !== 'GET' || typeof headers.upgrade !== 'string') return false;
+  return headers.upgrade.split(',').some((t) => t.trim().toLowerCase() === 'websocket');
+}
+
+const HOST_NAME = /^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$/;
+
+/** The Host header without its port, or undefined when it is not a plausible host name or IP literal. */
+export function hostWithoutPort(host: string | undefined): string | undefined {
+  if (!host) return undefined;
+  const h = host.trim();
+  if (h.startsWith('[')) {
+    const end = h.indexOf(']');
+    if (end < 0) return undefined;
+    const rest = h.slice(end + 1);
+    if (rest !== '' && !/^:\d{1,5}$/.test(rest)) return undefined;
+    return isIP(h.slice(1, end)) === 6 ? h.slice(0, end + 1) : undefined;
+  }
+  const m = /^([^:]+)(?::\d{1,5})?$/.exec(h);
+  const name = m?.[1];
+  if (!name || name.length > 253) return undefined;
+  return isIP(name) === 4 || HOST_NAME.test(name) ? name.toLowerCase() : undefined;
+}
+
+/** The request target as origin-form (path and query), whatever form the client used. */
+export function originForm(url: string | undefined): string {
+  if (!url) return '/';
+  if (url.startsWith('/')) return url;
+  if (/^https?:\/\//i.test(url)) {
+    try {
+      const u = new URL(url);
+      return `${u.pathname}${u.search}`;
+    } catch {
+      // Not a URL after all: the redirect goes to the root rather than somewhere the client did not name.
+      return '/';
+    }
+  }
+  return '/';
+}
+
+/**
+ * Where a plain-HTTP request is sent: the same host without its port, over
+ * https, same path and query. A missing or implausible Host falls back to the
+ * gateway's own name, so a forged Host cannot put anything odd in Location.
+ */
+export function httpsRedirectLocation(host: string | undefined, url: string | undefined, fallbackHost: string): string {
+  const name = hostWithoutPort(host) ?? fallbackHost;
+  const path = originForm(url).replace(/[^\x21-\x7e]/g, (c) => encodeURIComponent(c));
+  return `https://${name}${path}`;
+}
+
+/** The path for an access-log line: no query string (tokens live there), no fragment, bounded, printable. */
+export function logPath(url: string | undefined): string {
+  const path = originForm(url);
+  const cut = path.search(/[?#]/);
+  const bare = cut >= 0 ? path.slice(0, cut) : path;
+  const printable = bare.replace(/[^\x21-\x7e]/g, '?');
+  return printable.length > 256 ? `${printable.slice(0, 256)}...` : printable;
+}
