@@ -17,6 +17,7 @@ export function listener<P extends Listener['protocol']>(protocol: P, extra: Rec
     require_tls: true,
     auth: 'required',
     xclient: true,
+    greet_delay: 0,
     redirect_https: false,
     hsts: 0,
     trust_forwarded: false,
