@@ -94,6 +94,13 @@ export class HttpConnection implements SessionControl {
     return this.record.state === 'closing' || this.record.state === 'closed';
   }
 
+  /** Per-request policy (requests per window); undefined when the policy has no such rule. */
+  requestVerdict(method: string, path: string): Verdict | undefined {
+    const verdict = this.deps.policy.onHttpRequest?.({ ...this.connectFacts, now: Date.now(), method, path });
+    if (verdict && verdict.action !== 'allow') this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.reason);
+    return verdict;
+  }
+
   /** Registers with the registry and asks the policy; a refusal is answered per request (403/429), then closed. */
   start(): void {
     this.deps.registry.add(this);

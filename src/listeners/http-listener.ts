@@ -236,6 +236,14 @@ export async function startHttpListener(listener: HttpListener, deps: ListenerDe
       return;
     }
 
+    // Requests per window (policy rate_limits: http_requests), asked per request, not per connection.
+    const perRequest = conn.requestVerdict(req.method ?? '', logPath(req.url));
+    if (perRequest && perRequest.action !== 'allow') {
+      if (perRequest.action === 'deny') sendText(res, 403, 'Forbidden\n');
+      else sendText(res, 429, 'Too Many Requests\n', { 'Retry-After': retryAfterSeconds(perRequest.retryAfterMs) });
+      return;
+    }
+
     const ex = exchangeFor(conn, settings);
     exchanges.set(req, ex);
     prepareHeaders(req, conn, settings, false);

@@ -1,0 +1,239 @@
+/**
+ * Password hashes for local users: parsing, hashing (`mailgate hash-password`)
+ * and verification. Formats:
+ *
+ *   scrypt  $scrypt$ln=15,r=8,p=3$<salt>$<hash>   (PHC string, base64 without padding)
+ *   bcrypt  $2b$12$<53 characters>  ($2a$ and $2y$ are read as $2b$)
+ *
+ * Verification never runs on the event loop: scrypt runs in libuv's thread
+ * pool (node:crypto), bcrypt (the pure-JS `bcryptjs`) in a small pool of
+ * worker threads. Both are bounded: past MAX_PENDING waiting verifications the
+ * caller gets AUTH_BUSY instead of a longer queue.
+ */
+import { randomBytes, scrypt, timingSafeEqual, type ScryptOptions } from 'node:crypto';
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import bcrypt from 'bcryptjs';
+import { MailgateError } from '../core/errors.ts';
+
+export interface ScryptHash {
+  readonly kind: 'scrypt';
+  readonly ln: number;
+  readonly r: number;
+  readonly p: number;
+  readonly salt: Buffer;
+  readonly hash: Buffer;
+}
+
+export interface BcryptHash {
+  readonly kind: 'bcrypt';
+  readonly cost: number;
+  /** Normalised to the $2b$ prefix bcryptjs reads. */
+  readonly text: string;
+}
+
+export type PasswordHash = ScryptHash | BcryptHash;
+
+/** What `mailgate hash-password` produces: OWASP's scrypt profile N=2^15, r=8, p=3 (32 MiB, about 0.1-0.3 s). */
+export const SCRYPT_DEFAULTS = { ln: 15, r: 8, p: 3 } as const;
+export const BCRYPT_DEFAULT_COST = 12;
+
+const SCRYPT_MAX_MEMORY = 256 * 1024 * 1024;
+const BCRYPT_MAX_COST = 15;
+const MAX_PENDING = 256;
+const VERIFY_DEADLINE_MS = 30_000;
+
+const B64 = /^[A-Za-z0-9+/]+$/;
+
+/** Parses a stored hash; a string result says why it is not one (never echoing the value, which may be a password). */
+export function parseHash(text: string): PasswordHash | string {
+  if (text.startsWith('$scrypt$')) {
+    const m = /^\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([^$]+)\$([^$]+)$/.exec(text);
+    if (!m) return 'malformed scrypt hash (expected $scrypt$ln=N,r=N,p=N$salt$hash)';
+    const [ln, r, p] = [Number(m[1]), Number(m[2]), Number(m[3])];
+    if (ln < 10 || ln > 22) return 'scrypt ln must be 10-22';
+    if (r < 1 || r > 32 || p < 1 || p > 16) return 'scrypt r must be 1-32 and p 1-16';
+    if (128 * 2 ** ln * r > SCRYPT_MAX_MEMORY) return 'scrypt parameters need more than 256 MiB per verification';
+    const saltText = m[4] ?? '';
+    const hashText = m[5] ?? '';
+    if (!B64.test(saltText) || !B64.test(hashText)) return 'scrypt salt and hash must be base64 without padding';
+    const salt = Buffer.from(saltText, 'base64');
+    const hash = Buffer.from(hashText, 'base64');
+    if (salt.length < 8 || hash.length < 16 || hash.length > 64) return 'scrypt salt must be at least 8 bytes and the hash 16-64 bytes';
+    return { kind: 'scrypt', ln, r, p, salt, hash };
+  }
+  const b = /^\$2([aby])\$(\d\d)\$([./A-Za-z0-9]{53})$/.exec(text);
+  if (b) {
+    const cost = Number(b[2]);
+    if (cost < 4 || cost > BCRYPT_MAX_COST) return `bcrypt cost must be 4-${BCRYPT_MAX_COST}`;
+    return { kind: 'bcrypt', cost, text: `$2b$${b[2]}$${b[3]}` };
+  }
+  if (text.startsWith('$2')) return 'malformed bcrypt hash (expected $2b$NN$ and 53 characters)';
+  if (text.startsWith('$argon2')) return 'argon2 hashes are not supported; make an scrypt hash with `mailgate hash-password` (or use bcrypt)';
+  return 'not a password hash: plaintext passwords are not accepted; make a hash with `mailgate hash-password`';
+}
+
+/**
+ * The bytes a password stands for. IMAP LOGIN hands over the client's bytes
+ * as latin1 characters, SASL decodes them as UTF-8; both give the same bytes
+ * here, so a password verifies whichever way the client sent it.
+ */
+export function passwordBytes(password: string): Buffer {
+  if (/^[\0-\xff]*$/.test(password)) {
+    const raw = Buffer.from(password, 'latin1');
+    if (raw.some((b) => b >= 0x80) && isUtf8(raw)) return raw;
+  }
+  return Buffer.from(password, 'utf8');
+}
+
+function isUtf8(b: Buffer): boolean {
+  try {
+    new TextDecoder('utf-8', { fatal: true }).decode(b);
+    return true;
+  } catch {
+    // A fatal decoder throws on invalid UTF-8: that is the answer, not an error.
+    return false;
+  }
+}
+
+export async function hashPassword(password: string, scheme: 'scrypt' | 'bcrypt' = 'scrypt'): Promise<string> {
+  const bytes = passwordBytes(password);
+  if (scheme === 'bcrypt') return bcrypt.hash(bytes.toString('utf8'), BCRYPT_DEFAULT_COST);
+  const { ln, r, p } = SCRYPT_DEFAULTS;
+  const salt = randomBytes(16);
+  const hash = await scryptAsync(bytes, salt, 32, { N: 2 ** ln, r, p });
+  return formatScrypt({ kind: 'scrypt', ln, r, p, salt, hash });
+}
+
+export function formatScrypt(h: ScryptHash): string {
+  const b64 = (b: Buffer) => b.toString('base64').replace(/=+$/, '');
+  return `$scrypt$ln=${h.ln},r=${h.r},p=${h.p}$${b64(h.salt)}$${b64(h.hash)}`;
+}
+
+/**
+ * A hash of the same kind and cost as `like` that no password matches:
+ * verifying an unknown user against it costs what verifying a real one does.
+ */
+export function dummyHashLike(like: PasswordHash | undefined): PasswordHash {
+  if (like?.kind === 'bcrypt') {
+    const alphabet = './ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+    const chars = [...randomBytes(53)].map((b) => alphabet[b % 64]).join('');
+    return { kind: 'bcrypt', cost: like.cost, text: `$2b$${String(like.cost).padStart(2, '0')}$${chars}` };
+  }
+  const { ln, r, p } = like ?? SCRYPT_DEFAULTS;
+  return { kind: 'scrypt', ln, r, p, salt: randomBytes(16), hash: randomBytes(like?.kind === 'scrypt' ? like.hash.length : 32) };
+}
+
+// ---- verification -----------------------------------------------------------
+
+let pending = 0;
+
+/** Checks a password off the event loop. Rejects with AUTH_BUSY when too many checks are waiting. */
+export async function verifyPassword(password: string, hash: PasswordHash): Promise<boolean> {
+  if (pending >= MAX_PENDING) throw new MailgateError('AUTH_BUSY');
+  pending++;
+  try {
+    const bytes = passwordBytes(password);
+    if (hash.kind === 'scrypt') {
+      const got = await scryptAsync(bytes, hash.salt, hash.hash.length, { N: 2 ** hash.ln, r: hash.r, p: hash.p });
+      return timingSafeEqual(got, hash.hash);
+    }
+    return await bcryptPool().verify(bytes.toString('utf8'), hash.text);
+  } finally {
+    pending--;
+  }
+}
+
+function scryptAsync(password: Buffer, salt: Buffer, length: number, opts: ScryptOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    scrypt(password, salt, length, { ...opts, maxmem: SCRYPT_MAX_MEMORY + 1024 * 1024 }, (err, key) => (err ? reject(err) : resolve(key)));
+  });
+}
+
+interface Job {
+  id: number;
+  password: string;
+  hash: string;
+  resolve(ok: boolean): void;
+  reject(err: Error): void;
+  timer?: NodeJS.Timeout;
+}
+
+interface Slot {
+  worker: Worker;
+  job: Job | undefined;
+}
+
+/** A few worker threads running bcryptjs; jobs queue when all are busy. */
+class BcryptPool {
+  private readonly slots: Slot[] = [];
+  private readonly queue: Job[] = [];
+  private readonly size = Math.max(1, Math.min(2, availableParallelism()));
+  private nextId = 0;
+
+  verify(password: string, hash: string): Promise<boolean> {
+    return new Promise<boolean>((resolve, reject) => {
+      const job: Job = { id: ++this.nextId, password, hash, resolve, reject };
+      job.timer = setTimeout(() => this.fail(job, new MailgateError('AUTH_BUSY', 'password verification timed out')), VERIFY_DEADLINE_MS);
+      job.timer.unref();
+      this.queue.push(job);
+      this.dispatch();
+    });
+  }
+
+  private dispatch(): void {
+    while (this.queue.length > 0) {
+      let slot = this.slots.find((s) => s.job === undefined);
+      if (!slot && this.slots.length < this.size) slot = this.spawn();
+      if (!slot) return;
+      const job = this.queue.shift();
+      if (!job) return;
+      slot.job = job;
+      slot.worker.ref();
+      slot.worker.postMessage({ id: job.id, password: job.password, hash: job.hash });
+    }
+  }
+
+  private spawn(): Slot {
+    const worker = new Worker(new URL('./hash-worker.ts', import.meta.url));
+    const slot: Slot = { worker, job: undefined };
+    worker.unref();
+    worker.on('message', (m: { id: number; ok: boolean; error?: string }) => {
+      const job = slot.job;
+      if (!job || job.id !== m.id) return;
+      slot.job = undefined;
+      worker.unref();
+      clearTimeout(job.timer);
+      if (m.error !== undefined) job.reject(new MailgateError('HASH_INVALID', m.error));
+      else job.resolve(m.ok);
+      this.dispatch();
+    });
+    const lost = (err: Error) => {
+      const i = this.slots.indexOf(slot);
+      if (i >= 0) this.slots.splice(i, 1);
+      if (slot.job) this.fail(slot.job, new MailgateError('AUTH_BUSY', 'password verification worker failed', { cause: err }));
+      slot.job = undefined;
+      this.dispatch();
+    };
+    worker.on('error', lost);
+    worker.on('exit', (code) => lost(new Error(`worker exited with code ${code}`)));
+    this.slots.push(slot);
+    return slot;
+  }
+
+  private fail(job: Job, err: Error): void {
+    clearTimeout(job.timer);
+    const q = this.queue.indexOf(job);
+    if (q >= 0) this.queue.splice(q, 1);
+    // Settle once: a late answer from the worker finds no job with this id.
+    for (const s of this.slots) if (s.job === job) s.job = undefined;
+    job.reject(err);
+    this.dispatch();
+  }
+}
+
+let pool: BcryptPool | undefined;
+function bcryptPool(): BcryptPool {
+  pool ??= new BcryptPool();
+  return pool;
+}

@@ -1,0 +1,115 @@
+/**
+ * Per-user routing: a user, a group or the domain part of the login can go
+ * to another backend than the listener's (the migration case). Routes are an
+ * ordered list, first match wins; no match keeps the listener's backend.
+ */
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import type { BackendLogin, Route } from '../config/schema-policy.ts';
+import { MailgateError } from '../core/errors.ts';
+import type { HostPort } from '../net/address.ts';
+import type { Credentials } from '../protocols/types.ts';
+import { domainOf, nameMatcher } from './names.ts';
+
+export interface RouteFacts {
+  listener: string;
+  protocol: string;
+  /** The listener's own backend: its port is kept when a route names only a host. */
+  defaultBackend: HostPort;
+  user: string;
+  groups: ReadonlySet<string>;
+}
+
+export interface RouteTarget {
+  backend: HostPort;
+  /** undefined: the listener's backend_login applies. */
+  login: BackendLogin | undefined;
+  /** Index into `routes`, or null when the listener's default was used. */
+  route: number | null;
+}
+
+interface CompiledRoute {
+  matches(f: RouteFacts): boolean;
+  target(f: RouteFacts): HostPort;
+  login: BackendLogin | undefined;
+}
+
+export class Router {
+  private readonly routes: CompiledRoute[];
+
+  constructor(routes: readonly Route[]) {
+    this.routes = routes.map(compile);
+  }
+
+  get size(): number {
+    return this.routes.length;
+  }
+
+  route(f: RouteFacts): RouteTarget {
+    for (let i = 0; i < this.routes.length; i++) {
+      const r = this.routes[i] as CompiledRoute;
+      if (r.matches(f)) return { backend: r.target(f), login: r.login, route: i };
+    }
+    return { backend: f.defaultBackend, login: undefined, route: null };
+  }
+}
+
+function compile(route: Route): CompiledRoute {
+  const listeners = route.listeners && new Set(route.listeners);
+  const protocols = route.protocols && new Set<string>(route.protocols);
+  const users = route.users && nameMatcher(route.users);
+  const groups = route.groups;
+  const domains = route.domains && new Set(route.domains.map((d) => d.toLowerCase()));
+  return {
+    matches(f) {
+      if (listeners && !listeners.has(f.listener)) return false;
+      if (protocols && !protocols.has(f.protocol)) return false;
+      // Within a route, users, groups and domains are alternatives: any one of them selects the user.
+      if (users?.(f.user)) return true;
+      if (groups?.some((g) => f.groups.has(g))) return true;
+      if (domains?.has(domainOf(f.user))) return true;
+      return false;
+    },
+    target(f) {
+      return route.backend ?? { host: route.host ?? f.defaultBackend.host, port: f.defaultBackend.port };
+    },
+    login: route.backend_login,
+  };
+}
+
+/** Backend passwords read from `password_file`s once per (re)load; never logged. */
+export class BackendSecrets {
+  private readonly secrets = new Map<string, string>();
+  private readonly baseDir: string;
+
+  /** Reads every password_file named in `logins` now, so a missing file fails start or reload, not a login. */
+  constructor(logins: readonly (BackendLogin | undefined)[], baseDir: string) {
+    this.baseDir = baseDir;
+    for (const l of logins) {
+      if (l === undefined || typeof l === 'string') continue;
+      const file = resolve(baseDir, l.password_file);
+      if (this.secrets.has(file)) continue;
+      let text: string;
+      try {
+        text = readFileSync(file, 'utf8');
+      } catch (err) {
+        throw new MailgateError('CONFIG_READ', `backend_login password_file ${file}: ${(err as Error).message}`, { cause: err });
+      }
+      const first = text.split(/\r?\n/, 1)[0] ?? '';
+      if (first === '') throw new MailgateError('CONFIG_INVALID', `backend_login password_file ${file} is empty`);
+      this.secrets.set(file, first);
+    }
+  }
+
+  /**
+   * The credentials for the backend after a local login. `userName` is the
+   * configured name of the verified user (never a glob, never the client's spelling).
+   */
+  credentials(login: BackendLogin, client: Credentials, userName: string): Credentials | null {
+    if (login === 'replay') return client;
+    if (login === 'none') return null;
+    const password = this.secrets.get(resolve(this.baseDir, login.password_file));
+    if (password === undefined) throw new MailgateError('CONFIG_INVALID', 'backend_login password_file was not loaded');
+    return { user: login.user.replaceAll('{user}', userName), password, mechanism: client.mechanism };
+  }
+}

@@ -1,0 +1,194 @@
+/**
+ * What policy remembers between decisions, and keeps across reloads: the
+ * counters and bans (memory or Redis), sessions open per address and per
+ * user, and short local blocks for limits that must answer synchronously.
+ *
+ * One PolicyState lives as long as the gateway; every engine built from a
+ * (re)loaded config uses it, so bans and counts survive a reload, and a
+ * session that started under the old engine still releases its slot here.
+ */
+import { Redis } from 'ioredis';
+import type { PolicySections } from '../config/schema-policy.ts';
+import { errorMessage } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { MemoryBanStore, RedisBanStore, type BanStore } from './bans.ts';
+import { CounterStore, StoreErrors } from './counters.ts';
+
+export type StoreConfig = PolicySections['policy_store'];
+
+export interface PolicyStateOptions {
+  store: StoreConfig;
+  log: Logger;
+  /** Injected for tests; ms since epoch. */
+  clock?: () => number;
+}
+
+/** Local blocks and session maps never grow past this many keys. */
+const MAX_BLOCKS = 100_000;
+
+export class PolicyState {
+  readonly clock: () => number;
+  readonly counters: CounterStore;
+  readonly bans: BanStore;
+  readonly storeType: 'memory' | 'redis';
+  readonly log: Logger;
+  private readonly redis: Redis | undefined;
+  /** address → listener → sessions open. */
+  private readonly open = new Map<string, Map<string, number>>();
+  /** user → listener → sessions logged in. */
+  private readonly logins = new Map<string, Map<string, number>>();
+  /** session id → the user slot it holds. */
+  private readonly sessions = new Map<string, { user: string; listener: string }>();
+  /** limit key → blocked until (ms). */
+  private readonly blocks = new Map<string, number>();
+  private readonly background = new Set<Promise<unknown>>();
+  private closed = false;
+
+  private constructor(opts: { clock: () => number; counters: CounterStore; bans: BanStore; storeType: 'memory' | 'redis'; log: Logger; redis?: Redis }) {
+    this.clock = opts.clock;
+    this.counters = opts.counters;
+    this.bans = opts.bans;
+    this.storeType = opts.storeType;
+    this.log = opts.log;
+    this.redis = opts.redis;
+  }
+
+  static async create(opts: PolicyStateOptions): Promise<PolicyState> {
+    const clock = opts.clock ?? Date.now;
+    const log = opts.log;
+    const errors = new StoreErrors(log);
+    const { store } = opts;
+    if (store.type === 'memory' || store.url === undefined) {
+      return new PolicyState({
+        clock,
+        counters: new CounterStore({ prefix: store.prefix, errors }),
+        bans: new MemoryBanStore(),
+        storeType: 'memory',
+        log,
+      });
+    }
+    const redis = new Redis(store.url, {
+      lazyConnect: true,
+      enableOfflineQueue: false,
+      maxRetriesPerRequest: 1,
+      commandTimeout: store.timeout,
+      connectTimeout: store.timeout,
+      retryStrategy: (times) => Math.min(times * 250, 5_000),
+    });
+    redis.on('error', (err: Error) => errors.report('redis connection', err));
+    try {
+      await redis.connect();
+      log.info({ store: 'redis', prefix: store.prefix }, 'policy store connected');
+    } catch (err) {
+      // Start anyway: counters and bans work per gateway until Redis answers (the client keeps reconnecting).
+      log.warn({ err: errorMessage(err) }, 'policy store: Redis is not reachable, starting with this gateway\'s memory');
+    }
+    const bans = await RedisBanStore.open(redis, store.prefix, errors, log, clock);
+    return new PolicyState({ clock, counters: new CounterStore({ redis, prefix: store.prefix, errors }), bans, storeType: 'redis', log, redis });
+  }
+
+  // ---- sessions open per address ------------------------------------------------
+
+  connectionOpened(listener: string, address: string): void {
+    bump(this.open, address, listener, 1);
+  }
+
+  connectionClosed(listener: string, address: string): void {
+    bump(this.open, address, listener, -1);
+  }
+
+  /** Sessions open from `address`, on the listeners `scope` admits (all when undefined). */
+  openFrom(address: string, scope?: (listener: string) => boolean): number {
+    return sum(this.open.get(address), scope);
+  }
+
+  // ---- sessions logged in per user -------------------------------------------------
+
+  /** The session now counts for `user` (a session holds one slot; a second login moves it). */
+  loginStarted(session: string, listener: string, user: string): void {
+    this.loginEnded(session);
+    this.sessions.set(session, { user, listener });
+    bump(this.logins, user, listener, 1);
+  }
+
+  loginEnded(session: string): void {
+    const s = this.sessions.get(session);
+    if (!s) return;
+    this.sessions.delete(session);
+    bump(this.logins, s.user, s.listener, -1);
+  }
+
+  loggedIn(user: string, scope?: (listener: string) => boolean): number {
+    return sum(this.logins.get(user), scope);
+  }
+
+  // ---- local blocks ----------------------------------------------------------------
+
+  block(key: string, until: number): void {
+    if (this.blocks.size >= MAX_BLOCKS) {
+      const now = this.clock();
+      for (const [k, t] of this.blocks) if (t <= now) this.blocks.delete(k);
+      if (this.blocks.size >= MAX_BLOCKS) return;
+    }
+    this.blocks.set(key, Math.max(until, this.blocks.get(key) ?? 0));
+  }
+
+  blockedUntil(key: string, now: number): number | undefined {
+    const t = this.blocks.get(key);
+    if (t === undefined) return undefined;
+    if (t <= now) {
+      this.blocks.delete(key);
+      return undefined;
+    }
+    return t;
+  }
+
+  // ---- background work ---------------------------------------------------------------
+
+  /** Runs store work a synchronous hook started; failures are logged, never thrown. */
+  track(what: string, work: Promise<unknown>): void {
+    const p = work.catch((err: unknown) => this.log.error({ what, err: errorMessage(err) }, 'policy background task failed'));
+    this.background.add(p);
+    void p.finally(() => this.background.delete(p));
+  }
+
+  /** Resolves when the background work started so far is done (tests, shutdown). */
+  async settled(): Promise<void> {
+    while (this.background.size > 0) await Promise.all([...this.background]);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.settled();
+    await this.bans.close();
+    if (this.redis) {
+      try {
+        await this.redis.quit();
+      } catch (err) {
+        this.log.debug({ err: errorMessage(err) }, 'Redis quit failed; disconnecting');
+        this.redis.disconnect();
+      }
+    }
+  }
+}
+
+function bump(map: Map<string, Map<string, number>>, key: string, listener: string, delta: number): void {
+  let inner = map.get(key);
+  if (!inner) {
+    if (delta <= 0) return;
+    inner = new Map();
+    map.set(key, inner);
+  }
+  const n = (inner.get(listener) ?? 0) + delta;
+  if (n > 0) inner.set(listener, n);
+  else inner.delete(listener);
+  if (inner.size === 0) map.delete(key);
+}
+
+function sum(inner: Map<string, number> | undefined, scope?: (listener: string) => boolean): number {
+  if (!inner) return 0;
+  let n = 0;
+  for (const [listener, count] of inner) if (!scope || scope(listener)) n += count;
+  return n;
+}

@@ -1,0 +1,115 @@
+/**
+ * Local users: names, password hashes and groups from the config's
+ * `users.list` and the optional separate `users.file`. Verification costs the
+ * same whether or not the user exists: an unknown name is checked against a
+ * dummy hash of the most common kind and cost.
+ */
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { LineCounter, parseDocument } from 'yaml';
+import { toProblem } from '../config/load.ts';
+import { usersFileSchema, type PolicySections, type UserEntry } from '../config/schema-policy.ts';
+import { ConfigError, MailgateError } from '../core/errors.ts';
+import { canonicalUser, nameMatcher } from './names.ts';
+import { dummyHashLike, parseHash, verifyPassword, type PasswordHash } from './passwords.ts';
+
+export interface LocalUser {
+  /** As configured. */
+  readonly name: string;
+  readonly hash: PasswordHash;
+  readonly groups: ReadonlySet<string>;
+}
+
+/** Reads and validates a users file; problems name the file, line and key like the main config. */
+export function readUsersFile(file: string): UserEntry[] {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new MailgateError('CONFIG_READ', `${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  const at = (offset: number) => lineCounter.linePos(offset);
+  if (doc.errors.length > 0) {
+    throw new ConfigError(
+      doc.errors.map((e) => {
+        const pos = at(e.pos[0]);
+        return { file, line: pos.line, column: pos.col, path: '', message: e.message.split('\n')[0] ?? e.message };
+      }),
+    );
+  }
+  const result = usersFileSchema.safeParse(doc.toJS() ?? []);
+  if (!result.success) throw new ConfigError(result.error.issues.map((issue) => toProblem(issue, doc, file, at)));
+  return result.data;
+}
+
+export class UserDirectory {
+  private readonly users = new Map<string, LocalUser>();
+  private readonly groupMatchers: [string, (user: string) => boolean][];
+  private readonly dummy: PasswordHash;
+
+  constructor(entries: readonly UserEntry[], groups: Readonly<Record<string, readonly string[]>> = {}) {
+    for (const e of entries) {
+      const key = canonicalUser(e.name);
+      if (this.users.has(key)) throw new MailgateError('CONFIG_INVALID', `user "${e.name}" is defined twice (config and users file)`);
+      const hash = parseHash(e.password_hash);
+      // The schema validated it already; this is for entries built in code.
+      if (typeof hash === 'string') throw new MailgateError('HASH_INVALID', `user "${e.name}": ${hash}`);
+      this.users.set(key, { name: e.name, hash, groups: new Set(e.groups) });
+    }
+    this.groupMatchers = Object.entries(groups).map(([g, members]) => [g, nameMatcher(members)]);
+    this.dummy = dummyHashLike(mostCommonHash([...this.users.values()].map((u) => u.hash)));
+  }
+
+  /** The users of a config: `users.list` plus `users.file` (resolved against the config's folder). */
+  static fromConfig(section: PolicySections['users'], baseDir: string): UserDirectory {
+    const fromFile = section.file ? readUsersFile(resolve(baseDir, section.file)) : [];
+    return new UserDirectory([...section.list, ...fromFile], section.groups);
+  }
+
+  get size(): number {
+    return this.users.size;
+  }
+
+  find(user: string): LocalUser | undefined {
+    return this.users.get(canonicalUser(user));
+  }
+
+  /** Groups from the user's entry and from `users.groups` patterns. */
+  groupsOf(user: string | null): ReadonlySet<string> {
+    if (user === null) return EMPTY;
+    const own = this.find(user)?.groups;
+    if (this.groupMatchers.length === 0) return own ?? EMPTY;
+    const all = new Set(own);
+    for (const [g, match] of this.groupMatchers) if (match(user)) all.add(g);
+    return all;
+  }
+
+  /** The user when the password is right; an unknown user costs one dummy verification. */
+  async verify(user: string, password: string): Promise<LocalUser | undefined> {
+    const found = this.find(user);
+    const ok = await verifyPassword(password, found?.hash ?? this.dummy);
+    return found && ok ? found : undefined;
+  }
+
+  /** The hash unknown users are checked against (tests assert its shape). */
+  get dummyHash(): PasswordHash {
+    return this.dummy;
+  }
+}
+
+const EMPTY: ReadonlySet<string> = new Set();
+
+function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
+  const counts = new Map<string, { n: number; h: PasswordHash }>();
+  for (const h of hashes) {
+    const key = h.kind === 'bcrypt' ? `bcrypt:${h.cost}` : `scrypt:${h.ln}:${h.r}:${h.p}:${h.hash.length}`;
+    const c = counts.get(key);
+    if (c) c.n++;
+    else counts.set(key, { n: 1, h });
+  }
+  let best: { n: number; h: PasswordHash } | undefined;
+  for (const c of counts.values()) if (!best || c.n > best.n) best = c;
+  return best?.h;
+}

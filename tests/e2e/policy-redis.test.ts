@@ -1,0 +1,92 @@
+/**
+ * Two gateway processes sharing one Redis policy store (a real redis-server
+ * started here on a loopback port, without persistence): failed logins on
+ * both add up to one ban that both enforce, and a connection limit counts
+ * connections to either gateway. Clients: Python's imaplib and curl.
+ */
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { python, run } from './harness/clients.ts';
+import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
+import { freePort, makeTempDir, removeTempDir, spawnServer, waitUntilReady, type ManagedProcess } from './harness/proc.ts';
+import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
+
+const REDIS = '/usr/bin/redis-server';
+const skip = existsSync(REDIS) ? false : `${REDIS} is not installed (.ci/install-deps.sh installs it)`;
+
+let redis: ManagedProcess | undefined;
+let redisDir = '';
+let dovecot: Dovecot;
+let nginx: Nginx;
+let one: Gateway;
+let two: Gateway;
+const alice = userByName('alice');
+
+before(async () => {
+  if (skip) return;
+  redisDir = await makeTempDir('redis');
+  const port = await freePort();
+  redis = spawnServer('redis-server', REDIS, ['--port', String(port), '--bind', '127.0.0.1', '--dir', redisDir, '--save', '', '--appendonly', 'no'], {
+    cwd: redisDir,
+    outputFile: join(redisDir, 'redis.log'),
+  });
+  await waitUntilReady('redis-server', [redis], { port, request: 'PING\r\n', expect: /\+PONG\r\n/ }, async () => '', 10_000);
+  [dovecot, nginx] = await Promise.all([startDovecot(), startNginx()]);
+  const hash = await run(process.execPath, [CLI, 'hash-password'], { input: `${alice.password}\n` });
+  const extra = {
+    users: { list: [{ name: alice.name, password_hash: hash.stdout.trim() }] },
+    brute_force: { per_address_user: { failures: 3, window: '1m', ban: '1m' } },
+    rate_limits: [{ limit: 'connections', per: 'address', max: 2, window: '1m', listeners: ['https'] }],
+    policy_store: { type: 'redis', url: `redis://127.0.0.1:${port}/0`, prefix: 'e2e' },
+  };
+  const listeners = [
+    { name: 'imaps', protocol: 'imap' as const, tls: 'implicit' as const, backend: `127.0.0.1:${dovecot.imapPort}`, authentication: 'local' },
+    { name: 'https', protocol: 'http' as const, tls: 'implicit' as const, backend: `127.0.0.1:${nginx.port}` },
+  ];
+  [one, two] = await Promise.all([startGateway({ listeners, extra }), startGateway({ listeners, extra })]);
+});
+
+after(async () => {
+  await Promise.all([one?.stop(), two?.stop()]);
+  await Promise.all([dovecot?.stop(), nginx?.stop()]);
+  await redis?.stop();
+  if (redisDir) await removeTempDir(redisDir);
+});
+
+function imapLogin(port: number, password: string): Promise<{ ok: boolean; error?: string }> {
+  return python(
+    `
+import imaplib
+m = imaplib.IMAP4_SSL('127.0.0.1', int(sys.argv[1]), ssl_context=ctx(), timeout=10)
+try:
+    m.login(sys.argv[2], sys.argv[3])
+    m.logout()
+    out({'ok': True})
+except imaplib.IMAP4.error as e:
+    out({'ok': False, 'error': str(e)})
+`,
+    [port, alice.name, password],
+  );
+}
+
+test('failed logins on two gateways add up to one ban that both enforce', { skip }, async () => {
+  assert.match((await imapLogin(one.ports.imaps!, 'guess-1')).error ?? '', /AUTHENTICATIONFAILED/);
+  assert.match((await imapLogin(two.ports.imaps!, 'guess-2')).error ?? '', /AUTHENTICATIONFAILED/);
+  assert.match((await imapLogin(one.ports.imaps!, 'guess-3')).error ?? '', /AUTHENTICATIONFAILED/);
+  for (const gw of [two, one]) {
+    const r = await imapLogin(gw.ports.imaps!, alice.password);
+    assert.equal(r.ok, false, 'the right password is refused on both gateways');
+    assert.match(r.error ?? '', /Too many failed logins/);
+  }
+});
+
+test('a connection limit counts connections to either gateway', { skip }, async () => {
+  const get = (gw: Gateway) =>
+    run('curl', ['-sS', '-k', '--interface', '127.0.0.90', '-o', '/dev/null', '-w', '%{http_code}', `https://127.0.0.1:${gw.ports.https}/`]);
+  assert.equal((await get(one)).stdout, '200');
+  assert.equal((await get(two)).stdout, '200');
+  // Gateway two has seen one connection itself; the shared count (2) is at the limit.
+  assert.equal((await get(two)).stdout, '429');
+});

@@ -1,0 +1,344 @@
+/**
+ * Rate limits, brute-force protection and bans, each with the clock under
+ * the test's control: node:test's mock timers drive Date.now and setTimeout,
+ * which the engine's clock and the rate-limit library both read.
+ */
+import assert from 'node:assert/strict';
+import { test, type TestContext } from 'node:test';
+import { PolicyEngine } from '../../../src/policy/engine.ts';
+import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog, silentLog } from './helpers.ts';
+
+const T0 = 1_700_000_000_000;
+
+function clock(t: TestContext): (ms: number) => void {
+  t.mock.timers.enable({ apis: ['Date', 'setTimeout', 'setInterval'], now: T0 });
+  return (ms) => t.mock.timers.tick(ms);
+}
+
+const PW = cheapScrypt('right');
+
+const LOCAL = `
+users:
+  list:
+    - { name: alice, password_hash: "${PW}" }
+    - { name: bob, password_hash: "${PW}" }
+listeners:
+  - { name: imaps, protocol: imap, listen: "127.0.0.1:0", tls: implicit, backend: "10.0.0.1:143", authentication: local }
+  - { name: pop3s, protocol: pop3, listen: "127.0.0.1:0", tls: implicit, backend: "10.0.0.1:110", authentication: local }
+  - { name: imap-pass, protocol: imap, listen: "127.0.0.1:0", tls: implicit, backend: "10.0.0.1:143" }
+  - { name: smtps, protocol: smtp, listen: "127.0.0.1:0", tls: implicit, backend: "10.0.0.1:25", authentication: local, backend_login: none }
+  - { name: mx, protocol: smtp, listen: "127.0.0.1:0", tls: none, auth: none, backend: "10.0.0.1:25" }
+  - { name: https, protocol: http, listen: "127.0.0.1:0", tls: implicit, backend: "10.0.0.1:80" }
+`;
+
+// ---- connections ----------------------------------------------------------------------
+
+test('connections per address: N in a window, then a tempfail with Retry-After until the window ends', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: connections, per: address, max: 3, window: 60s }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  for (let i = 0; i < 3; i++) {
+    assert.deepEqual(engine.onConnect(connect(config, 'imaps', '192.0.2.1')), { action: 'allow' }, `connection ${i + 1}`);
+    await engine.settled();
+  }
+  const refused = engine.onConnect(connect(config, 'imaps', '192.0.2.1'));
+  assert.equal(refused.action, 'tempfail');
+  assert.equal(refused.action === 'tempfail' && refused.retryAfterMs, 60_000);
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.1')).action, 'tempfail', 'the limit covers every listener unless scoped');
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.2')).action, 'allow', 'another address has its own count');
+  tick(30_000);
+  const later = engine.onConnect(connect(config, 'imaps', '192.0.2.1'));
+  assert.equal(later.action === 'tempfail' && later.retryAfterMs, 30_000);
+  tick(30_001);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow', 'a new window');
+});
+
+test('connections per listener: the listener as a whole is limited, scoped to the named listeners', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: connections, per: listener, max: 2, window: 10s, listeners: [imaps] }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+  await engine.settled();
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.2')).action, 'allow');
+  await engine.settled();
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.3')).action, 'tempfail');
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.3')).action, 'allow', 'out of scope');
+});
+
+test('concurrent sessions per address: the slot is freed when the session ends', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: concurrent, per: address, max: 2, protocols: [imap, pop3] }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const a = connect(config, 'imaps', '192.0.2.1');
+  const b = connect(config, 'pop3s', '192.0.2.1');
+  assert.equal(engine.onConnect(a).action, 'allow');
+  assert.equal(engine.onConnect(b).action, 'allow');
+  assert.deepEqual(engine.onConnect(connect(config, 'imaps', '192.0.2.1')), { action: 'tempfail', reason: 'Too many connections from your address' });
+  assert.equal(engine.onConnect(connect(config, 'smtps', '192.0.2.1')).action, 'allow', 'SMTP is out of scope (and counts nowhere in it)');
+  engine.onDisconnect(a);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+});
+
+test('concurrent sessions per user: counted at login, released when the login fails or the session ends', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: concurrent, per: user, max: 1 }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const s1 = connect(config, 'imap-pass', '192.0.2.1');
+  const s2 = connect(config, 'imap-pass', '192.0.2.2');
+  const c = creds('carol', 'x');
+  assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow');
+  assert.deepEqual(await engine.onAuth(login(s2, c), c), { action: 'tempfail', reason: 'Too many sessions for this user' });
+  engine.onAuthResult(login(s1, c), false);
+  assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'a refused backend login frees the slot');
+  engine.onDisconnect(s2);
+  assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow', 'the end of a session frees it');
+  await engine.settled();
+});
+
+// ---- SMTP messages and HTTP requests -----------------------------------------------------
+
+test('SMTP messages per user: the message that reaches the limit ends the session; logins are refused until the window ends', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: messages, per: user, max: 2, window: 1h }\n  - { limit: recipients, per: address, max: 5, window: 1h }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const s = connect(config, 'smtps', '192.0.2.1');
+  const alice = creds('alice', 'right');
+  assert.equal((await engine.onAuth(login(s, alice), alice)).action, 'allow');
+  assert.deepEqual(await engine.onSmtpMessage(login(s, alice), 1), { action: 'allow' });
+  const second = await engine.onSmtpMessage(login(s, alice), 1);
+  assert.equal(second.action, 'tempfail');
+  assert.equal(second.action === 'tempfail' && second.reason, 'Message limit reached, try again later');
+  const again = await engine.onAuth(login(s, alice), alice);
+  assert.equal(again.action, 'tempfail');
+  assert.ok(again.action === 'tempfail' && again.retryAfterMs !== undefined && again.retryAfterMs <= 3_600_000);
+  const bob = creds('bob', 'right');
+  assert.equal((await engine.onAuth(login(s, bob), bob)).action, 'allow', 'another user has its own count');
+  assert.equal((await engine.onSmtpMessage(login(s, bob), 4)).action, 'tempfail', 'recipients per address: 2 + 4 > 5');
+  tick(3_600_001);
+  assert.equal((await engine.onAuth(login(s, alice), alice)).action, 'allow');
+  assert.equal((await engine.onSmtpMessage(login(s, alice), 1)).action, 'allow');
+});
+
+test('SMTP messages per address on a relay without AUTH: the first transaction is refused once the limit is reached', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: messages, per: address, max: 1, window: 10m }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const s = connect(config, 'mx', '192.0.2.9');
+  assert.equal((await engine.onAuth(login(s, null), null)).action, 'allow');
+  assert.equal((await engine.onSmtpMessage(login(s, null), 3)).action, 'tempfail');
+  assert.equal((await engine.onAuth(login(s, null), null)).action, 'tempfail');
+  // IMAP logins are not touched by message limits.
+  const i = connect(config, 'imaps', '192.0.2.9');
+  const alice = creds('alice', 'right');
+  assert.equal((await engine.onAuth(login(i, alice), alice)).action, 'allow');
+});
+
+test('HTTP requests per address: 429 material (tempfail with Retry-After) past the limit, per window', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: http_requests, per: address, max: 5, window: 10s }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const c = connect(config, 'https', '192.0.2.1');
+  assert.equal(engine.onConnect(c).action, 'allow');
+  for (let i = 0; i < 5; i++) {
+    assert.equal(engine.onHttpRequest({ ...c, method: 'GET', path: '/' }).action, 'allow', `request ${i + 1}`);
+    await engine.settled();
+  }
+  const r = engine.onHttpRequest({ ...c, method: 'GET', path: '/' });
+  assert.deepEqual(r, { action: 'tempfail', reason: 'Too many requests', retryAfterMs: 10_000 });
+  assert.equal(engine.onHttpRequest({ ...connect(config, 'https', '192.0.2.2') }).action, 'allow');
+  tick(10_001);
+  assert.equal(engine.onHttpRequest({ ...c }).action, 'allow');
+});
+
+// ---- brute force ---------------------------------------------------------------------
+
+const BF = `
+brute_force:
+  per_address: { failures: 6, window: 10m, ban: 1h }
+  per_address_user: { failures: 3, window: 10m, ban: 15m }
+  per_user: { failures: 5, window: 1h, ban: 30m }
+  exempt: [198.51.100.0/24]
+`;
+
+async function fail(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string, listener = 'imaps') {
+  const c = connect(config, listener, ip);
+  const cr = creds(user, 'wrong');
+  return engine.onAuth(login(c, cr), cr);
+}
+
+async function good(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string) {
+  const c = connect(config, 'imaps', ip);
+  const cr = creds(user, 'right');
+  return engine.onAuth(login(c, cr), cr);
+}
+
+test('per address+user: 3 failures block that user from that address, even with the right password, until the ban ends', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  for (let i = 0; i < 3; i++) assert.equal((await fail(engine, config, '192.0.2.1', 'alice')).action, 'deny');
+  const blocked = await good(engine, config, '192.0.2.1', 'alice');
+  assert.deepEqual(blocked, { action: 'tempfail', reason: 'Too many failed logins, try again later', retryAfterMs: 15 * 60_000 });
+  assert.equal((await good(engine, config, '192.0.2.1', 'bob')).action, 'allow', 'other users from that address are fine');
+  assert.equal((await good(engine, config, '192.0.2.2', 'alice')).action, 'allow', 'alice from elsewhere is fine');
+  tick(15 * 60_000 - 1);
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'tempfail');
+  tick(2);
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow', 'the ban expired');
+});
+
+test('per address: 6 failures over several users ban the address before the greeting; the ban expires', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  for (const u of ['u1', 'u2', 'u3', 'u4', 'u5']) await fail(engine, config, '192.0.2.1', u);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+  await fail(engine, config, '192.0.2.1', 'u6');
+  const v = engine.onConnect(connect(config, 'imaps', '192.0.2.1'));
+  assert.deepEqual(v, { action: 'tempfail', reason: 'Too many failed logins, try again later', retryAfterMs: 3_600_000 });
+  assert.equal(engine.onConnect(connect(config, 'https', '192.0.2.1')).action, 'tempfail', 'every listener');
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'tempfail', 'the right password does not pass a ban');
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.2')).action, 'allow');
+  tick(3_600_001);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+});
+
+test('per user: a locked user is refused from addresses that failed for it, never from a clean one', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  // A spread attack: five addresses, one guess each.
+  for (let i = 1; i <= 5; i++) await fail(engine, config, `203.0.113.${i}`, 'alice');
+  assert.equal((await good(engine, config, '203.0.113.1', 'alice')).action, 'tempfail', 'an address that failed for alice');
+  assert.equal((await good(engine, config, '192.0.2.50', 'alice')).action, 'allow', 'alice at home, no failures there');
+  assert.equal((await good(engine, config, '203.0.113.1', 'bob')).action, 'allow', 'bob is not locked');
+});
+
+test('a good login clears the address+user count; exempt addresses are never counted', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  await fail(engine, config, '192.0.2.1', 'alice');
+  await fail(engine, config, '192.0.2.1', 'alice');
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow');
+  await fail(engine, config, '192.0.2.1', 'alice');
+  await fail(engine, config, '192.0.2.1', 'alice');
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow', 'two failures after the reset, not four');
+  for (let i = 0; i < 10; i++) await fail(engine, config, '198.51.100.4', 'alice');
+  assert.equal((await good(engine, config, '198.51.100.4', 'alice')).action, 'allow');
+  assert.deepEqual((await engine.admin.inspect({ address: '198.51.100.4', user: 'alice' })).failures, { address: 0, pair: 0, user: 4 }, 'only the four failures from the counted address');
+});
+
+test('passthrough: the backend refusing a login counts as a failure, and its success clears the pair count', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  const c = connect(config, 'imap-pass', '192.0.2.1');
+  const cr = creds('dave', 'whatever');
+  for (let i = 0; i < 3; i++) {
+    assert.equal((await engine.onAuth(login(c, cr), cr)).action, 'allow', 'the backend decides');
+    engine.onAuthResult(login(c, cr), false);
+    await engine.settled();
+  }
+  assert.equal((await engine.onAuth(login(c, cr), cr)).action, 'tempfail');
+  const e = creds('erin', 'whatever');
+  await engine.onAuth(login(c, e), e);
+  engine.onAuthResult(login(c, e), false);
+  engine.onAuthResult(login(c, e), true);
+  await engine.settled();
+  assert.equal((await engine.admin.inspect({ address: '192.0.2.1', user: 'erin' })).failures?.pair, 0);
+});
+
+test('brute_force.enabled: false counts nothing', async (t) => {
+  clock(t);
+  const config = configFrom(`brute_force: { enabled: false, per_address_user: { failures: 1 } }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  for (let i = 0; i < 5; i++) await fail(engine, config, '192.0.2.1', 'alice');
+  assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow');
+});
+
+test('the per-session cap on login attempts stays the driver\'s (limits.max_auth_attempts), with a safe default', () => {
+  const config = configFrom(LOCAL);
+  assert.equal(config.listeners[0]?.limits.max_auth_attempts, 3);
+});
+
+// ---- bans: admin, reload -----------------------------------------------------------------
+
+test('bans survive a reload: a new engine on the same state keeps bans, counts and open sessions', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(BF + `rate_limits:\n  - { limit: concurrent, per: address, max: 1 }\n` + LOCAL);
+  const { engine, state } = await engineFor(config);
+  for (let i = 0; i < 6; i++) await fail(engine, config, '192.0.2.1', `u${i}`);
+  await fail(engine, config, '192.0.2.2', 'alice');
+  await fail(engine, config, '192.0.2.2', 'alice');
+  const live = connect(config, 'imaps', '192.0.2.3');
+  assert.equal(engine.onConnect(live).action, 'allow');
+
+  // Reload with different rules and thresholds (same windows): bans and counts carry over.
+  const next = configFrom(BF + `rate_limits:\n  - { limit: concurrent, per: address, max: 1 }\naccess:\n  rules: [{ action: allow }]\n` + LOCAL);
+  const reloaded = new PolicyEngine(next, state, silentLog);
+  assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.1')).action, 'tempfail', 'the address ban survived');
+  assert.equal((await fail(reloaded, next, '192.0.2.2', 'alice')).action, 'deny');
+  assert.equal((await good(reloaded, next, '192.0.2.2', 'alice')).action, 'tempfail', 'the third failure across the reload made the pair ban');
+  assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.3')).action, 'tempfail', 'the session opened before the reload still counts');
+  engine.onDisconnect(live); // the old engine ends its own session
+  assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.3')).action, 'allow');
+  tick(3_600_001);
+  assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.1')).action, 'allow');
+});
+
+test('admin: add, list, inspect and remove bans of every kind; bad requests are refused with a code', async (t) => {
+  clock(t);
+  const { log, lines } = memoryLog();
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config, { log });
+  const admin = engine.admin;
+  await admin.addBan({ kind: 'address', address: '::ffff:192.0.2.77', durationMs: 60_000, reason: 'test' });
+  await admin.addBan({ kind: 'range', address: '203.0.113.0/24', durationMs: 60_000 });
+  await admin.addBan({ kind: 'user', user: 'Mallory', durationMs: 60_000 });
+  await admin.addBan({ kind: 'pair', address: '192.0.2.5', user: 'bob', durationMs: 60_000 });
+  const ids = (await admin.listBans()).map((b) => b.id).sort();
+  assert.deepEqual(ids, ['address:192.0.2.77', 'pair:192.0.2.5|bob', 'range:203.0.113.0/24', 'user:mallory']);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.77')).action, 'tempfail');
+  assert.equal(engine.onConnect(connect(config, 'imaps', '203.0.113.200')).action, 'tempfail', 'a range ban');
+  assert.equal((await good(engine, config, '192.0.2.5', 'bob')).action, 'tempfail');
+  assert.equal((await admin.inspect({ address: '192.0.2.5', user: 'bob' })).bans.length, 1);
+  assert.deepEqual(admin.open({ address: '192.0.2.77' }), { address: 0, user: null });
+  assert.equal(await admin.removeBan('address:192.0.2.77'), true);
+  assert.equal(await admin.removeBan('address:192.0.2.77'), false);
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.77')).action, 'allow');
+  await assert.rejects(admin.addBan({ kind: 'address', address: 'nope', durationMs: 60_000 }), { code: 'BAN_INVALID' });
+  await assert.rejects(admin.addBan({ kind: 'user', durationMs: 60_000 }), { code: 'BAN_INVALID' });
+  await assert.rejects(admin.addBan({ kind: 'address', address: '192.0.2.1', durationMs: 0 }), { code: 'BAN_INVALID' });
+  assert.ok(lines.some((l) => l.msg === 'ban added'));
+});
+
+test('the control socket view (BanAdmin): ban, list, unban and change events for addresses and ranges', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  const bans = engine.bans;
+  const events: string[] = [];
+  const off = bans.onChange?.((c) => events.push(c.kind === 'banned' ? `+${c.ban.ip}` : `-${c.ip}`));
+  bans.ban('192.0.2.9', 120, 'manual');
+  bans.ban('10.0.0.0/8', 120, 'network');
+  assert.throws(() => bans.ban('not-an-ip', 120, 'x'), { code: 'BAN_INVALID' });
+  await engine.settled();
+  const list = bans.list();
+  assert.deepEqual(
+    list.map((b) => [b.ip, b.expiresAt, b.source]),
+    [
+      ['192.0.2.9', T0 + 120_000, 'manual'],
+      ['10.0.0.0/8', T0 + 120_000, 'manual'],
+    ],
+  );
+  assert.equal(engine.onConnect(connect(config, 'imaps', '10.9.9.9')).action, 'tempfail');
+  // A brute-force ban shows up as an automatic one.
+  for (let i = 0; i < 3; i++) await fail(engine, config, '192.0.2.30', 'alice');
+  assert.ok(bans.list().some((b) => b.ip === '192.0.2.30' && b.source === 'auto' && b.reason.startsWith('user alice:')));
+  assert.equal(bans.unban('192.0.2.9'), true);
+  assert.equal(bans.unban('192.0.2.9'), false);
+  await engine.settled();
+  assert.deepEqual(events, ['+192.0.2.9', '+10.0.0.0/8', '+192.0.2.30', '-192.0.2.9']);
+  off?.();
+});
