@@ -1,3 +1,4 @@
+import { loadStoredAcmeCertificates } from '../acme/stored.ts';
 import type { Config } from '../config/load.ts';
 import type { Logger } from '../core/log.ts';
 import { CertStore } from './cert-store.ts';
@@ -22,5 +23,7 @@ export async function buildCertStore(config: Config, log: Logger): Promise<CertS
       'serving a self-signed certificate: clients will warn until a real certificate is configured',
     );
   }
+  // Certificates obtained by ACME earlier (acme: section); the self-signed one stays the fallback until they exist.
+  await loadStoredAcmeCertificates(config, store, log);
   return store;
 }

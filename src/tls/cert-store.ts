@@ -7,6 +7,7 @@ import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { MailgateError } from '../core/errors.ts';
+import { isAcmeTlsHandshake } from './acme-alpn.ts';
 import { secureContextOptions } from './options.ts';
 
 export type CertSource = 'file' | 'self-signed' | 'acme';
@@ -32,6 +33,8 @@ export class CertStore {
   private defaultEntry: Entry | undefined;
   private minVersion: 'TLSv1.2' | 'TLSv1.3';
   private listeners = new Set<(info: CertInfo) => void>();
+  /** TLS-ALPN-01 challenge certificates by name; served only to acme-tls/1 handshakes. Kept across replaceWith (reload). */
+  private readonly challenges = new Map<string, SecureContext>();
 
   constructor(minVersion: 'TLSv1.2' | 'TLSv1.3') {
     this.minVersion = minVersion;
@@ -95,6 +98,26 @@ export class CertStore {
     return this.defaultEntry?.context;
   }
 
+  /** The certificate served to clients without a matching SNI name. */
+  defaultInfo(): CertInfo | undefined {
+    return this.defaultEntry?.info;
+  }
+
+  /** Installs the TLS-ALPN-01 challenge certificate for a name until clearChallenge (RFC 8737). */
+  setChallenge(name: string, certPem: string, keyPem: string): void {
+    let context: SecureContext;
+    try {
+      context = createSecureContext({ ...secureContextOptions(this.minVersion), cert: certPem, key: keyPem });
+    } catch (err) {
+      throw new MailgateError('CERT_LOAD', `the TLS-ALPN-01 challenge certificate for ${name} is not usable: ${(err as Error).message}`, { cause: err });
+    }
+    this.challenges.set(name.toLowerCase(), context);
+  }
+
+  clearChallenge(name: string): void {
+    this.challenges.delete(name.toLowerCase());
+  }
+
   has(name: string): boolean {
     return this.byName.has(name.toLowerCase());
   }
@@ -120,12 +143,25 @@ export class CertStore {
     return () => this.listeners.delete(listener);
   }
 
-  /** For tls.createServer: SNI picks the context, falling back to the default. */
-  readonly sniCallback = (servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void => {
-    const ctx = this.contextFor(servername);
-    if (ctx) cb(null, ctx);
-    else cb(new MailgateError('CERT_LOAD', 'no certificate loaded'));
-  };
+  /**
+   * For tls.createServer / TLSSocket: SNI picks the context, falling back to
+   * the default. An ACME TLS-ALPN-01 validation (see acme-alpn.ts) gets the
+   * challenge certificate for its name, or a failed handshake when none is
+   * pending. A function, not an arrow: node calls it with `this` set to the
+   * TLSSocket.
+   */
+  readonly sniCallback = ((store: CertStore) =>
+    function (this: unknown, servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void {
+      if (isAcmeTlsHandshake(this)) {
+        const challenge = store.challenges.get(servername.toLowerCase());
+        if (challenge) cb(null, challenge);
+        else cb(new MailgateError('CERT_LOAD', `acme-tls/1 asked for ${servername}, which has no pending challenge`));
+        return;
+      }
+      const ctx = store.contextFor(servername);
+      if (ctx) cb(null, ctx);
+      else cb(new MailgateError('CERT_LOAD', 'no certificate loaded'));
+    })(this);
 }
 
 function privateKey(pem: string): KeyObject {

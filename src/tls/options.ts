@@ -5,6 +5,7 @@
  */
 import { constants } from 'node:crypto';
 import type { SecureContextOptions } from 'node:tls';
+import { ACME_TLS_ALPN, selectAcmeTlsAlpn } from './acme-alpn.ts';
 
 export const TLS12_CIPHERS = [
   'ECDHE-ECDSA-AES128-GCM-SHA256',
@@ -38,6 +39,9 @@ export function secureContextOptions(minVersion: 'TLSv1.2' | 'TLSv1.3'): SecureC
  * ours is talking another protocol to this port (the ALPACA cross-protocol
  * attack): answering undefined makes Node end the handshake with the
  * no_application_protocol alert. A client without ALPN is let through.
+ * "acme-tls/1" alone is selected for an ACME TLS-ALPN-01 validation, which
+ * the certificate callback then answers only if a challenge is pending for
+ * that name (acme-alpn.ts).
  */
 export const ALPN_IDS: Record<'imap' | 'pop3' | 'smtp' | 'http', readonly string[]> = {
   imap: ['imap'],
@@ -46,7 +50,11 @@ export const ALPN_IDS: Record<'imap' | 'pop3' | 'smtp' | 'http', readonly string
   http: ['http/1.1', 'http/1.0'],
 };
 
-export function alpnSelector(protocol: keyof typeof ALPN_IDS): (arg: { servername: string; protocols: string[] }) => string | undefined {
+export function alpnSelector(protocol: keyof typeof ALPN_IDS): (this: unknown, arg: { servername: string; protocols: string[] }) => string | undefined {
   const ours = ALPN_IDS[protocol];
-  return ({ protocols }) => protocols.find((p) => ours.includes(p));
+  // A function, not an arrow: node calls it with `this` set to the TLSSocket (see acme-alpn.ts).
+  return function (this: unknown, { servername, protocols }) {
+    if (selectAcmeTlsAlpn(this, servername, protocols)) return ACME_TLS_ALPN;
+    return protocols.find((p) => ours.includes(p));
+  };
 }
