@@ -20,8 +20,10 @@ PACKAGES=(
   python3                                    # imaplib/poplib/smtplib clients used by the tests
   procps                                     # ps (leak checks in the tests)
   tmux                                       # interactive TUI tests
+  redis-server                               # shared policy store (tests/unit/policy/redis.test.ts starts its own)
+  systemd util-linux shellcheck              # systemd-analyze, systemd-notify, setpriv, sh lint (tests/*/systemd*, packaging)
 )
-SERVICES=(dovecot postfix nginx)
+SERVICES=(dovecot postfix nginx redis-server)
 
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
@@ -83,7 +85,7 @@ done
 
 # Sanity check: the binaries the e2e harness uses.
 for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/postfix/sbin/master /usr/sbin/smtp-sink \
-           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux; do
+           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux; do
   if [ ! -x "$bin" ]; then
     echo "install-deps.sh: missing $bin" >&2
     exit 1

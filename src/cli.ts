@@ -7,17 +7,28 @@ import { loadConfigFile, type Config } from './config/load.ts';
 import { formatDuration } from './core/duration.ts';
 import { ConfigError, errorMessage, MailgateError } from './core/errors.ts';
 import { createLogger } from './core/log.ts';
+import { SdNotify } from './core/sd-notify.ts';
 import type { Gateway as GatewayType } from './main.ts';
 import { formatHostPort } from './net/address.ts';
+import { policySummary } from './policy/cli.ts';
+import { acmeSummary } from './acme/settings.ts';
 
 const USAGE = `usage: mailgate <command> [options]
 
 commands:
   run   -c FILE      run the gateway in the foreground (systemd friendly)
   check -c FILE      validate a configuration and print the effective listeners
+  top   [-c FILE | -s SOCKET]   live dashboard of the running gateway (control socket)
+  status [-c FILE | -s SOCKET]  listeners, counters and certificates of the running gateway
+  reload [-c FILE | -s SOCKET]  make the running gateway re-read its configuration
+  certs [-c FILE | -s SOCKET]   certificate status of the running gateway
+  certs renew [NAME...]         renew ACME certificates now through the running gateway
+  hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
 
 options:
   -c, --config FILE  configuration file (default: config/mailgate.yaml)
+  -s, --socket PATH  control socket (default: control.socket of the configuration)
+      --json         status, reload, certs: print the daemon's answer as JSON
   -h, --help         this text
 `;
 
@@ -27,11 +38,26 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return verb ? 0 : 2;
   }
-  let values: { config?: string | undefined; help?: boolean | undefined };
+  if (verb === 'hash-password') {
+    const { hashPasswordVerb } = await import('./policy/cli.ts');
+    return hashPasswordVerb(rest);
+  }
+  if (verb === 'certs') {
+    // certs [renew [NAME...]]: positional arguments, parsed by the ACME part (src/acme/cli.ts).
+    const { certsVerb } = await import('./acme/cli.ts');
+    return certsVerb(rest);
+  }
+  let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
   try {
     ({ values } = parseArgs({
       args: rest,
-      options: { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } },
+      options: {
+        config: { type: 'string', short: 'c' },
+        help: { type: 'boolean', short: 'h' },
+        // control socket verbs (top, status, reload, certs)
+        socket: { type: 'string', short: 's' },
+        json: { type: 'boolean' },
+      },
       allowPositionals: false,
     }));
   } catch (err) {
@@ -48,6 +74,14 @@ export async function main(argv: string[]): Promise<number> {
       return check(file);
     case 'run':
       return run(file);
+    case 'top':
+    case 'status':
+    case 'reload': {
+      // Clients of the control socket (src/control/cli-verbs.ts).
+      const verbs = await import('./control/cli-verbs.ts');
+      const opts = { config: file, socket: values.socket, json: values.json };
+      return verb === 'top' ? verbs.topVerb(opts) : verb === 'status' ? verbs.statusVerb(opts) : verbs.reloadVerb(opts);
+    }
     default:
       process.stderr.write(`mailgate: unknown command "${verb}"\n${USAGE}`);
       return 2;
@@ -92,8 +126,22 @@ function check(file: string): number {
     );
   }
   out.push(config.tls.certificates.length ? `certificates: ${config.tls.certificates.map((c) => c.cert).join(', ')}` : `certificates: self-signed in ${config.tls.dir}`);
+  const acme = acmeSummary(config);
+  if (acme.error) {
+    process.stderr.write(`mailgate: invalid configuration\n${config.file}: ${acme.error}\n`);
+    return 2;
+  }
+  out.push(...acme.lines);
+  try {
+    // The users file and backend password files are read as a start would read them.
+    out.push(...policySummary(config));
+  } catch (err) {
+    process.stderr.write(`mailgate: invalid configuration\n${errorMessage(err)}\n`);
+    return 2;
+  }
   process.stdout.write(`${out.join('\n')}\n`);
   for (const w of config.warnings) process.stderr.write(`warning: ${w}\n`);
+  if (acme.warning) process.stderr.write(`warning: ${acme.warning}\n`);
   return 0;
 }
 
@@ -101,6 +149,8 @@ async function run(file: string): Promise<number> {
   const config = readConfig(file);
   if (typeof config === 'number') return config;
   const log = createLogger(process.env.MAILGATE_LOG_LEVEL ?? config.log.level);
+  // systemd readiness (Type=notify): READY=1 only once every listener is bound; a no-op without $NOTIFY_SOCKET.
+  const notify = new SdNotify({ onError: (err) => log.warn({ err: err.message }, 'systemd notification failed') });
   // Loaded here so that `check` does not pull in the whole daemon.
   const { Gateway } = await import('./main.ts');
   let gateway: GatewayType;
@@ -118,13 +168,20 @@ async function run(file: string): Promise<number> {
     log.flush();
     process.exit(70);
   });
+  // Every reload (SIGHUP or the control socket) ends with READY=1 and the status it left.
+  gateway.onReload((r) => void notify.ready(r.ok ? servingStatus(gateway) : `reload failed, see the log: ${r.error ?? ''}`));
   process.on('SIGHUP', () => {
     log.info('SIGHUP: reloading');
-    gateway.reload().catch((err: unknown) => log.error({ err: errorMessage(err) }, 'reload failed'));
+    void notify.reloading('reloading configuration');
+    gateway.reload().catch((err: unknown) => {
+      log.error({ err: errorMessage(err) }, 'reload failed');
+      void notify.ready('reload failed, see the log');
+    });
   });
   return new Promise<number>((resolve) => {
     const stop = (signal: string) => {
       log.info({ signal }, 'stopping');
+      void notify.stopping(`draining ${gateway.registry.size} sessions`);
       gateway.stop().then(
         () => resolve(0),
         (err: unknown) => {
@@ -135,10 +192,18 @@ async function run(file: string): Promise<number> {
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
-  }).then((code) => {
+    // After the signal handlers: systemd may send SIGHUP or SIGTERM as soon as it sees READY=1.
+    void notify.ready(servingStatus(gateway));
+  }).then(async (code) => {
+    await notify.flush();
     log.flush();
     return code;
   });
+}
+
+function servingStatus(gateway: GatewayType): string {
+  const names = Object.keys(gateway.addresses());
+  return `serving ${names.length} listeners: ${names.join(', ')}`;
 }
 
 main(process.argv.slice(2)).then(

@@ -3,21 +3,26 @@
  * listeners; reload on demand; stop with a drain. Nothing else wires parts
  * together.
  */
+import { registerAcmeCommands } from './acme/control.ts';
+import { AcmeManager } from './acme/manager.ts';
 import { CapabilityCache } from './backend/capabilities.ts';
 import { loadConfigFile, type Config, type Listener } from './config/load.ts';
+import { startControlPlane, type ControlPlane } from './control/index.ts';
+import type { BanAdmin } from './control/target.ts';
 import { errorMessage } from './core/errors.ts';
 import type { Logger } from './core/log.ts';
 import { startHttpListener } from './listeners/http-listener.ts';
 import { startMailListener } from './listeners/mail-listener.ts';
 import type { ListenerDeps, ListenerHandle } from './listeners/types.ts';
-import { PassthroughPolicy, type Policy } from './policy/engine.ts';
+import { PassthroughPolicy, PolicyEngine, type Policy } from './policy/engine.ts';
+import { PolicyState } from './policy/state.ts';
 import { imapProtocol } from './protocols/imap.ts';
 import { pop3Protocol } from './protocols/pop3.ts';
 import { smtpProtocol } from './protocols/smtp.ts';
 import type { ProtocolModule } from './protocols/types.ts';
 import { SessionRegistry } from './session/registry.ts';
 import { buildCertStore } from './tls/bootstrap.ts';
-import type { CertStore } from './tls/cert-store.ts';
+import type { CertInfo, CertStore } from './tls/cert-store.ts';
 
 const MODULES: Record<'imap' | 'pop3' | 'smtp', ProtocolModule> = {
   imap: imapProtocol,
@@ -44,10 +49,18 @@ export class Gateway {
   private readonly log: Logger;
   private certs: CertStore;
   private policy: Policy;
+  /** Counters, bans and open-session counts: kept across reloads, so bans survive them (src/policy/state.ts). */
+  private policyState: PolicyState | undefined;
   private readonly capabilities: CapabilityCache;
   private readonly running = new Map<string, Running>();
   private stopping: Promise<void> | undefined;
   readonly startedAt = Date.now();
+  /** Counters, control socket and metrics (src/control). */
+  private controlPlane: ControlPlane | undefined;
+  private readonly reloadListeners = new Set<(result: ReloadResult) => void>();
+  /** ACME certificates (src/acme), when the config has an `acme:` section. */
+  private acme: AcmeManager | undefined;
+  private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
 
   private constructor(config: Config, certs: CertStore, log: Logger) {
     this.config = config;
@@ -62,7 +75,15 @@ export class Gateway {
     const certs = await buildCertStore(config, log);
     const gw = new Gateway(config, certs, log);
     try {
+      gw.policyState = await PolicyState.create({ store: config.policy_store, log });
+      gw.policy = PolicyEngine.fromConfig(config, gw.policyState, log);
+      gw.controlPlane = await startControlPlane(gw, log);
+      gw.acme = AcmeManager.fromConfig(config, certs, log);
+      const control = gw.controlPlane.control;
+      if (control) gw.watchAcme = registerAcmeCommands(control, () => gw.acme, certs);
+      gw.watchAcme?.(gw.acme);
       for (const l of config.listeners) await gw.startListener(l);
+      await gw.acme?.start();
     } catch (err) {
       await gw.stop(0);
       throw err;
@@ -101,6 +122,27 @@ export class Gateway {
         ? await startHttpListener(l, this.deps())
         : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
     this.running.set(l.name, { listener: l, handle });
+    this.acme?.attachListener(l, handle);
+  }
+
+  /** Renewal state of a served certificate for the control socket; null when ACME does not manage it. */
+  certRenewal(info: CertInfo): { failing: boolean; lastError: string | null; nextAttemptAt: number | null } | null {
+    return this.acme?.renewalFor(info) ?? null;
+  }
+
+  /** Reload: ACME starts, follows the new settings, or stops, after the listeners are in place. */
+  private async reloadAcme(next: Config): Promise<void> {
+    if (!next.acme) {
+      await this.acme?.stop();
+      this.acme = undefined;
+    } else if (this.acme) {
+      await this.acme.update(next);
+    } else {
+      this.acme = AcmeManager.fromConfig(next, this.certs, this.log);
+      this.watchAcme?.(this.acme);
+      for (const r of this.running.values()) this.acme?.attachListener(r.listener, r.handle);
+      await this.acme?.start();
+    }
   }
 
   /**
@@ -110,11 +152,32 @@ export class Gateway {
    * are never touched.
    */
   async reload(): Promise<ReloadResult> {
+    const result = await this.reloadOnce();
+    for (const l of this.reloadListeners) l(result);
+    return result;
+  }
+
+  /** Called after every reload (SIGHUP or the control socket) with its result. */
+  onReload(listener: (result: ReloadResult) => void): () => void {
+    this.reloadListeners.add(listener);
+    return () => this.reloadListeners.delete(listener);
+  }
+
+  /** The policy engine's ban list for the control socket, when the engine exposes one as `bans`. */
+  get bans(): BanAdmin | undefined {
+    return (this.policy as Policy & { bans?: BanAdmin }).bans;
+  }
+
+  private async reloadOnce(): Promise<ReloadResult> {
     const result: ReloadResult = { ok: false, started: [], stopped: [], updated: [] };
     let next: Config;
     let certs: CertStore;
+    let policy: Policy | undefined;
     try {
       next = loadConfigFile(this.config.file);
+      // Rules, users and limits for new sessions; bans and counts stay (same PolicyState). A bad users file refuses the reload.
+      if (this.policyState) policy = PolicyEngine.fromConfig(next, this.policyState, this.log);
+      AcmeManager.check(next, this.log);
       certs = await buildCertStore(next, this.log);
     } catch (err) {
       result.error = errorMessage(err);
@@ -122,6 +185,10 @@ export class Gateway {
       return result;
     }
     for (const w of next.warnings) this.log.warn({ file: next.file }, w);
+    if (policy) this.policy = policy;
+    if (this.policyState && next.policy_store.type !== this.policyState.storeType) {
+      this.log.warn({ running: this.policyState.storeType, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
+    }
     this.certs.replaceWith(certs);
     this.capabilities.clear();
     const prev = this.config;
@@ -151,6 +218,7 @@ export class Gateway {
       this.log.error({ err: result.error }, 'reload could not start a listener; the others run with the new configuration');
       return result;
     }
+    await this.reloadAcme(next);
     result.ok = true;
     this.log.info({ file: next.file, previous: prev.file, ...result }, 'configuration reloaded');
     return result;
@@ -167,6 +235,7 @@ export class Gateway {
 
   private async doStop(drainMs: number): Promise<void> {
     this.log.info({ sessions: this.registry.size, drainMs }, 'shutting down');
+    await this.acme?.stop();
     await Promise.all([...this.running.values()].map((r) => r.handle.close()));
     this.registry.drainAll();
     const deadline = Date.now() + drainMs;
@@ -177,6 +246,8 @@ export class Gateway {
       const hard = Date.now() + 3000;
       while (this.registry.size > 0 && Date.now() < hard) await sleep(50);
     }
+    await this.controlPlane?.close();
+    await this.policyState?.close();
     this.log.info('stopped');
   }
 }

@@ -76,7 +76,7 @@ export function parseConfig(text: string, file: string): Config {
   return finish(result.data, file, doc, at);
 }
 
-function toProblem(
+export function toProblem(
   issue: z.core.$ZodIssue,
   doc: Document,
   file: string,

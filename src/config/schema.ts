@@ -6,6 +6,8 @@
 import { z } from 'zod';
 import { parseDuration } from '../core/duration.ts';
 import { parseHostPort, type HostPort } from '../net/address.ts';
+import { acmeSchema } from './schema-acme.ts';
+import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
 
 const duration = z
   .union([z.number(), z.string()])
@@ -82,6 +84,7 @@ const imapListener = z.strictObject({
   ...listenerBase,
   protocol: z.literal('imap'),
   tls: z.enum(['implicit', 'starttls', 'none']),
+  ...mailListenerPolicy,
   /** Send IMAP ID with x-originating-ip etc. before replaying the login (Dovecot honours it from login_trusted_networks). */
   imap_id: z.boolean().default(true),
   /** On a starttls/none listener, refuse LOGIN/AUTHENTICATE until TLS is up (advertises LOGINDISABLED). */
@@ -92,6 +95,7 @@ const pop3Listener = z.strictObject({
   ...listenerBase,
   protocol: z.literal('pop3'),
   tls: z.enum(['implicit', 'starttls', 'none']),
+  ...mailListenerPolicy,
   require_tls: z.boolean().default(true),
 });
 
@@ -99,8 +103,15 @@ const smtpListener = z.strictObject({
   ...listenerBase,
   protocol: z.literal('smtp'),
   tls: z.enum(['implicit', 'starttls', 'none']),
+  ...smtpListenerPolicy,
   /** Submission listeners require AUTH before MAIL; an MX listener (auth: none) forwards the session as is. */
   auth: z.enum(['required', 'none']).default('required'),
+  /**
+   * Wait this long before the greeting (postscreen's pregreet test): a client
+   * that talks first is a spam engine and is refused with 554. Useful on MX
+   * listeners; 0 (the default) greets at once.
+   */
+  greet_delay: duration.default(0),
   /** Tell the backend the client's address and login with XCLIENT, when the backend offers it. */
   xclient: z.boolean().default(true),
   require_tls: z.boolean().default(true),
@@ -125,6 +136,34 @@ const certificate = z.strictObject({
   key: z.string().min(1),
 });
 
+/**
+ * A file mode: 0o660 in YAML, or a string "0660" / "660". A bare 0660 is the
+ * decimal number 660 in YAML 1.2, which is out of range and refused here.
+ */
+const fileMode = z.union([z.number(), z.string()]).transform((v, ctx) => {
+  const n = typeof v === 'number' ? v : /^(?:0o?)?[0-7]{3}$/.test(v) ? parseInt(v.replace(/^0o?/, ''), 8) : NaN;
+  if (!Number.isInteger(n) || n < 0 || n > 0o777) {
+    ctx.addIssue({ code: 'custom', message: `"${v}" is not a file mode: write 0o660 or "0660" (a bare 0660 is the decimal number 660 in YAML)` });
+    return z.NEVER;
+  }
+  return n;
+});
+
+/** The local control socket (`mailgate top`, `reload`, `status`, `certs`); see docs/dashboard.md. */
+const controlSection = z.strictObject({
+  enabled: z.boolean().default(true),
+  /** Relative to the config file; a packaged install sets /run/mailgate/control.sock. */
+  socket: z.string().min(1).default('../run/mailgate.sock'),
+  mode: fileMode.default(0o660),
+  /** Group that may use the socket (with mode 0660); a name from /etc/group or a numeric gid. */
+  group: z.string().regex(/^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|\d{1,10})$/, 'a group name or a numeric gid').optional(),
+});
+
+/** Prometheus text-format metrics over HTTP; off unless `listen` is set. */
+const metricsSection = z.strictObject({
+  listen: hostPort.optional(),
+});
+
 export const configSchema = z
   .strictObject({
     /** Name used in greetings and as the self-signed certificate's subject. */
@@ -142,6 +181,12 @@ export const configSchema = z
     timeouts: timeouts.extend({ shutdown_drain: duration }).partial().default({}),
     limits: limits.default({}),
     listeners: z.array(listenerSchema).min(1),
+    /** Automatic certificates (ACME, Let's Encrypt): see src/config/schema-acme.ts and docs/certificates.md. */
+    acme: acmeSchema.optional(),
+    control: controlSection.default({ enabled: true, socket: '../run/mailgate.sock', mode: 0o660 }),
+    metrics: metricsSection.default({}),
+    /** Access rules, local users, routes, rate limits, brute force, policy store: see src/config/schema-policy.ts. */
+    ...policySections,
   });
 
 export type RawConfig = z.input<typeof configSchema>;

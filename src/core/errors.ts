@@ -13,7 +13,13 @@ export const ErrorCodes = {
   LINE_TOO_LONG: 'Line exceeds the configured bound',
   CERT_LOAD: 'Certificate or key could not be loaded',
   CERT_WRITE: 'Certificate or key could not be written',
+  ACME: 'The ACME certificate authority refused or could not be reached',
+  ACME_LOCK: 'Another gateway holds the ordering lock for this name',
   CONTROL: 'Control socket error',
+  POLICY_STORE: 'Policy store (Redis) failed',
+  AUTH_BUSY: 'Too many password verifications are waiting',
+  HASH_INVALID: 'Not a supported password hash',
+  BAN_INVALID: 'Ban request is invalid',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

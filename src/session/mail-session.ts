@@ -57,6 +57,9 @@ export class MailSession implements SessionControl {
   private caps: BackendCapabilities | undefined;
   private backend: Socket | undefined;
   private observer: StreamObserver | undefined;
+  /** Policy (issue 3): the login's facts, for per-message limits; the limit reached, once it is. */
+  private authFacts: AuthFacts | undefined;
+  private limit: { reason: string; phase: 'pending' | 'quit'; tail: string } | undefined;
   private literalBytes: number | undefined;
   private busy = false;
   private greeted = false;
@@ -109,7 +112,7 @@ export class MailSession implements SessionControl {
       localPort: raw.localPort ?? 0,
       tls: () => record.tlsVersion !== null,
     };
-    this.connectFacts = { listener, clientIp, tls: false, now };
+    this.connectFacts = { listener, clientIp, tls: false, now, session: this.record.id };
   }
 
   get state(): SessionState {
@@ -210,25 +213,47 @@ export class MailSession implements SessionControl {
     this.client.on('data', this.onClientData);
     this.setIdle(this.listener.timeouts.preauth_idle);
     const l = this.listener;
-    this.deps.capabilities
-      .get({
-        module: this.deps.module,
-        backend: l.backend,
-        proxyProtocol: l.proxy_protocol,
-        connectTimeoutMs: l.timeouts.backend_connect,
-        replayTimeoutMs: l.timeouts.login_replay,
-        maxLine: l.limits.max_line,
-      })
-      .then(
-        (caps) => {
-          if (this.closed) return;
-          this.caps = caps;
-          this.write(this.adapterFor().greeting());
-          this.greeted = true;
-          this.process();
-        },
-        (err: unknown) => this.internalError('capability lookup', err),
-      );
+    const target = {
+      module: this.deps.module,
+      backend: l.backend,
+      proxyProtocol: l.proxy_protocol,
+      connectTimeoutMs: l.timeouts.backend_connect,
+      replayTimeoutMs: l.timeouts.login_replay,
+      maxLine: l.limits.max_line,
+    };
+    const greetDelay = l.protocol === 'smtp' ? l.greet_delay : 0;
+    // The common case: capabilities already known and no greet delay, so no promise or timer per connection.
+    const known = greetDelay > 0 ? undefined : this.deps.capabilities.peek(target);
+    if (known) {
+      this.caps = known;
+      // After a TLS handshake, one event loop turn later: OpenSSL writes the TLS 1.3 session tickets
+      // once this handler returns, and they should precede the greeting, so that a client reading
+      // the greeting has them (resumption) and has nothing unread when it hangs up. Not for SMTP:
+      // bytes that came with the client's Finished would meet an ungreeted session (early talker).
+      if (this.record.tlsVersion !== null && l.protocol !== 'smtp') setImmediate(MailSession.greetNow, this);
+      else this.sendGreeting();
+      return;
+    }
+    // A hung backend must not hold the greeting: past backend_connect, greet with defaults.
+    const capsOrDefaults = withDeadline(this.deps.capabilities.get(target), l.timeouts.backend_connect);
+    Promise.all([capsOrDefaults, delay(greetDelay)]).then(
+      ([caps]) => {
+        this.caps = caps;
+        this.sendGreeting();
+      },
+      (err: unknown) => this.internalError('capability lookup', err),
+    );
+  }
+
+  private static greetNow(session: MailSession): void {
+    session.sendGreeting();
+  }
+
+  private sendGreeting(): void {
+    if (this.closed) return;
+    this.write(this.adapterFor().greeting());
+    this.greeted = true;
+    this.process();
   }
 
   private clientData(chunk: Buffer): void {
@@ -334,6 +359,7 @@ export class MailSession implements SessionControl {
     }
     const backendName = formatHostPort(decision.backend);
     let socket: Socket;
+    const connectStartedAt = performance.now(); // metrics: backend connect latency (control/stats.ts)
     try {
       socket = await connectBackend(decision.backend, {
         timeoutMs: l.timeouts.backend_connect,
@@ -357,6 +383,7 @@ export class MailSession implements SessionControl {
       return;
     }
     this.backend = socket;
+    this.deps.registry.backendConnected(this.record, backendName, performance.now() - connectStartedAt); // metrics: backend connect latency
     this.record.backend = backendName;
     const link = new SocketLink(socket, { maxLine: l.limits.max_line, timeoutMs: l.timeouts.login_replay });
     let result;
@@ -377,6 +404,7 @@ export class MailSession implements SessionControl {
     }
     this.deps.policy.onAuthResult(facts, result.ok);
     if (!result.ok) {
+      this.deps.registry.authFailed(this.record, facts.user); // control socket + metrics: failed login
       link.destroy();
       this.backend = undefined;
       this.record.backend = null;
@@ -385,6 +413,7 @@ export class MailSession implements SessionControl {
       return;
     }
     this.record.user = facts.user;
+    this.authFacts = facts;
     const { leftover } = link.release();
     this.write(result.reply);
     this.log.info({ user: facts.user, backend: backendName }, 'login ok');
@@ -419,8 +448,9 @@ export class MailSession implements SessionControl {
     client.off('data', this.onClientData);
     this.setIdle(this.listener.timeouts.postauth_idle);
     this.observer = this.deps.module.createObserver?.({
-      onMessage: () => {
+      onMessage: (recipients) => {
         record.messages++;
+        this.messageCounted(recipients);
       },
       onRecipient: () => {
         record.recipients++;
@@ -446,21 +476,83 @@ export class MailSession implements SessionControl {
 
     client.on('data', (chunk: Buffer) => {
       if (this.closed) return;
+      // A message limit stopped relaying: the backend is being told QUIT, the client's further commands are dropped.
+      if (this.limit?.phase === 'quit') return;
       record.bytesIn += chunk.length;
       record.lastActivity = Date.now();
       observer?.fromClient(chunk);
       if (!backend.write(chunk)) client.pause();
+      if (this.limit) this.limitStep();
     });
     backend.on('data', (chunk: Buffer) => {
       if (this.closed) return;
+      if (this.limit?.phase === 'quit') {
+        this.limitBackendData(chunk);
+        return;
+      }
       record.bytesOut += chunk.length;
       record.lastActivity = Date.now();
       observer?.fromBackend(chunk);
       if (!client.write(chunk)) backend.pause();
+      if (this.limit) this.limitStep();
     });
     backend.on('drain', () => client.resume());
     client.on('drain', () => backend.resume());
     client.resume();
+  }
+
+  // ---- policy: SMTP message and recipient limits (issue 3) ---------------------------
+  //
+  // The observer reports each message; policy counts it. When a limit is
+  // reached, relaying stops at the next command boundary and the backend is
+  // sent QUIT, so every reply it owes (the 250 for the last message) reaches
+  // the client first; its 221 is replaced by the limit's 421, then the session
+  // ends. A message already accepted is never answered with an error.
+
+  private messageCounted(recipients: number): void {
+    const policy = this.deps.policy;
+    const facts = this.authFacts;
+    if (!policy.onSmtpMessage || !facts) return;
+    policy.onSmtpMessage({ ...facts, now: Date.now() }, recipients).then(
+      (verdict) => {
+        if (verdict.action === 'allow' || this.closed || this.limit) return;
+        this.log.info({ user: facts.user, reason: verdict.reason }, 'message limit reached, ending the session');
+        this.limit = { reason: verdict.reason, phase: 'pending', tail: '' };
+        this.limitStep();
+      },
+      (err: unknown) => this.internalError('message limit', err),
+    );
+  }
+
+  private limitStep(): void {
+    if (!this.limit || this.limit.phase !== 'pending' || this.closed || !this.backend) return;
+    if (this.observer && !this.observer.atBoundary()) return;
+    this.limit.phase = 'quit';
+    this.backend.write('QUIT\r\n');
+    // A backend that does not answer the QUIT gets as long as a login replay.
+    const reason = this.limit.reason;
+    setTimeout(() => this.close('policy-tempfail', this.adapterFor().refusal('tempfail', reason)), this.listener.timeouts.login_replay).unref();
+  }
+
+  /** Backend bytes after the injected QUIT: replies still owed go to the client; the 221 becomes the 421. */
+  private limitBackendData(chunk: Buffer): void {
+    const limit = this.limit;
+    if (!limit) return;
+    let text = limit.tail + chunk.toString('latin1');
+    for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
+      const line = text.slice(0, nl + 1);
+      text = text.slice(nl + 1);
+      if (/^221[ \r\n]/.test(line)) {
+        this.close('policy-tempfail', this.adapterFor().refusal('tempfail', limit.reason));
+        return;
+      }
+      this.write(line);
+    }
+    if (text.length > this.listener.limits.max_line) {
+      this.close('policy-tempfail', this.adapterFor().refusal('tempfail', limit.reason));
+      return;
+    }
+    limit.tail = text;
   }
 
   private spliceGoodbye(): string | undefined {
@@ -542,6 +634,10 @@ export class MailSession implements SessionControl {
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.totalTimer);
     clearTimeout(this.graceTimer);
+    // Whichever socket reported the close, the others must go too: a failed TLS
+    // handshake closes the TLS socket while the half-closed TCP one stays open.
+    this.client.destroy();
+    this.raw.destroy();
     this.backend?.destroy();
     this.deps.registry.remove(this.record.id);
     if (this.allowed) this.deps.policy.onDisconnect(this.connectFacts);
@@ -562,4 +658,17 @@ export class MailSession implements SessionControl {
       'session end',
     );
   }
+}
+
+function delay(ms: number): Promise<void> {
+  return ms > 0 ? new Promise((resolve) => setTimeout(resolve, ms)) : Promise.resolve();
+}
+
+/** The promise's value, or undefined once `ms` have passed (the promise is left to settle on its own). */
+function withDeadline<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }

@@ -42,6 +42,10 @@ export interface RegistryEvents {
   authenticated: SessionRecord;
   closed: SessionRecord & { durationMs: number };
   refused: { listener: string; clientIp: string; reason: string; at: number };
+  /** A login the backend (or local auth) rejected; for the control socket and metrics. */
+  authFailed: { id: string; listener: string; clientIp: string; user: string | null; at: number };
+  /** A backend connection was opened for a session, after `ms` (metrics: backend connect latency). */
+  backendConnected: { id: string; listener: string; backend: string; ms: number; at: number };
 }
 
 export class SessionRegistry {
@@ -77,6 +81,14 @@ export class SessionRegistry {
 
   refused(listener: string, clientIp: string, reason: string): void {
     this.emit('refused', { listener, clientIp, reason, at: Date.now() });
+  }
+
+  authFailed(record: SessionRecord, user: string | null): void {
+    this.emit('authFailed', { id: record.id, listener: record.listener, clientIp: record.clientIp, user, at: Date.now() });
+  }
+
+  backendConnected(record: SessionRecord, backend: string, ms: number): void {
+    this.emit('backendConnected', { id: record.id, listener: record.listener, backend, ms, at: Date.now() });
   }
 
   get size(): number {

@@ -49,6 +49,10 @@ export interface GatewayOptions {
   listeners: GatewayListenerSpec[];
   extra?: Record<string, unknown>;
   logLevel?: string;
+  /** Fixed ports per listener name (e.g. the ones an ACME test CA validates on); the others get free ones. */
+  ports?: Record<string, number>;
+  /** Node options before the script (load tests: --inspect=127.0.0.1:0 to measure the heap). */
+  nodeArgs?: string[];
 }
 
 export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
@@ -57,7 +61,7 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
   const ports: Record<string, number> = {};
   const listeners = [];
   for (const l of opts.listeners) {
-    const port = await freePort();
+    const port = opts.ports?.[l.name] ?? (await freePort());
     ports[l.name] = port;
     listeners.push({ ...l, listen: `127.0.0.1:${port}` });
   }
@@ -66,13 +70,15 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
     log: { level: opts.logLevel ?? 'debug' },
     tls: { dir: './certs' },
     timeouts: { shutdown_drain: '5s' },
+    // Each gateway its own control socket, inside its own folder.
+    control: { socket: './control.sock' },
     ...opts.extra,
     listeners,
   };
   const configFile = path.join(dir, 'mailgate.yaml');
   await fsp.writeFile(configFile, stringify(config));
   const outputFile = path.join(dir, 'mailgate.log');
-  const proc = spawnServer('mailgate', process.execPath, [CLI, 'run', '-c', configFile], { cwd: dir, outputFile });
+  const proc = spawnServer('mailgate', process.execPath, [...(opts.nodeArgs ?? []), CLI, 'run', '-c', configFile], { cwd: dir, outputFile });
   const rawLogs = () => fsp.readFile(outputFile, 'utf8').catch(() => '');
   const logs = async (): Promise<LogLine[]> =>
     (await rawLogs())

@@ -1,0 +1,167 @@
+/**
+ * The CLI verbs that talk to a running daemon through its control socket:
+ * `top`, `status`, `reload` (`certs` is the ACME part's, src/acme/cli.ts). Exit codes as in cli.ts: 0 ok, 1 the
+ * daemon refused or cannot be reached, 2 usage or configuration error.
+ */
+import { loadConfigFile } from '../config/load.ts';
+import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
+import { humanBytes, humanDuration } from '../tui/view-model.ts';
+import { ControlClient, ControlRequestError } from './client.ts';
+import type { CertStatus, StatusInfo } from './protocol.ts';
+import { controlSocketPath } from './server.ts';
+
+export interface VerbOptions {
+  /** -c: the daemon's configuration (to find the socket). */
+  config: string;
+  /** -s: the socket itself, overriding the config. */
+  socket?: string | undefined;
+  json?: boolean | undefined;
+}
+
+type Target = { socket: string; configFile: string | null } | number;
+
+/** The socket to use: -s, else control.socket from the config file. */
+function target(opts: VerbOptions): Target {
+  if (opts.socket) return { socket: opts.socket, configFile: null };
+  try {
+    const config = loadConfigFile(opts.config);
+    if (!config.control.enabled) {
+      process.stderr.write(`mailgate: the control socket is disabled in ${config.file} (control.enabled: false)\n`);
+      return 2;
+    }
+    return { socket: controlSocketPath(config), configFile: config.file };
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`mailgate: invalid configuration\n${err.message}\n`);
+      return 2;
+    }
+    if (err instanceof MailgateError) {
+      process.stderr.write(`mailgate: ${err.message}\n(use -s SOCKET to name the control socket directly)\n`);
+      return 2;
+    }
+    throw err;
+  }
+}
+
+async function withClient(opts: VerbOptions, body: (c: ControlClient) => Promise<number>): Promise<number> {
+  const t = target(opts);
+  if (typeof t === 'number') return t;
+  let client: ControlClient;
+  try {
+    client = await ControlClient.connect(t.socket);
+  } catch (err) {
+    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
+    return 1;
+  }
+  try {
+    return await body(client);
+  } catch (err) {
+    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+export async function topVerb(opts: VerbOptions): Promise<number> {
+  const t = target(opts);
+  if (typeof t === 'number') return t;
+  if (!process.stdout.isTTY) {
+    process.stderr.write('mailgate top: needs a terminal (use `mailgate status` for a one-shot view)\n');
+    return 2;
+  }
+  // Loaded here so that the other verbs do not pull in blessed.
+  const { runDashboard } = await import('../tui/dashboard.ts');
+  const code = await runDashboard({ socketPath: t.socket, configFile: t.configFile });
+  // blessed keeps stdin referenced; the terminal is restored by now, so leave.
+  setTimeout(() => process.exit(code), 50).unref();
+  return code;
+}
+
+export function statusVerb(opts: VerbOptions): Promise<number> {
+  return withClient(opts, async (c) => {
+    const s = await c.request('status', {});
+    process.stdout.write(opts.json ? `${JSON.stringify(s, null, 2)}\n` : formatStatus(s));
+    return 0;
+  });
+}
+
+export function reloadVerb(opts: VerbOptions): Promise<number> {
+  return withClient(opts, async (c) => {
+    try {
+      const r = await c.request('reload', {});
+      if (opts.json) process.stdout.write(`${JSON.stringify(r)}\n`);
+      else {
+        const parts = [
+          r.started.length ? `started ${r.started.join(', ')}` : '',
+          r.stopped.length ? `stopped ${r.stopped.join(', ')}` : '',
+          r.updated.length ? `updated ${r.updated.join(', ')}` : '',
+        ].filter(Boolean);
+        process.stdout.write(`reloaded${parts.length ? `: ${parts.join('; ')}` : ''}\n`);
+      }
+      return 0;
+    } catch (err) {
+      if (err instanceof ControlRequestError && err.code === 'FAILED') {
+        process.stderr.write(`mailgate: reload refused, the daemon keeps its running configuration:\n${err.message}\n`);
+        return 1;
+      }
+      throw err;
+    }
+  });
+}
+
+// ---- text output ---------------------------------------------------------------------
+
+export function certState(c: CertStatus): string {
+  if (c.daysLeft < 0) return 'EXPIRED';
+  if (c.renewal?.failing) return `renewal failing: ${c.renewal.lastError ?? 'unknown error'}`;
+  if (c.daysLeft < 14) return 'expires soon';
+  if (c.source === 'self-signed') return 'self-signed (clients will warn)';
+  return 'ok';
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+export function formatCerts(certs: CertStatus[]): string {
+  if (certs.length === 0) return 'no certificates loaded\n';
+  const rows = [['NAMES', 'SOURCE', 'NOT AFTER', 'DAYS', 'STATUS']];
+  for (const c of certs) {
+    rows.push([c.names.join(','), c.source, new Date(c.notAfter).toISOString().replace('T', ' ').slice(0, 16) + 'Z', String(c.daysLeft), certState(c)]);
+  }
+  return table(rows);
+}
+
+export function formatStatus(s: StatusInfo): string {
+  const out: string[] = [];
+  out.push(`mailgate ${s.version}  pid ${s.pid}  up ${humanDuration(s.uptimeMs)}  config ${s.configFile}`);
+  const counters = new Map(s.counters.map((c) => [c.listener, c]));
+  const rows = [['LISTENER', 'PROTO', 'TLS', 'ADDRESSES', 'STATE', 'SESSIONS', 'ACCEPTED', 'AUTH OK', 'FAIL', 'REFUSED', 'IN', 'OUT', 'BACKEND']];
+  for (const l of s.listeners) {
+    const c = counters.get(l.name);
+    const h = l.backendHealth;
+    const backend = `${l.backend}${h ? (h.ok ? ` ok ${h.latencyMs ?? '?'}ms` : ` DOWN (${h.error ?? 'error'})`) : ''}`;
+    rows.push([
+      l.name,
+      l.protocol,
+      l.tls,
+      (l.up ? l.addresses : l.listen).join(','),
+      l.up ? 'up' : 'DOWN',
+      String(c?.sessions ?? 0),
+      String(c?.accepted ?? 0),
+      String(c?.authOk ?? 0),
+      String(c?.authFail ?? 0),
+      String(c?.refused ?? 0),
+      humanBytes(c?.bytesIn ?? 0),
+      humanBytes(c?.bytesOut ?? 0),
+      backend,
+    ]);
+  }
+  out.push('', table(rows).trimEnd(), '');
+  out.push(formatCerts(s.certs).trimEnd());
+  out.push('', `sessions ${s.sessions}  bans ${s.bans.supported ? s.bans.count : 'n/a'}  control clients ${s.control.clients}`);
+  if (s.lastReload) out.push(`last reload ${new Date(s.lastReload.at).toISOString()}: ${s.lastReload.ok ? 'ok' : `refused: ${s.lastReload.error ?? ''}`}`);
+  return `${out.join('\n')}\n`;
+}

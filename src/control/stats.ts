@@ -1,0 +1,158 @@
+/**
+ * Counters since start, per listener, fed by the session registry's events:
+ * what the control socket sends with every event batch and what the metrics
+ * endpoint exposes. Live values (sessions now, bytes of live sessions) are
+ * read from the registry when asked, never tracked per byte.
+ */
+import type { SessionRegistry } from '../session/registry.ts';
+import type { BackendHealth, ListenerCounters, ReloadOutcome } from './protocol.ts';
+
+/** Upper bounds (seconds) of the backend connect latency histogram. */
+export const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] as const;
+
+export class Histogram {
+  readonly counts: number[] = LATENCY_BUCKETS.map(() => 0);
+  count = 0;
+  sum = 0;
+
+  observe(seconds: number): void {
+    this.count++;
+    this.sum += seconds;
+    for (let i = 0; i < LATENCY_BUCKETS.length; i++) {
+      if (seconds <= LATENCY_BUCKETS[i]!) {
+        this.counts[i]!++;
+        return;
+      }
+    }
+  }
+
+  /** Cumulative counts per bucket, as Prometheus wants them (the +Inf bucket is `count`). */
+  cumulative(): number[] {
+    let run = 0;
+    return this.counts.map((c) => (run += c));
+  }
+}
+
+export interface ListenerTotals {
+  accepted: number;
+  authOk: number;
+  authFail: number;
+  refusedByReason: Map<string, number>;
+  closedByReason: Map<string, number>;
+  /** Bytes of sessions that have ended (live ones are added from the registry). */
+  closedBytesIn: number;
+  closedBytesOut: number;
+  backendConnect: Histogram;
+  backendHealth: BackendHealth | null;
+}
+
+const BACKEND_FAILURES = new Set(['backend-unavailable', 'backend-timeout', 'backend-error']);
+
+export class GatewayStats {
+  private readonly registry: SessionRegistry;
+  private readonly totals = new Map<string, ListenerTotals>();
+  private readonly unsubscribe: (() => void)[];
+  reloads = { ok: 0, failed: 0 };
+
+  constructor(registry: SessionRegistry, onReload?: (listener: (r: ReloadOutcome) => void) => () => void) {
+    this.registry = registry;
+    this.unsubscribe = [
+      onReload?.((r) => {
+        if (r.ok) this.reloads.ok++;
+        else this.reloads.failed++;
+      }) ?? (() => undefined),
+      registry.on('opened', (r) => {
+        this.for(r.listener).accepted++;
+      }),
+      registry.on('authenticated', (r) => {
+        this.for(r.listener).authOk++;
+      }),
+      registry.on('authFailed', (e) => {
+        this.for(e.listener).authFail++;
+      }),
+      registry.on('refused', (e) => {
+        bump(this.for(e.listener).refusedByReason, e.reason);
+      }),
+      registry.on('backendConnected', (e) => {
+        const t = this.for(e.listener);
+        t.backendConnect.observe(e.ms / 1000);
+        t.backendHealth = { ok: true, at: e.at, latencyMs: Math.round(e.ms * 10) / 10, error: null };
+      }),
+      registry.on('closed', (r) => {
+        const t = this.for(r.listener);
+        const reason = r.closeReason ?? 'unknown';
+        bump(t.closedByReason, reason);
+        t.closedBytesIn += r.bytesIn;
+        t.closedBytesOut += r.bytesOut;
+        if (BACKEND_FAILURES.has(reason)) t.backendHealth = { ok: false, at: Date.now(), latencyMs: null, error: reason };
+      }),
+    ];
+  }
+
+  for(listener: string): ListenerTotals {
+    let t = this.totals.get(listener);
+    if (!t) {
+      t = {
+        accepted: 0,
+        authOk: 0,
+        authFail: 0,
+        refusedByReason: new Map(),
+        closedByReason: new Map(),
+        closedBytesIn: 0,
+        closedBytesOut: 0,
+        backendConnect: new Histogram(),
+        backendHealth: null,
+      };
+      this.totals.set(listener, t);
+    }
+    return t;
+  }
+
+  /** Every listener with counters: the given ones first (in their order), then any others seen since start. */
+  listenerNames(configured: readonly string[]): string[] {
+    const names = [...configured];
+    for (const n of this.totals.keys()) if (!names.includes(n)) names.push(n);
+    return names;
+  }
+
+  /** Absolute counters, with live sessions and their bytes read from the registry now. */
+  counters(configured: readonly string[]): ListenerCounters[] {
+    const live = new Map<string, { sessions: number; bytesIn: number; bytesOut: number }>();
+    for (const r of this.registry.list()) {
+      const l = live.get(r.listener) ?? { sessions: 0, bytesIn: 0, bytesOut: 0 };
+      l.sessions++;
+      l.bytesIn += r.bytesIn;
+      l.bytesOut += r.bytesOut;
+      live.set(r.listener, l);
+    }
+    return this.listenerNames(configured).map((name) => {
+      const t = this.for(name);
+      const l = live.get(name);
+      return {
+        listener: name,
+        sessions: l?.sessions ?? 0,
+        accepted: t.accepted,
+        authOk: t.authOk,
+        authFail: t.authFail,
+        refused: sum(t.refusedByReason),
+        bytesIn: t.closedBytesIn + (l?.bytesIn ?? 0),
+        bytesOut: t.closedBytesOut + (l?.bytesOut ?? 0),
+      };
+    });
+  }
+
+  close(): void {
+    for (const u of this.unsubscribe) u();
+    this.unsubscribe.length = 0;
+  }
+}
+
+function bump(m: Map<string, number>, key: string): void {
+  m.set(key, (m.get(key) ?? 0) + 1);
+}
+
+function sum(m: Map<string, number>): number {
+  let n = 0;
+  for (const v of m.values()) n += v;
+  return n;
+}
