@@ -149,7 +149,7 @@ const fileMode = z.union([z.number(), z.string()]).transform((v, ctx) => {
   return n;
 });
 
-/** The local control socket (`mailgate top`, `reload`, `status`, `certs`); see docs/dashboard.md. */
+/** The local control socket (`mailgate top`, `reload`, `status`, `certs`); see README.md "Dashboard, control socket and metrics". */
 const controlSection = z.strictObject({
   enabled: z.boolean().default(true),
   /** Relative to the config file; a packaged install sets /run/mailgate/control.sock. */
@@ -181,7 +181,7 @@ export const configSchema = z
     timeouts: timeouts.extend({ shutdown_drain: duration }).partial().default({}),
     limits: limits.default({}),
     listeners: z.array(listenerSchema).min(1),
-    /** Automatic certificates (ACME, Let's Encrypt): see src/config/schema-acme.ts and docs/certificates.md. */
+    /** Automatic certificates (ACME, Let's Encrypt): see src/config/schema-acme.ts and README.md "Certificates". */
     acme: acmeSchema.optional(),
     control: controlSection.default({ enabled: true, socket: '../run/mailgate.sock', mode: 0o660 }),
     metrics: metricsSection.default({}),

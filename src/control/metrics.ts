@@ -3,7 +3,7 @@
  * HTTP on a local address. Every value is read at scrape time from the
  * registry, the counters in stats.ts and the certificate store; nothing is
  * instrumented per byte. Written by hand: a dozen families derived at scrape
- * time need no client library (see docs/dashboard.md).
+ * time need no client library (see README.md).
  */
 import { createServer, type Server } from 'node:http';
 import { isIP } from 'node:net';
