@@ -22,6 +22,7 @@ PACKAGES=(
   tmux                                       # interactive TUI tests
   redis-server                               # shared policy store (tests/unit/policy/redis.test.ts starts its own)
   systemd util-linux shellcheck              # systemd-analyze, systemd-notify, setpriv, sh lint (tests/*/systemd*, packaging)
+  testssl.sh                                 # the TLS report (npm run test:tls)
 )
 SERVICES=(dovecot postfix nginx redis-server)
 
@@ -85,7 +86,8 @@ done
 
 # Sanity check: the binaries the e2e harness uses.
 for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/postfix/sbin/master /usr/sbin/smtp-sink \
-           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux; do
+           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux \
+           /usr/bin/testssl; do
   if [ ! -x "$bin" ]; then
     echo "install-deps.sh: missing $bin" >&2
     exit 1

@@ -54,6 +54,7 @@ export class Gateway {
   private readonly capabilities: CapabilityCache;
   private readonly running = new Map<string, Running>();
   private stopping: Promise<void> | undefined;
+  private reloading: Promise<void> = Promise.resolve();
   readonly startedAt = Date.now();
   /** Counters, control socket and metrics (src/control). */
   private controlPlane: ControlPlane | undefined;
@@ -151,10 +152,17 @@ export class Gateway {
    * settings for new sessions; others are started or stopped. Live sessions
    * are never touched.
    */
-  async reload(): Promise<ReloadResult> {
-    const result = await this.reloadOnce();
-    for (const l of this.reloadListeners) l(result);
-    return result;
+  /** Reloads run one after another: two SIGHUPs in a row must not start the same new listener twice. */
+  reload(): Promise<ReloadResult> {
+    const run = this.reloading.then(() => this.reloadOnce());
+    this.reloading = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run.then((result) => {
+      for (const l of this.reloadListeners) l(result);
+      return result;
+    });
   }
 
   /** Called after every reload (SIGHUP or the control socket) with its result. */

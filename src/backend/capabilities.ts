@@ -42,7 +42,7 @@ export class CapabilityCache {
 
   /** Cached capabilities, probing when there are none yet; undefined when the backend cannot be reached. */
   async get(t: ProbeTarget): Promise<BackendCapabilities | undefined> {
-    const key = `${t.module.protocol}|${formatHostPort(t.backend)}|${t.proxyProtocol}`;
+    const key = keyOf(t);
     const now = Date.now();
     let entry = this.entries.get(key);
     if (!entry) {
@@ -63,6 +63,18 @@ export class CapabilityCache {
     return entry.caps ?? entry.inflight;
   }
 
+  /**
+   * The capabilities known right now, without waiting: the cached answer (a
+   * stale one also starts a refresh, as get() does), or undefined when none
+   * is known yet. The common greeting needs no promise or timer this way.
+   */
+  peek(t: ProbeTarget): BackendCapabilities | undefined {
+    const entry = this.entries.get(keyOf(t));
+    if (!entry?.caps) return undefined;
+    if (entry.expires <= Date.now()) void this.get(t);
+    return entry.caps;
+  }
+
   /** Forget everything (reload: backends may have changed). */
   clear(): void {
     this.entries.clear();
@@ -81,4 +93,8 @@ export class CapabilityCache {
       link?.destroy();
     }
   }
+}
+
+function keyOf(t: ProbeTarget): string {
+  return `${t.module.protocol}|${formatHostPort(t.backend)}|${t.proxyProtocol}`;
 }

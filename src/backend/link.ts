@@ -13,6 +13,8 @@ export class SocketLink implements BackendLink {
   private readonly reader: LineReader;
   private waiter: { resolve: (line: string) => void; reject: (err: Error) => void } | undefined;
   private failure: Error | undefined;
+  /** Set by release() and destroy(): later reads fail, writes are dropped. The error is made only if a read comes (no stack capture per session). */
+  private released = false;
   private timer: NodeJS.Timeout | undefined;
   private readonly timeoutMs: number;
   private readonly onData = (chunk: Buffer) => {
@@ -46,7 +48,7 @@ export class SocketLink implements BackendLink {
   }
 
   write(data: string): void {
-    if (!this.failure) this.socket.write(data);
+    if (!this.failure && !this.released) this.socket.write(data);
   }
 
   /** Stops the deadline and detaches; returns the socket and any bytes read past the last line. */
@@ -68,17 +70,17 @@ export class SocketLink implements BackendLink {
     this.socket.off('end', this.onEnd);
     this.socket.off('close', this.onEnd);
     this.socket.off('error', this.onError);
-    if (!this.failure) this.failure = new MailgateError('BACKEND_CLOSED', 'link released');
+    this.released = true;
     // Errors after release belong to the new owner; keep one handler so an early one cannot crash the process.
     this.socket.on('error', noop);
   }
 
   private pump(): void {
     if (!this.waiter) return;
-    if (this.failure) {
+    if (this.failure || this.released) {
       const w = this.waiter;
       this.waiter = undefined;
-      w.reject(this.failure);
+      w.reject(this.failure ?? new MailgateError('BACKEND_CLOSED', 'link released'));
       return;
     }
     const line = this.reader.nextLine();
@@ -94,7 +96,7 @@ export class SocketLink implements BackendLink {
   }
 
   private fail(err: Error): void {
-    if (this.failure) return;
+    if (this.failure || this.released) return;
     this.failure = err;
     clearTimeout(this.timer);
     this.pump();

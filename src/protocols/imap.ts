@@ -8,6 +8,8 @@ import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { astring, quotable, quote, tokenizeLine, validTag, type ImapToken } from './imap-syntax.ts';
 import {
+  echoVerb,
+  oneLine,
   sanitizeValue,
   type BackendCapabilities,
   type BackendLink,
@@ -23,13 +25,16 @@ import { fromWire, toWire } from './wire.ts';
 
 type ImapState =
   | { s: 'command' }
-  | { s: 'literal'; tokens: ImapToken[]; size: number }
+  /** Inside a command that announced a literal; `bytes` counts its lines and literals so far. */
+  | { s: 'literal'; tokens: ImapToken[]; size: number; bytes: number }
   | { s: 'sasl'; tag: string; exchange: SaslExchange }
   | { s: 'login'; tag: string };
 
 /** Capabilities the gateway itself answers for before login, so the backend's are dropped. */
 const OWN = /^(STARTTLS|LOGINDISABLED|AUTH=.*|SASL-IR|LITERAL[+-]|ID|LOGIN-REFERRALS|IMAP4REV1|COMPRESS=.*)$/i;
 const MAX_ID_PAIRS = 30;
+/** An IMAP atom (RFC 9051 §9): what a backend capability must be to be repeated to a client. */
+const ATOM = /^[^\x00-\x20\x7f-\xff(){%*"\\\]]+$/;
 
 export class ImapAdapter implements MailAdapter {
   private state: ImapState = { s: 'command' };
@@ -47,7 +52,8 @@ export class ImapAdapter implements MailAdapter {
     const l = this.facts.listener;
     const tls = this.facts.tls();
     const loginDisabled = l.protocol === 'imap' && l.require_tls && !tls;
-    const caps = ['IMAP4rev1', ...this.backendCaps.filter((c) => !OWN.test(c)), 'SASL-IR', 'LITERAL+', 'ID'];
+    // Only atoms: a backend's "{5}", quote or "]" would desynchronise the client's parser (learned before its TLS).
+    const caps = ['IMAP4rev1', ...this.backendCaps.filter((c) => ATOM.test(c) && !OWN.test(c)), 'SASL-IR', 'LITERAL+', 'ID'];
     if (l.tls === 'starttls' && !tls) caps.push('STARTTLS');
     if (loginDisabled) caps.push('LOGINDISABLED');
     else caps.push('AUTH=PLAIN', 'AUTH=LOGIN');
@@ -66,10 +72,11 @@ export class ImapAdapter implements MailAdapter {
     const text = line.toString('latin1');
     switch (this.state.s) {
       case 'sasl':
+        if (text.length > this.facts.listener.limits.max_sasl) return this.saslTooLong(this.state.tag);
         return this.saslStep(this.state.tag, this.state.exchange.next(text));
       case 'literal':
         // The line after a literal continues the same command.
-        return this.continueCommand(this.state.tokens, text);
+        return this.continueCommand(this.state.tokens, text, this.state.bytes);
       case 'login':
         // The driver does not read while a login is in flight; a line here is a driver bug.
         return { kind: 'close', data: '* BYE Internal error\r\n', reason: 'internal-error' };
@@ -83,11 +90,11 @@ export class ImapAdapter implements MailAdapter {
   onLiteral(data: Buffer): Step {
     if (this.state.s !== 'literal') return { kind: 'close', data: '* BYE Internal error\r\n', reason: 'internal-error' };
     const tokens = [...this.state.tokens, { t: 'string' as const, v: data.toString('latin1') }];
-    this.state = { s: 'literal', tokens, size: 0 };
+    this.state = { s: 'literal', tokens, size: 0, bytes: this.state.bytes };
     return { kind: 'reply', data: '' };
   }
 
-  private continueCommand(prior: ImapToken[], text: string): Step {
+  private continueCommand(prior: ImapToken[], text: string, before = 0): Step {
     const r = tokenizeLine(text);
     if (!r.ok) {
       this.state = { s: 'command' };
@@ -95,15 +102,19 @@ export class ImapAdapter implements MailAdapter {
     }
     const tokens = [...prior, ...r.tokens];
     if (r.literal) {
-      const max = this.facts.listener.limits.max_literal;
-      if (r.literal.size > max) {
+      const limits = this.facts.listener.limits;
+      // One command, however many literals it chains, stays within what the driver may buffer for it.
+      const bytes = before + text.length + 2 + r.literal.size;
+      if (r.literal.size > limits.max_literal || bytes > limits.max_line + limits.max_literal) {
         this.state = { s: 'command' };
-        const tag = astring(tokens[0]) ?? '*';
+        const first = tokens[0];
+        // Echo the client's tag only when it is one (a bare CR or a quoted string never goes back).
+        const tag = first?.t === 'atom' && validTag(first.v) ? first.v : '*';
         // A non-synchronising literal is already on its way: the stream cannot be resynchronised.
         if (r.literal.nonSync) return { kind: 'close', data: `* BYE [TOOBIG] Literal too big\r\n`, reason: 'protocol-error' };
         return this.countAnd({ kind: 'reply', data: `${tag} NO [TOOBIG] Literal too big\r\n` });
       }
-      this.state = { s: 'literal', tokens, size: r.literal.size };
+      this.state = { s: 'literal', tokens, size: r.literal.size, bytes };
       return { kind: 'literal', size: r.literal.size, data: r.literal.nonSync ? '' : '+ Ready for literal data\r\n' };
     }
     this.state = { s: 'command' };
@@ -139,7 +150,7 @@ export class ImapAdapter implements MailAdapter {
       case '':
         return this.bad(tag, 'Missing command');
       default:
-        return reply(`${tag} BAD Command ${sanitizeValue(name, 32)} is not valid before login\r\n`);
+        return reply(`${tag} BAD Command ${echoVerb(name, 32)} is not valid before login\r\n`);
     }
   }
 
@@ -171,7 +182,14 @@ export class ImapAdapter implements MailAdapter {
     if (args.length > 2) return this.bad(tag, 'AUTHENTICATE takes a mechanism and an optional initial response');
     const exchange = new SaslExchange(mech);
     const ir = astring(args[1]);
+    if (ir !== undefined && ir.length > this.facts.listener.limits.max_sasl) return this.saslTooLong(tag);
     return this.saslStep(tag, exchange.start(ir), exchange);
+  }
+
+  /** A SASL response over max_sasl: the exchange ends unread (README: limits.max_sasl). */
+  private saslTooLong(tag: string): Step {
+    this.state = { s: 'command' };
+    return this.bad(tag, 'Authentication exchange line is too long');
   }
 
   private saslStep(tag: string, step: SaslStep, exchange?: SaslExchange): Step {
@@ -306,8 +324,11 @@ export class ImapAdapter implements MailAdapter {
         backend.write(`M2 AUTHENTICATE PLAIN ${ir}\r\n`);
       } else {
         backend.write('M2 AUTHENTICATE PLAIN\r\n');
-        const cont = await backend.readLine();
-        if (!cont.startsWith('+')) return this.loginAnswer(clientTag, [], cont);
+        let cont = await backend.readLine();
+        // Untagged data may come first; only the tagged answer ends the command ("* OK" is not a login).
+        while (cont.startsWith('* ')) cont = await backend.readLine();
+        if (cont.startsWith('M2 ')) return this.loginAnswer(clientTag, [], cont);
+        if (!cont.startsWith('+')) throw new MailgateError('BACKEND_PROTOCOL', `unexpected answer to AUTHENTICATE: ${sanitizeValue(cont, 80)}`);
         backend.write(`${ir}\r\n`);
       }
     } else if (quotable(user) && quotable(pass)) {
@@ -337,9 +358,9 @@ export class ImapAdapter implements MailAdapter {
   private loginAnswer(clientTag: string, untagged: string[], tagged: string): LoginResult {
     const m = /^\S+ (OK|NO|BAD)\b ?(.*)$/i.exec(tagged);
     const status = m?.[1]?.toUpperCase();
-    const rest = m?.[2] ?? '';
+    const rest = oneLine(m?.[2] ?? '');
     this.state = { s: 'command' };
-    const pre = untagged.filter((l) => /^\* (CAPABILITY|OK|NO)\b/i.test(l)).map((l) => `${l}\r\n`).join('');
+    const pre = untagged.filter((l) => /^\* (CAPABILITY|OK|NO)\b/i.test(l)).map((l) => `${oneLine(l)}\r\n`).join('');
     if (status === 'OK') return { ok: true, reply: `${pre}${clientTag} OK ${rest}\r\n` };
     return { ok: false, reply: `${clientTag} NO ${rest.startsWith('[') ? rest : `[AUTHENTICATIONFAILED] ${rest || 'Authentication failed'}`}\r\n` };
   }

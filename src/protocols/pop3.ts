@@ -6,6 +6,8 @@
 import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import {
+  echoVerb,
+  oneLine,
   sanitizeValue,
   type BackendCapabilities,
   type BackendLink,
@@ -27,6 +29,8 @@ type Pop3State =
 /** CAPA lines the gateway answers for itself. */
 const OWN = /^(STLS|SASL|USER|IMPLEMENTATION|LOGIN-DELAY|APOP)\b/i;
 const MAX_ERRORS = 10;
+/** A CAPA line fit to repeat: a capability name (never "." that ends the list, nor "+OK"), then printable text. */
+const CAPA_LINE = /^[A-Za-z0-9][\x20-\x7e]*$/;
 
 export class Pop3Adapter implements MailAdapter {
   private state: Pop3State = { s: 'command', user: undefined };
@@ -46,7 +50,7 @@ export class Pop3Adapter implements MailAdapter {
   }
 
   capa(): string {
-    const lines = this.backendCaps.filter((c) => !OWN.test(c));
+    const lines = this.backendCaps.filter((c) => CAPA_LINE.test(c) && !OWN.test(c));
     if (this.facts.listener.tls === 'starttls' && !this.facts.tls()) lines.push('STLS');
     if (this.loginAllowed()) lines.push('USER', 'SASL PLAIN LOGIN');
     return `+OK Capability list follows\r\n${lines.map((l) => `${l}\r\n`).join('')}.\r\n`;
@@ -64,6 +68,7 @@ export class Pop3Adapter implements MailAdapter {
     const text = line.toString('latin1');
     switch (this.state.s) {
       case 'sasl':
+        if (text.length > this.facts.listener.limits.max_sasl) return this.saslTooLong();
         return this.saslStep(this.state.exchange.next(text));
       case 'login':
         return { kind: 'close', data: '-ERR Internal error\r\n', reason: 'internal-error' };
@@ -97,13 +102,14 @@ export class Pop3Adapter implements MailAdapter {
         return { kind: 'starttls', data: '+OK Begin TLS negotiation\r\n' };
       case 'USER':
         if (!this.loginAllowed()) return this.err('-ERR [AUTH] Log in after STLS');
-        if (!arg || /[\0]/.test(arg)) return this.err('-ERR USER expects a name');
+        // NUL and a bare CR (LF ends the line) would end or split the command replayed on the backend.
+        if (!arg || /[\0\r]/.test(arg)) return this.err('-ERR USER expects a name');
         this.state = { s: 'command', user: arg };
         return reply('+OK\r\n');
       case 'PASS':
         if (!this.loginAllowed()) return this.err('-ERR [AUTH] Log in after STLS');
         if (user === undefined) return this.err('-ERR Send USER first');
-        if (!arg || /[\0]/.test(arg)) return this.err('-ERR PASS expects a password');
+        if (!arg || /[\0\r]/.test(arg)) return this.err('-ERR PASS expects a password');
         this.state = { s: 'login' };
         return { kind: 'login', credentials: { user: fromWire(user), password: fromWire(arg), mechanism: 'USER' } };
       case 'AUTH':
@@ -113,7 +119,7 @@ export class Pop3Adapter implements MailAdapter {
       case '':
         return this.err('-ERR Empty command');
       default:
-        return this.err(`-ERR Command ${sanitizeValue(name, 16)} is not valid before login`);
+        return this.err(`-ERR Command ${echoVerb(name, 16)} is not valid before login`);
     }
   }
 
@@ -124,6 +130,7 @@ export class Pop3Adapter implements MailAdapter {
     const mech = parseMechanism(mechName ?? '');
     if (!mech) return this.err('-ERR Unsupported authentication mechanism');
     if (extra !== undefined) return this.err('-ERR AUTH takes a mechanism and an optional initial response');
+    if (ir !== undefined && ir.length > this.facts.listener.limits.max_sasl) return this.saslTooLong();
     const exchange = new SaslExchange(mech);
     return this.saslStep(exchange.start(ir), exchange);
   }
@@ -142,6 +149,12 @@ export class Pop3Adapter implements MailAdapter {
       default:
         return assertNever(step);
     }
+  }
+
+  /** A SASL response over max_sasl: the exchange ends unread (README: limits.max_sasl). */
+  private saslTooLong(): Step {
+    this.state = { s: 'command', user: undefined };
+    return this.err('-ERR Authentication exchange line is too long');
   }
 
   private err(text: string): Step {
@@ -224,8 +237,8 @@ export class Pop3Adapter implements MailAdapter {
       }
     }
     this.state = { s: 'command', user: undefined };
-    if (answer.startsWith('+OK')) return { ok: true, reply: `${answer}\r\n` };
-    const text = answer.replace(/^-ERR ?/, '');
+    if (answer.startsWith('+OK')) return { ok: true, reply: `${oneLine(answer)}\r\n` };
+    const text = oneLine(answer.replace(/^-ERR ?/, ''));
     return { ok: false, reply: `-ERR ${text.startsWith('[') ? text : `[AUTH] ${text || 'Authentication failed'}`}\r\n` };
   }
 }

@@ -11,6 +11,7 @@ import type { Listener } from '../config/load.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { createSmtpObserver } from './smtp-observer.ts';
 import {
+  oneLine,
   sanitizeValue,
   type BackendCapabilities,
   type BackendLink,
@@ -357,7 +358,7 @@ export class SmtpAdapter implements MailAdapter {
       const r = await readReply(backend);
       this.state = { s: 'spliced', authenticated: false };
       // Whatever the backend answers, the transaction is now between the client and the backend.
-      return { ok: true, reply: r.lines.map((l) => `${l}\r\n`).join('') };
+      return { ok: true, reply: r.lines.map((l) => `${oneLine(l)}\r\n`).join('') };
     }
     if (credentials === null) {
       // Policy authenticated the user itself (local users): the backend is told by XCLIENT, if at all.

@@ -141,6 +141,20 @@ export interface ProtocolModule {
   probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
 }
 
+/** Backend text the gateway repeats inside a line of its own: a stray CR or NUL must not split the client's view of it. */
+export function oneLine(text: string): string {
+  return text.replace(/[\0\r\n]/g, '');
+}
+
+/**
+ * A client's command name as it may be repeated in an error: only when it
+ * looks like one. Reflecting arbitrary client text is what cross-protocol
+ * (ALPACA) reflection attacks build on.
+ */
+export function echoVerb(name: string, max: number): string {
+  return new RegExp(`^[A-Z0-9-]{1,${max}}$`).test(name) ? name : 'this command';
+}
+
 /** Values copied into XCLIENT, ID or PROXY headers: never CR, LF or NUL, never unbounded. */
 export function sanitizeValue(value: string, max = 255): string {
   return value.replace(/[\0\r\n]/g, '').slice(0, max);

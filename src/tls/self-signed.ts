@@ -7,7 +7,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import forge from 'node-forge';
 import { writeFileAtomic } from '../core/atomic-file.ts';
-import { MailgateError } from '../core/errors.ts';
+import { errorMessage, MailgateError } from '../core/errors.ts';
 
 export interface PemPair {
   cert: string;
@@ -43,7 +43,8 @@ export async function loadOrCreateSelfSigned(dir: string, hostname: string): Pro
     await writeFileAtomic(keyFile, key, 0o600);
     await writeFileAtomic(certFile, cert, 0o644);
   } catch (err) {
-    throw new MailgateError('CERT_WRITE', `cannot write the self-signed certificate to ${dir}`, { cause: err });
+    // The cause (ENOSPC, EACCES, ...) is what the admin needs to read in the log.
+    throw new MailgateError('CERT_WRITE', `cannot write the self-signed certificate to ${dir}: ${errorMessage(err)}`, { cause: err });
   }
   return { cert, key, certFile, keyFile, created: true };
 }
