@@ -9,7 +9,8 @@
  *   2. work out when renewal is due: ARI's suggested window when the CA
  *      offers it (a random moment inside it, kept while the window stays the
  *      same), otherwise a third of the lifetime left (half under 10 days);
- *   3. due (or forced) and not backing off: order, under the name's file lock,
+ *   3. due (or forced) and not backing off: order, under the name's ordering
+ *      lock (Redis when the policy store is Redis, else a file lock; lock.ts),
  *      with `replaces` when ARI is on; success swaps the certificate in,
  *      failure backs off exponentially with jitter (Retry-After as a floor);
  *   4. sleep until the earliest of: due, retry, next ARI poll, check_interval.
@@ -26,7 +27,8 @@ import { ariCertId, ariPollDelay, pickRenewalTime, sameWindow, type RenewalWindo
 import { AcmeAccount, AcmeError, closeAcmeHttp, configureAcmeHttp } from './client.ts';
 import { backoffDelay, criticalAt, fallbackRenewAt, MAX_TIMER_MS } from './schedule.ts';
 import { acmeSettings, challengeListenerProblems, readCaBundle, sameAccountSettings, type AcmeSettings } from './settings.ts';
-import { acquireLock, AcmeStorage, type StoredCert } from './storage.ts';
+import { orderLockFor, type OrderLock } from './lock.ts';
+import { AcmeStorage, type StoredCert } from './storage.ts';
 
 const DAY = 86_400_000;
 
@@ -111,6 +113,7 @@ export class AcmeManager {
   private readonly now: () => number;
   private readonly random: () => number;
   private storage: AcmeStorage;
+  private lock: OrderLock;
   private account: AcmeAccount;
   private readonly managed = new Map<string, Managed>();
   /** HTTP-01 tokens → key authorizations, answered by plain http listeners. */
@@ -145,6 +148,7 @@ export class AcmeManager {
     this.random = opts.random ?? Math.random;
     configureAcmeHttp(httpOptions(settings));
     this.storage = new AcmeStorage(settings.storage, settings.directory);
+    this.lock = orderLockFor(settings, this.storage, this.log);
     this.account = this.newAccount();
   }
 
@@ -162,7 +166,7 @@ export class AcmeManager {
   async start(): Promise<void> {
     if (this.started || this.stopped) return;
     this.started = true;
-    this.log.info({ directory: this.settings.directory, names: this.settings.names, challenge: this.settings.challenge, storage: this.storage.caDir }, 'ACME certificate management on');
+    this.log.info({ directory: this.settings.directory, names: this.settings.names, challenge: this.settings.challenge, storage: this.storage.caDir, lock: this.lock.kind }, 'ACME certificate management on');
     for (const name of this.settings.names) await this.add(name);
   }
 
@@ -183,6 +187,8 @@ export class AcmeManager {
       for (const m of this.managed.values()) this.remove(m);
       this.managed.clear();
     }
+    // Holds nothing between orders: rebuilt for the new storage folder or policy store (an order in flight keeps its own).
+    this.lock = orderLockFor(next, this.storage, this.log);
     for (const m of [...this.managed.values()]) {
       if (!next.names.includes(m.name)) {
         this.remove(m);
@@ -438,7 +444,7 @@ export class AcmeManager {
 
   private async orderUnderLock(m: Managed, why: 'forced' | 'due' | 'first'): Promise<void> {
     const s = this.settings;
-    const lock = await acquireLock(this.storage.lockFile(m.name), {
+    const lock = await this.lock.acquire(m.name, {
       waitMs: s.renew.lockWaitMs,
       cancelled: () => this.stopped || m.removed,
       onWait: (holder) => this.log.info({ name: m.name, holder }, 'another gateway is ordering this certificate; waiting for it'),

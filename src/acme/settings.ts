@@ -20,6 +20,17 @@ export interface AcmeSettings {
   storage: string;
   renew: { checkIntervalMs: number; retryMinMs: number; retryMaxMs: number; lockWaitMs: number };
   requestTimeoutMs: number;
+  /** The ordering lock (src/acme/lock.ts): the policy store's Redis, or the file lock in storage. */
+  lock: LockSettings;
+}
+
+export type LockSettings = { type: 'file' } | { type: 'redis'; url: string; prefix: string; timeoutMs: number };
+
+/** acme.lock `auto` (default) and `redis` use the policy store's Redis when it is one; `file` always the storage folder. */
+function lockSettings(config: Config): LockSettings {
+  const store = config.policy_store;
+  if (config.acme?.lock === 'file' || store.type !== 'redis' || store.url === undefined) return { type: 'file' };
+  return { type: 'redis', url: store.url, prefix: store.prefix, timeoutMs: store.timeout };
 }
 
 export function acmeSettings(config: Config): AcmeSettings | undefined {
@@ -42,6 +53,7 @@ export function acmeSettings(config: Config): AcmeSettings | undefined {
       lockWaitMs: renew.lock_wait,
     },
     requestTimeoutMs: a.request_timeout,
+    lock: lockSettings(config),
   };
 }
 
@@ -92,7 +104,7 @@ export function acmeSummary(config: Config): { lines: string[]; error?: string; 
   const s = acmeSettings(config);
   if (!s) return { lines: [] };
   const lines = [
-    `acme: ${s.names.join(', ')} from ${s.directory} by ${s.challenge}${s.profile ? `, profile ${s.profile}` : ''}, ${s.keyType} keys, stored in ${s.storage}`,
+    `acme: ${s.names.join(', ')} from ${s.directory} by ${s.challenge}${s.profile ? `, profile ${s.profile}` : ''}, ${s.keyType} keys, stored in ${s.storage}, ordering lock: ${s.lock.type === 'redis' ? 'Redis (policy_store)' : 'file'}`,
   ];
   const r = challengeListenerProblems(s, config.listeners);
   let error = r.error;

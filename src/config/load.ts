@@ -181,6 +181,9 @@ function finish(
       limits: { ...globalLimits, ...stripUndefined(limits) },
     } as Listener;
   });
+  if (parsed.acme?.lock === 'redis' && parsed.policy_store.type !== 'redis') {
+    problem(['acme', 'lock'], 'redis uses the policy store\'s Redis: set policy_store: { type: redis, url: ... }, or use auto or file');
+  }
 
   if (problems.length > 0) throw new ConfigError(problems);
 

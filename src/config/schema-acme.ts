@@ -22,7 +22,7 @@ export const DEFAULT_ACME_RENEW = {
   retry_min: 60_000,
   /** Longest wait between failed orders (also bounded by a tenth of the certificate's lifetime). */
   retry_max: 6 * 3_600_000,
-  /** How long one gateway waits for another that holds the ordering lock for a name in a shared storage folder. */
+  /** How long one gateway waits for another that holds the ordering lock for a name (file or Redis lock, see `lock`). */
   lock_wait: 10 * 60_000,
 };
 
@@ -85,6 +85,14 @@ export const acmeSchema = z.strictObject({
   key_type: z.enum(ACME_KEY_TYPES).default('ecdsa-p256'),
   /** Folder for the account key and obtained certificates. Default: tls.dir. Relative to the config file. */
   storage: z.string().min(1).optional(),
+  /**
+   * The lock that keeps gateways sharing a store from ordering a name at once:
+   * `auto` uses the policy store's Redis when policy_store.type is redis, the
+   * file lock in storage otherwise; `redis` insists on Redis (policy_store must
+   * be redis); `file` always uses the file lock. An unreachable Redis falls
+   * back to the file lock, with a warning.
+   */
+  lock: z.enum(['auto', 'file', 'redis']).default('auto'),
   renew: z
     .strictObject({
       check_interval: duration.refine((ms) => ms >= 1000, 'at least 1s'),
