@@ -193,6 +193,8 @@ async function run(file: string): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
     // After the signal handlers: systemd may send SIGHUP or SIGTERM as soon as it sees READY=1.
+    // Logs are written in batches; the start-up lines go out before the service counts as up.
+    log.flush();
     void notify.ready(servingStatus(gateway));
   }).then(async (code) => {
     await notify.flush();

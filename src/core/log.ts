@@ -22,6 +22,18 @@ export const REDACT_PATHS = [
   'headers.cookie',
 ];
 
+/**
+ * At info level and above, log lines are gathered up to LOG_BATCH_BYTES and
+ * written together, and at least every LOG_FLUSH_MS: one write per line cost
+ * every session two thread-pool round trips ('login ok', 'session end'),
+ * 5-10% of a session's CPU under load (BENCHMARKS.md). At debug and trace,
+ * where someone is watching, every line is written at once. pino writes what
+ * is buffered synchronously when the process exits, process.exit() after a
+ * fatal error included.
+ */
+const LOG_BATCH_BYTES = 4096;
+const LOG_FLUSH_MS = 100;
+
 export function createLogger(level: string, destination?: DestinationStream): Logger {
   return pino(
     {
@@ -31,6 +43,6 @@ export function createLogger(level: string, destination?: DestinationStream): Lo
       redact: { paths: REDACT_PATHS, censor: '[redacted]' },
       formatters: { level: (label) => ({ level: label }) },
     },
-    destination ?? pino.destination({ fd: 1, sync: false }),
+    destination ?? pino.destination(level === 'debug' || level === 'trace' ? { fd: 1, sync: false } : { fd: 1, sync: false, minLength: LOG_BATCH_BYTES, periodicFlush: LOG_FLUSH_MS }),
   );
 }

@@ -50,6 +50,8 @@ export interface RegistryEvents {
 
 export class SessionRegistry {
   private readonly sessions = new Map<string, SessionControl>();
+  /** Live sessions per listener, kept on add/remove: countFor runs at every accept, with thousands of sessions live. */
+  private readonly perListener = new Map<string, number>();
   private readonly events = new EventEmitter();
   private counter = 0;
   private readonly prefix = process.pid.toString(36);
@@ -64,7 +66,9 @@ export class SessionRegistry {
   }
 
   add(session: SessionControl): void {
-    this.sessions.set(session.record.id, session);
+    const { id, listener } = session.record;
+    if (!this.sessions.has(id)) this.perListener.set(listener, (this.perListener.get(listener) ?? 0) + 1);
+    this.sessions.set(id, session);
     this.emit('opened', session.record);
   }
 
@@ -76,6 +80,9 @@ export class SessionRegistry {
     const s = this.sessions.get(id);
     if (!s) return;
     this.sessions.delete(id);
+    const left = (this.perListener.get(s.record.listener) ?? 1) - 1;
+    if (left > 0) this.perListener.set(s.record.listener, left);
+    else this.perListener.delete(s.record.listener);
     this.emit('closed', { ...s.record, durationMs: Date.now() - s.record.startedAt });
   }
 
@@ -104,9 +111,7 @@ export class SessionRegistry {
   }
 
   countFor(listener: string): number {
-    let n = 0;
-    for (const s of this.sessions.values()) if (s.record.listener === listener) n++;
-    return n;
+    return this.perListener.get(listener) ?? 0;
   }
 
   kill(id: string, reason: CloseReason = 'killed'): boolean {
