@@ -8,7 +8,9 @@ import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { astring, quotable, quote, tokenizeLine, validTag, type ImapToken } from './imap-syntax.ts';
 import {
+  assertNever,
   echoVerb,
+  reply,
   oneLine,
   sanitizeValue,
   type BackendCapabilities,
@@ -373,13 +375,6 @@ async function untilTagged(backend: BackendLink, tag: string): Promise<string> {
   }
 }
 
-function reply(data: string): Step {
-  return { kind: 'reply', data };
-}
-
-function assertNever(x: never): never {
-  throw new Error(`unexpected state ${JSON.stringify(x)}`);
-}
 
 export const imapProtocol: ProtocolModule = {
   protocol: 'imap',

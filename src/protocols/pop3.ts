@@ -6,7 +6,9 @@
 import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import {
+  assertNever,
   echoVerb,
+  reply,
   oneLine,
   sanitizeValue,
   type BackendCapabilities,
@@ -243,13 +245,6 @@ export class Pop3Adapter implements MailAdapter {
   }
 }
 
-function reply(data: string): Step {
-  return { kind: 'reply', data };
-}
-
-function assertNever(x: never): never {
-  throw new Error(`unexpected state ${JSON.stringify(x)}`);
-}
 
 export const pop3Protocol: ProtocolModule = {
   protocol: 'pop3',

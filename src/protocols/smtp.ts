@@ -11,7 +11,9 @@ import type { Listener } from '../config/load.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { createSmtpObserver } from './smtp-observer.ts';
 import {
+  assertNever,
   oneLine,
+  reply,
   sanitizeValue,
   type BackendCapabilities,
   type BackendLink,
@@ -519,13 +521,6 @@ function b64(s: string): string {
   return Buffer.from(s, 'utf8').toString('base64');
 }
 
-function reply(data: string): Step {
-  return { kind: 'reply', data };
-}
-
-function assertNever(x: never): never {
-  throw new Error(`unexpected state ${JSON.stringify(x)}`);
-}
 
 export const smtpProtocol: ProtocolModule = {
   protocol: 'smtp',

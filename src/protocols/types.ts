@@ -159,3 +159,13 @@ export function echoVerb(name: string, max: number): string {
 export function sanitizeValue(value: string, max = 255): string {
   return value.replace(/[\0\r\n]/g, '').slice(0, max);
 }
+
+/** Shorthand for the commonest step: answer and keep reading. */
+export function reply(data: string): Step {
+  return { kind: 'reply', data };
+}
+
+/** The `never` check at the end of an exhaustive switch over a state or step union. */
+export function assertNever(x: never): never {
+  throw new Error(`unexpected state ${JSON.stringify(x)}`);
+}
