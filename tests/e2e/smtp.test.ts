@@ -202,3 +202,34 @@ test('a dead backend answers AUTH with 421 and closes', async () => {
   assert.match(await c.readLine(), /^421 4\.4\.1/);
   assert.ok(await c.waitClosed());
 });
+
+test('PIPELINING and BDAT/CHUNKING through the gateway: Postfix receives the chunks byte-exact, the gateway counts them', async () => {
+  const marker = `bdat-${randomBytes(4).toString('hex')}`;
+  const c = await LineClient.connect(gw.ports.smtps!, { tls: true, localAddress: '127.0.0.5' });
+  assert.match(await c.readLine(), /^220 /);
+  c.write('EHLO client.example\r\n');
+  const ehlo = await c.readUntil(/^250 /);
+  assert.ok(ehlo.some((l) => /CHUNKING/.test(l)) && ehlo.some((l) => /PIPELINING/.test(l)), ehlo.join('\n'));
+  c.write(`AUTH PLAIN ${Buffer.from(`\0${alice.name}\0${alice.password}`).toString('base64')}\r\n`);
+  assert.match(await c.readLine(), /^235 /);
+  // One chunk holds what would end a DATA transaction; BDAT carries it as bytes.
+  const part1 = Buffer.from(`Subject: ${marker}\r\n\r\nfirst chunk\r\n.\r\n`);
+  const part2 = Buffer.from('second chunk\r\n');
+  c.write(
+    Buffer.concat([
+      Buffer.from('MAIL FROM:<alice@e2e.test>\r\nRCPT TO:<one@elsewhere.example>\r\nRCPT TO:<two@elsewhere.example>\r\n'),
+      Buffer.from(`BDAT ${part1.length}\r\n`),
+      part1,
+      Buffer.from(`BDAT ${part2.length} LAST\r\n`),
+      part2,
+    ]),
+  );
+  for (const expect of [/^250 /, /^250 /, /^250 /, /^250 /, /^250 /]) assert.match(await c.readLine(), expect);
+  c.write('QUIT\r\n');
+  assert.match(await c.readLine(), /^221 /);
+  const got = await delivered(postfix, marker);
+  assert.deepEqual(got, Buffer.concat([part1, part2]));
+  const end = await gw.waitForLog((l) => l.msg === 'session end' && l.client === '127.0.0.5');
+  assert.equal(end.messages, 1);
+  assert.equal(end.recipients, 2);
+});
