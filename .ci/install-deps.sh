@@ -24,7 +24,7 @@ PACKAGES=(
   systemd util-linux shellcheck              # systemd-analyze, systemd-notify, setpriv, sh lint (tests/*/systemd*, packaging)
   testssl.sh                                 # the TLS report (npm run test:tls)
 )
-SERVICES=(dovecot postfix nginx redis-server)
+SERVICES=(dovecot postfix nginx redis-server haproxy)
 
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
@@ -33,6 +33,9 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps.sh: must run as root (or with sudo available)" >&2
   exit 1
 fi
+
+# Extra packages named on the command line (bench/install-deps.sh adds the benchmark's peers and tools).
+PACKAGES+=("$@")
 
 export DEBIAN_FRONTEND=noninteractive
 
