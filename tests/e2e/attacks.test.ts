@@ -415,7 +415,11 @@ describe('CR, LF and NUL in logins never reach XCLIENT, ID or PROXY', () => {
     await c.waitClosed();
     let logs = '';
     const deadline = Date.now() + 5000;
-    while (Date.now() < deadline && !/rip=127\.0\.0\.6/.test(logs)) logs = await dovecot.logs();
+    // The ID line comes first; wait for the login line itself.
+    while (Date.now() < deadline && !/Login: user=<alice>.*rip=127\.0\.0\.6/.test(logs)) {
+      logs = await dovecot.logs();
+      await new Promise((r) => setTimeout(r, 25));
+    }
     assert.match(logs, /Login: user=<alice>.*rip=127\.0\.0\.6/);
     const id = logs.split('\n').find((l) => /ID sent: .*x-originating-ip=127\.0\.0\.6/.test(l));
     assert.ok(id, 'Dovecot logged the ID the gateway sent');

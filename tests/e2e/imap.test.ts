@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { LineClient, python, run } from './harness/clients.ts';
+import { eventually, LineClient, python, run } from './harness/clients.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, mailboxBytes, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 
@@ -133,9 +133,8 @@ test('the backend learns the real client address through IMAP ID', async () => {
   assert.match((await c.readUntil(/^a /)).at(-1)!, /^a OK/);
   c.write('b LOGOUT\r\n');
   await c.waitClosed();
-  const deadline = Date.now() + 5000;
-  let logs = '';
-  while (Date.now() < deadline && !/rip=127\.0\.0\.2/.test(logs)) logs = await dovecot.logs();
+  // Dovecot logs the ID line first; wait for the login line itself.
+  const logs = await eventually(() => dovecot.logs(), (t) => /user=<alice>.*rip=127\.0\.0\.2/.test(t));
   assert.match(logs, /user=<alice>.*rip=127\.0\.0\.2/);
 });
 
