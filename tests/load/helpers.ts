@@ -21,9 +21,17 @@ export interface ClientRun {
   done: Promise<Record<string, unknown>>;
   /** hold mode: log out every held session and finish. */
   stop(): void;
+  /** Ends the client at once (a failed test must not leave it holding sessions). */
+  kill(): void;
   /** Resolves once a line matching `pred` was printed. */
   waitFor(pred: (l: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
 }
+
+/** Clients still running; killed when the test process exits, whatever the test's outcome. */
+const live = new Set<() => void>();
+process.on('exit', () => {
+  for (const kill of live) kill();
+});
 
 export function runClient(options: Record<string, unknown>): ClientRun {
   const child = spawn(process.execPath, [CLIENT, JSON.stringify(options)], { stdio: ['pipe', 'pipe', 'inherit'] });
@@ -63,7 +71,12 @@ export function runClient(options: Record<string, unknown>): ClientRun {
       watchers.add(check);
       check();
     });
-  return { lines, done, stop: () => child.stdin.write('stop\n'), waitFor };
+  const kill = () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  };
+  live.add(kill);
+  child.on('close', () => live.delete(kill));
+  return { lines, done, stop: () => child.stdin.write('stop\n'), kill, waitFor };
 }
 
 export interface Memory {

@@ -63,7 +63,7 @@ function count(logs: LogLine[], msg: string): number {
   return logs.filter((l) => l.msg === msg).length;
 }
 
-test(`${SESSIONS} held sessions through ${RELOADS} reloads with certificate swaps: nothing dropped`, { timeout: 600_000 }, async () => {
+test(`${SESSIONS} held sessions through ${RELOADS} reloads with certificate swaps: nothing dropped`, { timeout: 600_000 }, async (t) => {
   const t0 = Date.now();
   const client = runClient({
     mode: 'hold',
@@ -78,6 +78,7 @@ test(`${SESSIONS} held sessions through ${RELOADS} reloads with certificate swap
     churnPerSec: 20,
     servername: HOST,
   });
+  t.after(() => client.kill());
   const held = await client.waitFor((l) => typeof l.held === 'number', 300_000);
   assert.equal(held.held, SESSIONS, `all sessions logged in (${JSON.stringify(held)})`);
   const rssHeld = rssBytes(gw.proc.pid);

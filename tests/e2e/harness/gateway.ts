@@ -80,9 +80,11 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
   const outputFile = path.join(dir, 'mailgate.log');
   const proc = spawnServer('mailgate', process.execPath, [...(opts.nodeArgs ?? []), CLI, 'run', '-c', configFile], { cwd: dir, outputFile });
   const rawLogs = () => fsp.readFile(outputFile, 'utf8').catch(() => '');
+  // Only complete lines: the daemon writes its log in batches, so the file may end inside a line.
   const logs = async (): Promise<LogLine[]> =>
     (await rawLogs())
       .split('\n')
+      .slice(0, -1)
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as LogLine);
   const waitForLog = async (pred: (l: LogLine) => boolean, timeoutMs = 10_000): Promise<LogLine> => {
