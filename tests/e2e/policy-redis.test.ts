@@ -5,19 +5,18 @@
  * connections to either gateway. Clients: Python's imaplib and curl.
  */
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
-import { freePort, makeTempDir, removeTempDir, spawnServer, waitUntilReady, type ManagedProcess } from './harness/proc.ts';
+import { redisMissing, startRedis, type RedisServer } from './harness/redis.ts';
 import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
 
-const REDIS = '/usr/bin/redis-server';
-const skip = existsSync(REDIS) ? false : `${REDIS} is not installed (.ci/install-deps.sh installs it)`;
+let redis: RedisServer | undefined;
 
-let redis: ManagedProcess | undefined;
-let redisDir = '';
+test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
+  assert.equal(redisMissing, false, String(redisMissing));
+});
 let dovecot: Dovecot;
 let nginx: Nginx;
 let one: Gateway;
@@ -25,21 +24,14 @@ let two: Gateway;
 const alice = userByName('alice');
 
 before(async () => {
-  if (skip) return;
-  redisDir = await makeTempDir('redis');
-  const port = await freePort();
-  redis = spawnServer('redis-server', REDIS, ['--port', String(port), '--bind', '127.0.0.1', '--dir', redisDir, '--save', '', '--appendonly', 'no'], {
-    cwd: redisDir,
-    outputFile: join(redisDir, 'redis.log'),
-  });
-  await waitUntilReady('redis-server', [redis], { port, request: 'PING\r\n', expect: /\+PONG\r\n/ }, async () => '', 10_000);
+  redis = await startRedis();
   [dovecot, nginx] = await Promise.all([startDovecot(), startNginx()]);
   const hash = await run(process.execPath, [CLI, 'hash-password'], { input: `${alice.password}\n` });
   const extra = {
     users: { list: [{ name: alice.name, password_hash: hash.stdout.trim() }] },
     brute_force: { per_address_user: { failures: 3, window: '1m', ban: '1m' } },
     rate_limits: [{ limit: 'connections', per: 'address', max: 2, window: '1m', listeners: ['https'] }],
-    policy_store: { type: 'redis', url: `redis://127.0.0.1:${port}/0`, prefix: 'e2e' },
+    policy_store: { type: 'redis', url: redis.url, prefix: 'e2e' },
   };
   const listeners = [
     { name: 'imaps', protocol: 'imap' as const, tls: 'implicit' as const, backend: `127.0.0.1:${dovecot.imapPort}`, authentication: 'local' },
@@ -52,7 +44,6 @@ after(async () => {
   await Promise.all([one?.stop(), two?.stop()]);
   await Promise.all([dovecot?.stop(), nginx?.stop()]);
   await redis?.stop();
-  if (redisDir) await removeTempDir(redisDir);
 });
 
 function imapLogin(port: number, password: string): Promise<{ ok: boolean; error?: string }> {
@@ -71,7 +62,7 @@ except imaplib.IMAP4.error as e:
   );
 }
 
-test('failed logins on two gateways add up to one ban that both enforce', { skip }, async () => {
+test('failed logins on two gateways add up to one ban that both enforce', async () => {
   assert.match((await imapLogin(one.ports.imaps!, 'guess-1')).error ?? '', /AUTHENTICATIONFAILED/);
   assert.match((await imapLogin(two.ports.imaps!, 'guess-2')).error ?? '', /AUTHENTICATIONFAILED/);
   assert.match((await imapLogin(one.ports.imaps!, 'guess-3')).error ?? '', /AUTHENTICATIONFAILED/);
@@ -82,7 +73,7 @@ test('failed logins on two gateways add up to one ban that both enforce', { skip
   }
 });
 
-test('a connection limit counts connections to either gateway', { skip }, async () => {
+test('a connection limit counts connections to either gateway', async () => {
   const get = (gw: Gateway) =>
     run('curl', ['-sS', '-k', '--interface', '127.0.0.90', '-o', '/dev/null', '-w', '%{http_code}', `https://127.0.0.1:${gw.ports.https}/`]);
   assert.equal((await get(one)).stdout, '200');

@@ -6,9 +6,7 @@
  * lock (with a warning) when Redis cannot be reached.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -19,64 +17,30 @@ import { acmeSettings } from '../../src/acme/settings.ts';
 import { AcmeStorage } from '../../src/acme/storage.ts';
 import { parseConfig } from '../../src/config/load.ts';
 import { ConfigError } from '../../src/core/errors.ts';
+import { freePort } from '../e2e/harness/proc.ts';
+import { redisMissing, startRedis, type RedisServer } from '../e2e/harness/redis.ts';
 import { memoryLog, silentLog } from './policy/helpers.ts';
 
-const REDIS = '/usr/bin/redis-server';
-const skip = existsSync(REDIS) ? false : `${REDIS} is not installed (.ci/install-deps.sh installs it)`;
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
-  assert.equal(skip, false, String(skip));
+  assert.equal(redisMissing, false, String(redisMissing));
 });
 
 const DIRECTORY = 'https://ca.test/dir';
 
 const root = mkdtempSync(join(tmpdir(), 'mailgate-acme-redis-lock-'));
-let server: ChildProcess | undefined;
+let redis: RedisServer | undefined;
 let port = 0;
 let client: Redis | undefined;
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => (a && typeof a === 'object' ? resolve(a.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-async function startRedis(): Promise<void> {
-  port = await freePort();
-  server = spawn(REDIS, ['--port', String(port), '--bind', '127.0.0.1', '--dir', root, '--save', '', '--appendonly', 'no', '--protected-mode', 'yes'], {
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
-  const probe = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-  probe.on('error', () => undefined); // connection refused while redis-server starts: retried below
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    try {
-      await probe.connect();
-      await probe.ping();
-      client = probe;
-      return;
-    } catch (err) {
-      if (Date.now() > deadline) throw new Error(`redis-server did not start: ${String(err)}`);
-      await sleep(50);
-    }
-  }
-}
-
 before(async () => {
-  await startRedis();
+  redis = await startRedis();
+  port = redis.port;
+  client = new Redis({ port, host: '127.0.0.1', maxRetriesPerRequest: 0 });
 });
 
 after(async () => {
   client?.disconnect();
-  if (server && server.exitCode === null) {
-    const exited = new Promise((r) => server?.once('exit', r));
-    server.kill('SIGTERM');
-    await Promise.race([exited, sleep(5_000, undefined, { ref: false })]);
-  }
+  await redis?.stop();
   rmSync(root, { recursive: true, force: true });
 });
 

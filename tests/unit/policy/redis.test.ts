@@ -4,76 +4,31 @@
  * engines share failure counts, bans and connection limits.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Redis } from 'ioredis';
 import type { Config } from '../../../src/config/load.ts';
 import type { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { PolicyState } from '../../../src/policy/state.ts';
+import { redisMissing, startRedis, type RedisServer } from '../../e2e/harness/redis.ts';
 import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog } from './helpers.ts';
 
-const REDIS = '/usr/bin/redis-server';
-const skip = existsSync(REDIS) ? false : `${REDIS} is not installed (.ci/install-deps.sh installs it)`;
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
-  assert.equal(skip, false, String(skip));
+  assert.equal(redisMissing, false, String(redisMissing));
 });
 
 
-let server: ChildProcess | undefined;
-let dir = '';
+let redis: RedisServer | undefined;
 let port = 0;
 const states: PolicyState[] = [];
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => (a && typeof a === 'object' ? resolve(a.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-async function startRedis(): Promise<void> {
-  dir = mkdtempSync(join(tmpdir(), 'mailgate-redis-'));
-  port = await freePort();
-  server = spawn(REDIS, ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', 'no', '--protected-mode', 'yes'], {
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
-  const probe = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-  probe.on('error', () => undefined); // connection refused while redis-server starts: retried below
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    try {
-      await probe.connect();
-      await probe.ping();
-      probe.disconnect();
-      return;
-    } catch (err) {
-      if (Date.now() > deadline) throw new Error(`redis-server did not start: ${String(err)}`);
-      await sleep(50);
-    }
-  }
-}
-
 before(async () => {
-  await startRedis();
+  redis = await startRedis();
+  port = redis.port;
 });
 
 after(async () => {
   await Promise.all(states.map((s) => s.close()));
-  if (server && server.exitCode === null) {
-    const exited = new Promise((r) => server?.once('exit', r));
-    server.kill('SIGTERM');
-    await Promise.race([exited, sleep(5_000)]);
-  }
-  if (dir) rmSync(dir, { recursive: true, force: true });
+  await redis?.stop();
 });
 
 const PW = cheapScrypt('right');
@@ -170,8 +125,7 @@ test('when Redis is gone, limits carry on in memory and the failure is logged', 
   const { engine, state } = await engineFor(config, { log });
   states.push(state);
   assert.equal((await attempt(engine, config, '192.0.2.60', 'wrong')).action, 'deny');
-  server?.kill('SIGTERM');
-  await new Promise((r) => server?.once('exit', r));
+  await redis?.stop();
   const started = Date.now();
   for (let i = 0; i < 3; i++) assert.equal((await attempt(engine, config, '192.0.2.60', 'wrong')).action, 'deny');
   assert.equal((await attempt(engine, config, '192.0.2.60', 'right')).action, 'tempfail', 'counted and banned in this gateway\'s memory');
