@@ -141,7 +141,9 @@ export async function startHttpListener(listener: HttpListener, deps: ListenerDe
     const ex = exchanges.get(req);
     if (!ex) return;
     ex.status = proxyRes.statusCode ?? 0;
-    if (ex.conn.draining) proxyRes.headers.connection = 'close';
+    // The client's Connection header was stripped (hop-by-hop) before http-proxy saw it, so http-proxy would
+    // answer "keep-alive" to a client that asked for close; node then keeps a connection the client gave up.
+    if (ex.conn.draining || !res.shouldKeepAlive) proxyRes.headers.connection = 'close';
     proxyRes.once('close', () => {
       if (proxyRes.complete || ex.settled) return;
       // The backend went away (or timed out) mid-body: cut the client too, it must not take this for a whole response.
@@ -475,7 +477,7 @@ export async function startHttpListener(listener: HttpListener, deps: ListenerDe
     for (const addr of listener.listen) {
       const server = create();
       servers.push(server);
-      addresses.push(await listenOn(server, addr, name));
+      addresses.push(await listenOn(server, addr, name, deps.sharedPorts === true));
       server.on('error', (err) => log.error({ err: errorMessage(err), code: errorCode(err) }, 'listener error'));
     }
   } catch (err) {

@@ -55,6 +55,17 @@ test('the backend sees the real client address and protocol; a forged X-Forwarde
   assert.ok(!logs.includes('s3cr3t-token'), 'the Authorization header never reaches the log');
 });
 
+test('a client that asks for Connection: close gets it, and its next request a new connection', async () => {
+  const url = `https://${gw.hostname}:${gw.ports.https}/`;
+  const close = await run('curl', ['-sS', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-H', 'Connection: close', '-D', '-', '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
+  assert.equal(close.code, 0, close.stderr);
+  assert.deepEqual(close.stdout.match(/^code=.*$/gm), ['code=200 connects=1', 'code=200 connects=1']);
+  assert.equal(close.stdout.match(/^connection: close\r?$/gim)?.length, 2);
+  // Without it, the connection is kept and reused.
+  const keep = await run('curl', ['-sS', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
+  assert.deepEqual(keep.stdout.match(/^code=.*$/gm), ['code=200 connects=1', 'code=200 connects=0']);
+});
+
 test('the plain listener redirects to https', async () => {
   const r = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code} %{redirect_url}', '-H', `Host: ${gw.hostname}`, `http://127.0.0.1:${gw.ports.http}/some/path?q=1`]);
   assert.match(r.stdout, new RegExp(`^30[18] https://${gw.hostname.replace(/\./g, '\\.')}/some/path\\?q=1$`));
