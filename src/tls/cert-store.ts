@@ -2,6 +2,10 @@
  * Certificates by host name for SNI. Lookups are synchronous map reads on
  * the handshake path; `put` swaps a name's context atomically, so the next
  * handshake uses the new certificate while live sessions keep theirs.
+ *
+ * The store keeps the PEMs it was given, so a primary process can hand its
+ * whole content to worker processes (`snapshot` / `load`), and so every
+ * context can be rebuilt when the session ticket keys rotate.
  */
 import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -26,15 +30,35 @@ export interface CertInfo {
 interface Entry {
   info: CertInfo;
   context: SecureContext;
+  certPem: string;
+  keyPem: string;
 }
+
+/** Everything a store holds, as PEM: sent from the primary to its workers (src/cluster). */
+export interface CertSnapshot {
+  minVersion: 'TLSv1.2' | 'TLSv1.3';
+  entries: { certPem: string; keyPem: string; source: CertSource; certFile?: string; isDefault: boolean }[];
+  challenges: { name: string; certPem: string; keyPem: string }[];
+}
+
+/** What changed: a certificate was put (with its info), or anything else (reload, challenge, ticket keys). */
+export type CertStoreChange = { kind: 'put'; info: CertInfo } | { kind: 'replaced' | 'challenge' | 'ticket-keys' };
 
 export class CertStore {
   private byName = new Map<string, Entry>();
   private defaultEntry: Entry | undefined;
   private minVersion: 'TLSv1.2' | 'TLSv1.3';
   private listeners = new Set<(info: CertInfo) => void>();
+  private readonly changeListeners = new Set<(change: CertStoreChange) => void>();
   /** TLS-ALPN-01 challenge certificates by name; served only to acme-tls/1 handshakes. Kept across replaceWith (reload). */
-  private readonly challenges = new Map<string, SecureContext>();
+  private readonly challenges = new Map<string, { context: SecureContext; certPem: string; keyPem: string }>();
+  /**
+   * Session ticket keys (48 bytes) for every context, when set: OpenSSL
+   * encrypts tickets with the keys of the context a handshake started on, so
+   * workers that share these keys resume each other's tickets, and rotating
+   * them bounds what a stolen key could decrypt (src/tls/ticket-keys.ts).
+   */
+  private ticketKeys: Buffer | undefined;
 
   constructor(minVersion: 'TLSv1.2' | 'TLSv1.3') {
     this.minVersion = minVersion;
@@ -46,7 +70,7 @@ export class CertStore {
     let context: SecureContext;
     try {
       x509 = new X509Certificate(certPem);
-      context = createSecureContext({ ...secureContextOptions(this.minVersion), cert: certPem, key: keyPem });
+      context = this.context(certPem, keyPem);
     } catch (err) {
       throw new MailgateError('CERT_LOAD', `certificate${opts.certFile ? ` ${opts.certFile}` : ''} or its key is not usable: ${(err as Error).message}`, { cause: err });
     }
@@ -63,12 +87,22 @@ export class CertStore {
       fingerprint256: x509.fingerprint256,
       ...(opts.certFile ? { certFile: opts.certFile } : {}),
     };
-    const entry: Entry = { info, context };
+    const entry: Entry = { info, context, certPem, keyPem };
     for (const name of info.names) this.byName.set(name.toLowerCase(), entry);
     if (!this.defaultEntry || opts.makeDefault) this.defaultEntry = entry;
     else if (this.defaultEntry.info.names.some((n) => info.names.includes(n))) this.defaultEntry = entry;
     for (const l of this.listeners) l(info);
+    this.changed({ kind: 'put', info });
     return info;
+  }
+
+  private context(certPem: string, keyPem: string): SecureContext {
+    return createSecureContext({
+      ...secureContextOptions(this.minVersion),
+      cert: certPem,
+      key: keyPem,
+      ...(this.ticketKeys ? { ticketKeys: this.ticketKeys } : {}),
+    });
   }
 
   loadFiles(certFile: string, keyFile: string, makeDefault = false): CertInfo {
@@ -107,15 +141,16 @@ export class CertStore {
   setChallenge(name: string, certPem: string, keyPem: string): void {
     let context: SecureContext;
     try {
-      context = createSecureContext({ ...secureContextOptions(this.minVersion), cert: certPem, key: keyPem });
+      context = this.context(certPem, keyPem);
     } catch (err) {
       throw new MailgateError('CERT_LOAD', `the TLS-ALPN-01 challenge certificate for ${name} is not usable: ${(err as Error).message}`, { cause: err });
     }
-    this.challenges.set(name.toLowerCase(), context);
+    this.challenges.set(name.toLowerCase(), { context, certPem, keyPem });
+    this.changed({ kind: 'challenge' });
   }
 
   clearChallenge(name: string): void {
-    this.challenges.delete(name.toLowerCase());
+    if (this.challenges.delete(name.toLowerCase())) this.changed({ kind: 'challenge' });
   }
 
   has(name: string): boolean {
@@ -136,11 +171,87 @@ export class CertStore {
     this.byName = other.byName;
     this.defaultEntry = other.defaultEntry;
     this.minVersion = other.minVersion;
+    // The other store's contexts were built without our ticket keys.
+    if (this.ticketKeys && other.ticketKeys !== this.ticketKeys) this.rebuild();
+    this.changed({ kind: 'replaced' });
   }
 
+  /** A certificate was put (the dashboard's "cert" event). */
   onChange(listener: (info: CertInfo) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
+  }
+
+  /** Anything changed: what a primary forwards to its workers. */
+  onAnyChange(listener: (change: CertStoreChange) => void): () => void {
+    this.changeListeners.add(listener);
+    return () => this.changeListeners.delete(listener);
+  }
+
+  private changed(change: CertStoreChange): void {
+    for (const l of this.changeListeners) l(change);
+  }
+
+  /** Every context from now on, and every current one (rebuilt), uses these ticket keys. */
+  setTicketKeys(keys: Buffer): void {
+    if (keys.length !== 48) throw new MailgateError('CERT_LOAD', `session ticket keys must be 48 bytes, got ${keys.length}`);
+    this.ticketKeys = keys;
+    this.rebuild();
+    this.changed({ kind: 'ticket-keys' });
+  }
+
+  get currentTicketKeys(): Buffer | undefined {
+    return this.ticketKeys;
+  }
+
+  /** New contexts for every entry and challenge (same PEMs): live sessions keep the ones they started with. */
+  private rebuild(): void {
+    const fresh = new Map<Entry, Entry>();
+    const renew = (e: Entry): Entry => {
+      let n = fresh.get(e);
+      if (!n) {
+        n = { ...e, context: this.context(e.certPem, e.keyPem) };
+        fresh.set(e, n);
+      }
+      return n;
+    };
+    const byName = new Map<string, Entry>();
+    for (const [name, e] of this.byName) byName.set(name, renew(e));
+    this.byName = byName;
+    if (this.defaultEntry) this.defaultEntry = renew(this.defaultEntry);
+    for (const [name, c] of this.challenges) this.challenges.set(name, { ...c, context: this.context(c.certPem, c.keyPem) });
+  }
+
+  /** The store's content as PEM, for a worker process (src/cluster). */
+  snapshot(): CertSnapshot {
+    const entries = [...new Set(this.byName.values())];
+    if (this.defaultEntry && !entries.includes(this.defaultEntry)) entries.push(this.defaultEntry);
+    return {
+      minVersion: this.minVersion,
+      entries: entries.map((e) => ({
+        certPem: e.certPem,
+        keyPem: e.keyPem,
+        source: e.info.source,
+        ...(e.info.certFile === undefined ? {} : { certFile: e.info.certFile }),
+        isDefault: e === this.defaultEntry,
+      })),
+      challenges: [...this.challenges].map(([name, c]) => ({ name, certPem: c.certPem, keyPem: c.keyPem })),
+    };
+  }
+
+  /** Takes over a primary's snapshot: certificates and pending challenges, all at once. */
+  load(snapshot: CertSnapshot): void {
+    this.minVersion = snapshot.minVersion;
+    const next = new CertStore(this.minVersion);
+    next.ticketKeys = this.ticketKeys;
+    // The default last, so that it stays the default whatever the others cover.
+    const ordered = [...snapshot.entries.filter((e) => !e.isDefault), ...snapshot.entries.filter((e) => e.isDefault)];
+    for (const e of ordered) next.put(e.certPem, e.keyPem, e.source, { ...(e.certFile === undefined ? {} : { certFile: e.certFile }), makeDefault: e.isDefault });
+    this.byName = next.byName;
+    this.defaultEntry = next.defaultEntry;
+    this.challenges.clear();
+    for (const c of snapshot.challenges) this.setChallenge(c.name, c.certPem, c.keyPem);
+    this.changed({ kind: 'replaced' });
   }
 
   /**
@@ -154,7 +265,7 @@ export class CertStore {
     function (this: unknown, servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void {
       if (isAcmeTlsHandshake(this)) {
         const challenge = store.challenges.get(servername.toLowerCase());
-        if (challenge) cb(null, challenge);
+        if (challenge) cb(null, challenge.context);
         else cb(new MailgateError('CERT_LOAD', `acme-tls/1 asked for ${servername}, which has no pending challenge`));
         return;
       }
