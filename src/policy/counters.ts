@@ -5,9 +5,12 @@
  * counts here; what a count means (refuse, ban) is decided by the caller, so
  * a reload that changes a threshold keeps the counts.
  *
- * When Redis fails or is slow, a counter carries on in memory and the failure
- * is logged (at most once per STORE_LOG_INTERVAL_MS): limits keep working on
- * each gateway alone rather than not at all.
+ * In a cluster (src/cluster/policy-link.ts) with the memory store, a `shared`
+ * limiter takes Redis's place: the workers count in the primary's memory.
+ *
+ * When Redis (or the primary) fails or is slow, a counter carries on in memory
+ * and the failure is logged (at most once per STORE_LOG_INTERVAL_MS): limits
+ * keep working on each gateway alone rather than not at all.
  */
 import type { Redis } from 'ioredis';
 import { RateLimiterMemory, RateLimiterRedis, type RateLimiterAbstract } from 'rate-limiter-flexible';
@@ -29,6 +32,9 @@ export interface WindowCounter {
   peek(key: string): Promise<Count>;
   reset(key: string): Promise<void>;
 }
+
+/** Makes the limiter that counts for every process; the options are the ones the memory limiter gets. */
+export type SharedLimiter = (opts: { keyPrefix: string; points: number; duration: number }) => RateLimiterAbstract;
 
 /** The library counts points up to this; the caller compares with its own maximum. */
 const UNLIMITED = 2_000_000_000;
@@ -59,11 +65,14 @@ export class StoreErrors {
 export class CounterStore {
   private readonly counters = new Map<string, WindowCounter>();
   private readonly redis: Redis | undefined;
+  private readonly shared: SharedLimiter | undefined;
   private readonly prefix: string;
   private readonly errors: StoreErrors;
 
-  constructor(opts: { redis?: Redis | undefined; prefix: string; errors: StoreErrors }) {
+  /** `shared` is used when there is no `redis`. */
+  constructor(opts: { redis?: Redis | undefined; shared?: SharedLimiter | undefined; prefix: string; errors: StoreErrors }) {
     this.redis = opts.redis;
+    this.shared = opts.shared;
     this.prefix = opts.prefix;
     this.errors = opts.errors;
   }
@@ -84,7 +93,7 @@ export class CounterStore {
     const memory = new RateLimiterMemory({ keyPrefix, points: UNLIMITED, duration: seconds });
     const shared: RateLimiterAbstract | undefined = this.redis
       ? new RateLimiterRedis({ storeClient: this.redis, keyPrefix, points: UNLIMITED, duration: seconds, rejectIfRedisNotReady: true })
-      : undefined;
+      : this.shared?.({ keyPrefix, points: UNLIMITED, duration: seconds });
     const errors = this.errors;
     const windowMs = seconds * 1000;
     const toCount = (res: { consumedPoints: number; msBeforeNext: number } | null): Count =>

@@ -6,21 +6,44 @@
  * One PolicyState lives as long as the gateway; every engine built from a
  * (re)loaded config uses it, so bans and counts survive a reload, and a
  * session that started under the old engine still releases its slot here.
+ *
+ * In a cluster (src/cluster/policy-link.ts) each process has one, and the
+ * session counts of the other processes are added through SharedSessions.
  */
 import { Redis } from 'ioredis';
 import type { PolicySections } from '../config/schema-policy.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { MemoryBanStore, RedisBanStore, type BanStore } from './bans.ts';
-import { CounterStore, StoreErrors } from './counters.ts';
+import { CounterStore, StoreErrors, type SharedLimiter } from './counters.ts';
 
 export type StoreConfig = PolicySections['policy_store'];
+
+/** The store a config means: without a URL there is no Redis to use. */
+export function storeKind(store: StoreConfig): 'memory' | 'redis' {
+  return store.type === 'memory' || store.url === undefined ? 'memory' : 'redis';
+}
+
+/** Sessions open per address ("open"), logged in per user ("login"). */
+export type SessionKind = 'open' | 'login';
+
+/** Session counts kept by other processes (cluster workers), added to this process's own. */
+export interface SharedSessions {
+  /** This process's count for `key` on `listener` changed by `delta`. */
+  changed(kind: SessionKind, key: string, listener: string, delta: number): void;
+  /** The other processes' counts for `key`, per listener (synchronously: the connect-time check reads them). */
+  others(kind: SessionKind, key: string): ReadonlyMap<string, number> | undefined;
+}
 
 export interface PolicyStateOptions {
   store: StoreConfig;
   log: Logger;
   /** Injected for tests; ms since epoch. */
   clock?: () => number;
+  /** Cluster: the other processes' sessions. */
+  sessions?: SharedSessions;
+  /** Cluster with the memory store: counters and bans kept by the primary instead of this process alone. */
+  memory?: { limiter?: SharedLimiter; bans?: BanStore };
 }
 
 /** Local blocks and session maps never grow past this many keys. */
@@ -33,6 +56,7 @@ export class PolicyState {
   readonly storeType: 'memory' | 'redis';
   readonly log: Logger;
   private readonly redis: Redis | undefined;
+  private readonly shared: SharedSessions | undefined;
   /** address → listener → sessions open. */
   private readonly open = new Map<string, Map<string, number>>();
   /** user → listener → sessions logged in. */
@@ -44,13 +68,22 @@ export class PolicyState {
   private readonly background = new Set<Promise<unknown>>();
   private closed = false;
 
-  private constructor(opts: { clock: () => number; counters: CounterStore; bans: BanStore; storeType: 'memory' | 'redis'; log: Logger; redis?: Redis }) {
+  private constructor(opts: {
+    clock: () => number;
+    counters: CounterStore;
+    bans: BanStore;
+    storeType: 'memory' | 'redis';
+    log: Logger;
+    redis?: Redis;
+    shared?: SharedSessions | undefined;
+  }) {
     this.clock = opts.clock;
     this.counters = opts.counters;
     this.bans = opts.bans;
     this.storeType = opts.storeType;
     this.log = opts.log;
     this.redis = opts.redis;
+    this.shared = opts.shared;
   }
 
   static async create(opts: PolicyStateOptions): Promise<PolicyState> {
@@ -58,13 +91,15 @@ export class PolicyState {
     const log = opts.log;
     const errors = new StoreErrors(log);
     const { store } = opts;
+    const shared = opts.sessions;
     if (store.type === 'memory' || store.url === undefined) {
       return new PolicyState({
         clock,
-        counters: new CounterStore({ prefix: store.prefix, errors }),
-        bans: new MemoryBanStore(),
+        counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors }),
+        bans: opts.memory?.bans ?? new MemoryBanStore(),
         storeType: 'memory',
         log,
+        shared,
       });
     }
     const redis = new Redis(store.url, {
@@ -84,22 +119,22 @@ export class PolicyState {
       log.warn({ err: errorMessage(err) }, 'policy store: Redis is not reachable, starting with this gateway\'s memory');
     }
     const bans = await RedisBanStore.open(redis, store.prefix, errors, log, clock);
-    return new PolicyState({ clock, counters: new CounterStore({ redis, prefix: store.prefix, errors }), bans, storeType: 'redis', log, redis });
+    return new PolicyState({ clock, counters: new CounterStore({ redis, prefix: store.prefix, errors }), bans, storeType: 'redis', log, redis, shared });
   }
 
   // ---- sessions open per address ------------------------------------------------
 
   connectionOpened(listener: string, address: string): void {
-    bump(this.open, address, listener, 1);
+    this.count('open', address, listener, 1);
   }
 
   connectionClosed(listener: string, address: string): void {
-    bump(this.open, address, listener, -1);
+    this.count('open', address, listener, -1);
   }
 
   /** Sessions open from `address`, on the listeners `scope` admits (all when undefined). */
   openFrom(address: string, scope?: (listener: string) => boolean): number {
-    return sum(this.open.get(address), scope);
+    return sum(this.open.get(address), scope) + sum(this.shared?.others('open', address), scope);
   }
 
   // ---- sessions logged in per user -------------------------------------------------
@@ -108,18 +143,24 @@ export class PolicyState {
   loginStarted(session: string, listener: string, user: string): void {
     this.loginEnded(session);
     this.sessions.set(session, { user, listener });
-    bump(this.logins, user, listener, 1);
+    this.count('login', user, listener, 1);
   }
 
   loginEnded(session: string): void {
     const s = this.sessions.get(session);
     if (!s) return;
     this.sessions.delete(session);
-    bump(this.logins, s.user, s.listener, -1);
+    this.count('login', s.user, s.listener, -1);
   }
 
   loggedIn(user: string, scope?: (listener: string) => boolean): number {
-    return sum(this.logins.get(user), scope);
+    return sum(this.logins.get(user), scope) + sum(this.shared?.others('login', user), scope);
+  }
+
+  private count(kind: SessionKind, key: string, listener: string, delta: number): void {
+    const applied = bump(kind === 'open' ? this.open : this.logins, key, listener, delta);
+    // Only real changes travel: a close without an open (never counted) must not lower the others' view.
+    if (applied !== 0) this.shared?.changed(kind, key, listener, applied);
   }
 
   // ---- local blocks ----------------------------------------------------------------
@@ -173,20 +214,23 @@ export class PolicyState {
   }
 }
 
-function bump(map: Map<string, Map<string, number>>, key: string, listener: string, delta: number): void {
+/** Adds `delta` to a key's count on a listener (never below 0, deleting what reaches 0); returns what was applied. */
+export function bump(map: Map<string, Map<string, number>>, key: string, listener: string, delta: number): number {
   let inner = map.get(key);
   if (!inner) {
-    if (delta <= 0) return;
+    if (delta <= 0) return 0;
     inner = new Map();
     map.set(key, inner);
   }
-  const n = (inner.get(listener) ?? 0) + delta;
+  const before = inner.get(listener) ?? 0;
+  const n = Math.max(0, before + delta);
   if (n > 0) inner.set(listener, n);
   else inner.delete(listener);
   if (inner.size === 0) map.delete(key);
+  return n - before;
 }
 
-function sum(inner: Map<string, number> | undefined, scope?: (listener: string) => boolean): number {
+function sum(inner: ReadonlyMap<string, number> | undefined, scope?: (listener: string) => boolean): number {
   if (!inner) return 0;
   let n = 0;
   for (const [listener, count] of inner) if (!scope || scope(listener)) n += count;
