@@ -57,7 +57,11 @@ export async function startControlPlane(target: ControlTarget, log: Logger): Pro
       const c = control;
       metrics = await MetricsServer.start(
         config.metrics.listen,
-        () => renderMetrics(target, stats, { controlClients: () => c?.clientCount ?? 0, controlDropped: () => c?.droppedClientCount ?? 0 }),
+        () => {
+          const render = () => renderMetrics(target, stats, { controlClients: () => c?.clientCount ?? 0, controlDropped: () => c?.droppedClientCount ?? 0 });
+          // A cluster primary's session records are mirrored: bring them up to date first (live byte counts).
+          return target.refresh ? target.refresh().then(render) : render();
+        },
         log.child({ part: 'metrics' }),
       );
     }

@@ -5,7 +5,7 @@
  * instrumented per byte. Written by hand: a dozen families derived at scrape
  * time need no client library (see README.md).
  */
-import { createServer, type Server } from 'node:http';
+import { createServer, type Server, type ServerResponse } from 'node:http';
 import { isIP } from 'node:net';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
@@ -153,7 +153,11 @@ export class MetricsServer {
     this.address = address;
   }
 
-  static async start(listen: HostPort, render: () => string, log: Logger): Promise<MetricsServer> {
+  static async start(listen: HostPort, render: () => string | Promise<string>, log: Logger): Promise<MetricsServer> {
+    const fail = (res: ServerResponse, err: unknown) => {
+      log.error({ err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'metrics rendering failed');
+      res.writeHead(500, { 'content-type': 'text/plain' }).end('metrics rendering failed\n');
+    };
     const server = createServer((req, res) => {
       if (req.method !== 'GET' && req.method !== 'HEAD') {
         res.writeHead(405, { allow: 'GET, HEAD' }).end();
@@ -164,16 +168,19 @@ export class MetricsServer {
         res.writeHead(404, { 'content-type': 'text/plain' }).end('not found; metrics are at /metrics\n');
         return;
       }
-      let body: string;
+      const answer = (body: string) => {
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8', 'cache-control': 'no-store' });
+        res.end(req.method === 'HEAD' ? undefined : body);
+      };
+      let body: string | Promise<string>;
       try {
         body = render();
       } catch (err) {
-        log.error({ err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'metrics rendering failed');
-        res.writeHead(500, { 'content-type': 'text/plain' }).end('metrics rendering failed\n');
+        fail(res, err);
         return;
       }
-      res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8', 'cache-control': 'no-store' });
-      res.end(req.method === 'HEAD' ? undefined : body);
+      if (typeof body === 'string') answer(body);
+      else body.then(answer, (err: unknown) => fail(res, err));
     });
     server.keepAliveTimeout = 5_000;
     server.headersTimeout = 10_000;

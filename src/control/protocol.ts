@@ -137,6 +137,8 @@ export interface StatusInfo {
   protocol: number;
   version: string;
   pid: number;
+  /** Worker processes (a cluster primary answers); absent when one process serves everything. */
+  workers?: { index: number; pid: number; state: 'starting' | 'ready' | 'stopping' | 'dead' }[];
   hostname: string;
   configFile: string;
   startedAt: number;

@@ -503,6 +503,7 @@ export class ControlServer {
       protocol: PROTOCOL_VERSION,
       version: VERSION,
       pid: process.pid,
+      ...(this.target.workers ? { workers: this.target.workers() } : {}),
       hostname: config.hostname,
       configFile: config.file,
       startedAt: this.target.startedAt,
@@ -546,12 +547,15 @@ export class ControlServer {
 
   private registerBuiltins(): void {
     this.builtin('status', () => this.status());
-    this.builtin('sessions', (args) => {
+    const sessions = (args: { listener?: string | undefined; limit?: number | undefined }) => {
       let list = this.target.registry.list();
       if (args.listener !== undefined) list = list.filter((r) => r.listener === args.listener);
       if (args.limit !== undefined) list = list.slice(0, args.limit);
       return list.map(sessionInfo);
-    });
+    };
+    // Mirrored records (a cluster primary) are refreshed first, so that a snapshot is exact.
+    const refresh = this.target.refresh?.bind(this.target);
+    this.builtin('sessions', (args) => (refresh ? refresh().then(() => sessions(args)) : sessions(args)));
     this.builtin('kill', (args) => {
       if (!this.target.registry.kill(args.id, 'killed')) throw new CommandError('NOT_FOUND', `no session ${args.id}`);
       this.log.info({ conn: args.id }, 'session killed from the control socket');
@@ -596,7 +600,7 @@ export class ControlServer {
       return result;
     });
     this.builtin('certs', () => this.certs());
-    this.builtin('subscribe', (_args, ctx) => ({ seq: ctx.subscribe() }));
+    this.builtin('subscribe', (_args, ctx) => (refresh ? refresh().then(() => ({ seq: ctx.subscribe() })) : { seq: ctx.subscribe() }));
     this.builtin('unsubscribe', (_args, ctx) => {
       ctx.unsubscribe();
       return {};

@@ -34,6 +34,13 @@ export interface ControlTarget {
   onReload(listener: (result: ReloadOutcome) => void): () => void;
   /** The policy engine's bans, when it has them. */
   readonly bans: BanAdmin | undefined;
+  /**
+   * Brings the registry's records up to date before a snapshot, when they are
+   * mirrored from other processes (a cluster primary); absent when they are live.
+   */
+  refresh?(): Promise<void>;
+  /** Worker processes, when this is a cluster primary. */
+  workers?(): { index: number; pid: number; state: 'starting' | 'ready' | 'stopping' | 'dead' }[];
   /** The ACME part's renewal state of a certificate, when it manages it. */
   certRenewal?(info: CertInfo): CertRenewal | null;
 }

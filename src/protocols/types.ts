@@ -56,7 +56,9 @@ export type CloseReason =
   | 'policy-tempfail'
   | 'shutdown'
   | 'killed'
-  | 'internal-error';
+  | 'internal-error'
+  /** The worker process that ran the session exited; set by the primary's mirror (cluster/registry-link.ts). */
+  | 'worker-exit';
 
 export type Step =
   /** Send `data` and keep reading commands. */

@@ -86,16 +86,17 @@ export class SessionRegistry {
     this.emit('closed', { ...s.record, durationMs: Date.now() - s.record.startedAt });
   }
 
-  refused(listener: string, clientIp: string, reason: string): void {
-    this.emit('refused', { listener, clientIp, reason, at: Date.now() });
+  // `at` is given when the event happened elsewhere (a worker's, replayed by the cluster mirror).
+  refused(listener: string, clientIp: string, reason: string, at = Date.now()): void {
+    this.emit('refused', { listener, clientIp, reason, at });
   }
 
-  authFailed(record: SessionRecord, user: string | null): void {
-    this.emit('authFailed', { id: record.id, listener: record.listener, clientIp: record.clientIp, user, at: Date.now() });
+  authFailed(record: Pick<SessionRecord, 'id' | 'listener' | 'clientIp'>, user: string | null, at = Date.now()): void {
+    this.emit('authFailed', { id: record.id, listener: record.listener, clientIp: record.clientIp, user, at });
   }
 
-  backendConnected(record: SessionRecord, backend: string, ms: number): void {
-    this.emit('backendConnected', { id: record.id, listener: record.listener, backend, ms, at: Date.now() });
+  backendConnected(record: Pick<SessionRecord, 'id' | 'listener'>, backend: string, ms: number, at = Date.now()): void {
+    this.emit('backendConnected', { id: record.id, listener: record.listener, backend, ms, at });
   }
 
   get size(): number {
