@@ -1,8 +1,8 @@
 /**
  * The proxies under test, each in front of the same backends with the same
  * certificate (ECDSA P-256), TLS 1.3 only and the same number of workers
- * (one by default; --workers N gives nginx N worker processes and HAProxy N
- * threads; mailgate runs one process until it has workers of its own):
+ * (one by default; --workers N gives mailgate N worker processes, nginx N
+ * worker processes and HAProxy N threads):
  *
  *  - mailgate through its real CLI (`src/cli.ts run -c FILE`), as
  *    tests/e2e/harness/gateway.ts starts it, with a generated config;
@@ -91,6 +91,8 @@ export interface MailgateOptions {
   nodeArgs?: string[];
   logLevel?: string;
   env?: NodeJS.ProcessEnv;
+  /** mailgate's `workers` (default 1, like the others' default here). */
+  workers?: number;
 }
 
 export async function startMailgate(backends: BackendPorts, cert: Certificate, opts: MailgateOptions = {}): Promise<Proxy> {
@@ -99,6 +101,8 @@ export async function startMailgate(backends: BackendPorts, cert: Certificate, o
   const p = await ports();
   const config = {
     hostname: SNI,
+    // An older checkout (--variant) may predate the key; it ran one process then.
+    ...(opts.root === undefined || (opts.workers ?? 1) > 1 ? { workers: opts.workers ?? 1 } : {}),
     log: { level: opts.logLevel ?? 'info' },
     tls: { min_version: 'TLSv1.3', certificates: [{ cert: cert.cert, key: cert.key }], dir: './certs' },
     timeouts: { shutdown_drain: '1s' },

@@ -28,7 +28,8 @@ const USAGE = `usage: node bench/run.ts [options]
   --idle-conns N          connections held for the idle memory row (default 5000)
   --rows LIST             scenarios to run: ${SCENARIOS.map((s) => s.id).join(',')},idle (default all)
   --targets LIST          direct,mailgate,nginx,haproxy and variants (default all)
-  --workers N             nginx worker processes and HAProxy threads (default 1, as mailgate has one process)
+  --workers N             mailgate and nginx worker processes, HAProxy threads (default 1)
+  --also-workers LIST     also measure this mailgate with these worker counts, as mailgate-Nw (e.g. 2)
   --variant NAME=DIR      also measure the mailgate checkout in DIR as NAME (e.g. base=/tmp/mailgate-base)
   --mailgate-node-args=S  extra node flags for mailgate (e.g. --mailgate-node-args="--cpu-prof --cpu-prof-dir=/tmp/prof")
   --out FILE              JSON results (default bench/results/latest.json, quick: latest-quick.json)
@@ -48,6 +49,7 @@ interface Options {
   install: boolean;
   serve: boolean;
   workers: number;
+  alsoWorkers: number[];
 }
 
 function options(argv: string[]): Options {
@@ -68,6 +70,7 @@ function options(argv: string[]): Options {
       'no-install': { type: 'boolean' },
       serve: { type: 'boolean' },
       workers: { type: 'string' },
+      'also-workers': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -102,6 +105,7 @@ function options(argv: string[]): Options {
     install: values['no-install'] !== true,
     serve: values.serve === true,
     workers: num(values.workers, 1),
+    alsoWorkers: (values['also-workers'] ?? '').split(',').filter(Boolean).map(Number),
   };
 }
 
@@ -185,8 +189,12 @@ async function main(): Promise<void> {
       proxies.push(p);
       stops.push(p.stop);
     };
-    if (want('mailgate')) add(await startMailgate(backendPorts, cert, { nodeArgs: opts.nodeArgs }));
-    for (const v of opts.variants) if (want(v.name)) add(await startMailgate(backendPorts, cert, { name: v.name, root: v.root, nodeArgs: opts.nodeArgs }));
+    if (want('mailgate')) add(await startMailgate(backendPorts, cert, { nodeArgs: opts.nodeArgs, workers: opts.workers }));
+    for (const v of opts.variants) if (want(v.name)) add(await startMailgate(backendPorts, cert, { name: v.name, root: v.root, nodeArgs: opts.nodeArgs, workers: opts.workers }));
+    for (const n of opts.alsoWorkers) {
+      const name = `mailgate-${n}w`;
+      if (want(name)) add(await startMailgate(backendPorts, cert, { name, nodeArgs: opts.nodeArgs, workers: n }));
+    }
     if (want('nginx')) {
       if (fs.existsSync('/usr/lib/nginx/modules/ngx_mail_module.so')) add(await startNginxProxy(backendPorts, cert, opts.workers));
       else log('nginx mail module not installed: no nginx column');

@@ -2,14 +2,16 @@
  * The `mailgate` command: run | check (and the verbs other parts add).
  * Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
  */
+import cluster from 'node:cluster';
 import { parseArgs } from 'node:util';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { formatDuration } from './core/duration.ts';
 import { ConfigError, errorMessage, MailgateError } from './core/errors.ts';
 import { createLogger } from './core/log.ts';
 import { SdNotify } from './core/sd-notify.ts';
-import type { Gateway as GatewayType } from './main.ts';
+import type { Daemon } from './main.ts';
 import { formatHostPort } from './net/address.ts';
+import { workerCount } from './cluster/count.ts';
 import { policySummary } from './policy/cli.ts';
 import { acmeSummary } from './acme/settings.ts';
 
@@ -107,7 +109,8 @@ function readConfig(file: string): Config | number {
 function check(file: string): number {
   const config = readConfig(file);
   if (typeof config === 'number') return config;
-  const out: string[] = [`${config.file}: OK`, `hostname: ${config.hostname}`, 'listeners:'];
+  const workers = `workers: ${workerCount(config)}${config.workers === 'auto' ? ' (auto: one per core)' : ''}`;
+  const out: string[] = [`${config.file}: OK`, `hostname: ${config.hostname}`, workers, 'listeners:'];
   for (const l of config.listeners) {
     const extras: string[] = [];
     if (l.proxy_protocol) extras.push(`proxy-protocol ${l.proxy_protocol}`);
@@ -149,13 +152,20 @@ async function run(file: string): Promise<number> {
   const config = readConfig(file);
   if (typeof config === 'number') return config;
   const log = createLogger(process.env.MAILGATE_LOG_LEVEL ?? config.log.level);
+  if (cluster.isWorker) return runAsWorker(file, log);
   // systemd readiness (Type=notify): READY=1 only once every listener is bound; a no-op without $NOTIFY_SOCKET.
   const notify = new SdNotify({ onError: (err) => log.warn({ err: err.message }, 'systemd notification failed') });
-  // Loaded here so that `check` does not pull in the whole daemon.
-  const { Gateway } = await import('./main.ts');
-  let gateway: GatewayType;
+  const workers = workerCount(config);
+  let gateway: Daemon;
   try {
-    gateway = await Gateway.start(config, log);
+    // Loaded here so that `check` does not pull in the whole daemon.
+    if (workers > 1) {
+      const { ClusterPrimary } = await import('./cluster/primary.ts');
+      gateway = await ClusterPrimary.start(config, log, workers);
+    } else {
+      const { Gateway } = await import('./main.ts');
+      gateway = await Gateway.start(config, log);
+    }
   } catch (err) {
     log.fatal({ err: errorMessage(err) }, 'start failed');
     log.flush();
@@ -203,7 +213,22 @@ async function run(file: string): Promise<number> {
   });
 }
 
-function servingStatus(gateway: GatewayType): string {
+/** A worker of a cluster primary (src/cluster/worker.ts): the primary reloads and stops it, not signals. */
+async function runAsWorker(file: string, log: ReturnType<typeof createLogger>): Promise<number> {
+  process.on('SIGINT', () => undefined);
+  process.on('SIGHUP', () => undefined);
+  process.on('uncaughtException', (err) => {
+    log.fatal({ worker: process.env.MAILGATE_WORKER, err: errorMessage(err), stack: err.stack }, 'uncaught exception in a worker');
+    log.flush();
+    process.exit(70);
+  });
+  const { runWorker } = await import('./cluster/worker.ts');
+  const code = await runWorker(file, log);
+  log.flush();
+  return code;
+}
+
+function servingStatus(gateway: Daemon): string {
   const names = Object.keys(gateway.addresses());
   return `serving ${names.length} listeners: ${names.join(', ')}`;
 }

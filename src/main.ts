@@ -23,6 +23,7 @@ import type { ProtocolModule } from './protocols/types.ts';
 import { SessionRegistry } from './session/registry.ts';
 import { buildCertStore } from './tls/bootstrap.ts';
 import type { CertInfo, CertStore } from './tls/cert-store.ts';
+import { TicketKeys } from './tls/ticket-keys.ts';
 
 const MODULES: Record<'imap' | 'pop3' | 'smtp', ProtocolModule> = {
   imap: imapProtocol,
@@ -43,8 +44,31 @@ export interface ReloadResult {
   updated: string[];
 }
 
-export class Gateway {
-  readonly registry = new SessionRegistry();
+/**
+ * What a worker process gets from its primary instead of building it
+ * (src/cluster/worker.ts): certificates (and ticket keys) pushed by the
+ * primary, policy state shared through it, HTTP-01 answers from its ACME.
+ * A worker has no control socket and runs no ACME of its own.
+ */
+export interface WorkerParts {
+  /** Made before the gateway so that the primary's mirror sees the very first session. */
+  registry: SessionRegistry;
+  certs: CertStore;
+  policyState: PolicyState;
+  http01: (token: string) => string | undefined;
+}
+
+/** What the CLI runs: one Gateway, or a cluster primary with its workers. */
+export interface Daemon {
+  readonly registry: SessionRegistry;
+  addresses(): Record<string, readonly string[]>;
+  reload(): Promise<ReloadResult>;
+  onReload(listener: (result: ReloadResult) => void): () => void;
+  stop(drainMs?: number): Promise<void>;
+}
+
+export class Gateway implements Daemon {
+  readonly registry: SessionRegistry;
   private config: Config;
   private readonly log: Logger;
   private certs: CertStore;
@@ -62,34 +86,50 @@ export class Gateway {
   /** ACME certificates (src/acme), when the config has an `acme:` section. */
   private acme: AcmeManager | undefined;
   private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
+  /** Set in a worker process; undefined when this process is the whole gateway. */
+  private readonly worker: WorkerParts | undefined;
+  /** Session ticket keys, rotated here when this process is the whole gateway. */
+  private ticketKeys: TicketKeys | undefined;
 
-  private constructor(config: Config, certs: CertStore, log: Logger) {
+  private constructor(config: Config, certs: CertStore, log: Logger, worker?: WorkerParts) {
     this.config = config;
     this.certs = certs;
     this.log = log;
+    this.worker = worker;
+    this.registry = worker?.registry ?? new SessionRegistry();
     this.policy = new PassthroughPolicy();
     this.capabilities = new CapabilityCache(config.hostname, log);
   }
 
-  static async start(config: Config, log: Logger): Promise<Gateway> {
-    for (const w of config.warnings) log.warn({ file: config.file }, w);
-    const certs = await buildCertStore(config, log);
-    const gw = new Gateway(config, certs, log);
+  /** The whole gateway in this process, or (with `worker`) one worker of a cluster. */
+  static async start(config: Config, log: Logger, worker?: WorkerParts): Promise<Gateway> {
+    if (!worker) for (const w of config.warnings) log.warn({ file: config.file }, w);
+    const certs = worker ? worker.certs : await buildCertStore(config, log);
+    const gw = new Gateway(config, certs, log, worker);
     try {
-      gw.policyState = await PolicyState.create({ store: config.policy_store, log });
+      if (worker) {
+        gw.policyState = worker.policyState;
+      } else {
+        gw.ticketKeys = new TicketKeys();
+        certs.setTicketKeys(gw.ticketKeys.current);
+        gw.ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
+        gw.policyState = await PolicyState.create({ store: config.policy_store, log });
+      }
       gw.policy = PolicyEngine.fromConfig(config, gw.policyState, log);
-      gw.controlPlane = await startControlPlane(gw, log);
-      gw.acme = AcmeManager.fromConfig(config, certs, log);
-      const control = gw.controlPlane.control;
-      if (control) gw.watchAcme = registerAcmeCommands(control, () => gw.acme, certs);
-      gw.watchAcme?.(gw.acme);
+      if (!worker) {
+        gw.controlPlane = await startControlPlane(gw, log);
+        gw.acme = AcmeManager.fromConfig(config, certs, log);
+        const control = gw.controlPlane.control;
+        if (control) gw.watchAcme = registerAcmeCommands(control, () => gw.acme, certs);
+        gw.watchAcme?.(gw.acme);
+      }
       for (const l of config.listeners) await gw.startListener(l);
       await gw.acme?.start();
     } catch (err) {
       await gw.stop(0);
       throw err;
     }
-    log.info({ file: config.file, listeners: config.listeners.length }, 'mailgate ready');
+    log.info({ file: config.file, listeners: config.listeners.length }, worker ? 'worker ready' : 'mailgate ready');
     return gw;
   }
 
@@ -114,6 +154,7 @@ export class Gateway {
       policy: () => this.policy,
       log: this.log,
       minVersion: this.config.tls.min_version,
+      sharedPorts: this.worker !== undefined,
     };
   }
 
@@ -124,6 +165,9 @@ export class Gateway {
         : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
     this.running.set(l.name, { listener: l, handle });
     this.acme?.attachListener(l, handle);
+    if (this.worker && l.protocol === 'http' && l.tls === 'none') {
+      (handle as ListenerHandle & { setChallengeResponder?: (r: (token: string) => string | undefined) => void }).setChallengeResponder?.(this.worker.http01);
+    }
   }
 
   /** Renewal state of a served certificate for the control socket; null when ACME does not manage it. */
@@ -153,8 +197,8 @@ export class Gateway {
    * are never touched.
    */
   /** Reloads run one after another: two SIGHUPs in a row must not start the same new listener twice. */
-  reload(): Promise<ReloadResult> {
-    const run = this.reloading.then(() => this.reloadOnce());
+  reload(next?: Config): Promise<ReloadResult> {
+    const run = this.reloading.then(() => this.reloadOnce(next));
     this.reloading = run.then(
       () => undefined,
       () => undefined,
@@ -176,28 +220,32 @@ export class Gateway {
     return (this.policy as Policy & { bans?: BanAdmin }).bans;
   }
 
-  private async reloadOnce(): Promise<ReloadResult> {
+  /** `given`: a worker reloads the config its primary read and checked (same file, same moment). */
+  private async reloadOnce(given?: Config): Promise<ReloadResult> {
     const result: ReloadResult = { ok: false, started: [], stopped: [], updated: [] };
     let next: Config;
-    let certs: CertStore;
+    let certs: CertStore | undefined;
     let policy: Policy | undefined;
     try {
-      next = loadConfigFile(this.config.file);
+      next = given ?? loadConfigFile(this.config.file);
       // Rules, users and limits for new sessions; bans and counts stay (same PolicyState). A bad users file refuses the reload.
       if (this.policyState) policy = PolicyEngine.fromConfig(next, this.policyState, this.log);
-      AcmeManager.check(next, this.log);
-      certs = await buildCertStore(next, this.log);
+      // A worker's certificates come from its primary, which has built them by now.
+      if (!this.worker) {
+        AcmeManager.check(next, this.log);
+        certs = await buildCertStore(next, this.log);
+      }
     } catch (err) {
       result.error = errorMessage(err);
       this.log.error({ file: this.config.file, err: result.error }, 'reload refused, keeping the running configuration');
       return result;
     }
-    for (const w of next.warnings) this.log.warn({ file: next.file }, w);
+    if (!this.worker) for (const w of next.warnings) this.log.warn({ file: next.file }, w);
     if (policy) this.policy = policy;
     if (this.policyState && next.policy_store.type !== this.policyState.storeType) {
       this.log.warn({ running: this.policyState.storeType, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
     }
-    this.certs.replaceWith(certs);
+    if (certs) this.certs.replaceWith(certs);
     this.capabilities.clear();
     const prev = this.config;
     this.config = { ...next, tls: next.tls };
@@ -226,7 +274,7 @@ export class Gateway {
       this.log.error({ err: result.error }, 'reload could not start a listener; the others run with the new configuration');
       return result;
     }
-    await this.reloadAcme(next);
+    if (!this.worker) await this.reloadAcme(next);
     result.ok = true;
     this.log.info({ file: next.file, previous: prev.file, ...result }, 'configuration reloaded');
     return result;
@@ -255,7 +303,9 @@ export class Gateway {
       while (this.registry.size > 0 && Date.now() < hard) await sleep(50);
     }
     await this.controlPlane?.close();
-    await this.policyState?.close();
+    // A worker's policy state belongs to its worker runtime, which closes it after this.
+    if (!this.worker) await this.policyState?.close();
+    this.ticketKeys?.stop();
     this.log.info('stopped');
   }
 }

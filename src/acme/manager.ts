@@ -121,6 +121,7 @@ export class AcmeManager {
   private queue: Promise<unknown> = Promise.resolve();
   private ariOffered: boolean | undefined;
   private readonly updateListeners = new Set<(name: string) => void>();
+  private readonly tokenListeners = new Set<(tokens: ReadonlyMap<string, string>) => void>();
   private started = false;
   private stopped = false;
 
@@ -154,6 +155,21 @@ export class AcmeManager {
 
   /** For plain http listeners: `/.well-known/acme-challenge/<token>`. */
   readonly http01Responder = (token: string): string | undefined => this.tokens.get(token);
+
+  /** Told of every change of the pending HTTP-01 answers: a cluster primary hands them to its workers. */
+  onTokens(listener: (tokens: ReadonlyMap<string, string>) => void): () => void {
+    this.tokenListeners.add(listener);
+    return () => this.tokenListeners.delete(listener);
+  }
+
+  /** The HTTP-01 answers pending now (a worker that starts mid-order needs them). */
+  pendingTokens(): [string, string][] {
+    return [...this.tokens];
+  }
+
+  private tokensChanged(): void {
+    for (const l of this.tokenListeners) l(this.tokens);
+  }
 
   /** Gives a started listener what it needs to answer challenges (HTTP-01 on plain http listeners). */
   attachListener(listener: Listener, handle: ListenerHandle): void {
@@ -467,7 +483,11 @@ export class AcmeManager {
         hooks: {
           http01: (token, keyAuthorization) => {
             this.tokens.set(token, keyAuthorization);
-            return () => this.tokens.delete(token);
+            this.tokensChanged();
+            return () => {
+              this.tokens.delete(token);
+              this.tokensChanged();
+            };
           },
           tlsAlpn01: (name, certPem, keyPem) => {
             this.certs.setChallenge(name, certPem, keyPem);

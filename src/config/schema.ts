@@ -168,6 +168,12 @@ export const configSchema = z
   .strictObject({
     /** Name used in greetings and as the self-signed certificate's subject. */
     hostname: z.string().regex(/^[A-Za-z0-9.-]{1,253}$/, 'not a host name').optional(),
+    /**
+     * Worker processes serving clients: "auto" is one per core
+     * (os.availableParallelism()); 1 runs everything in one process.
+     * Read at start only (src/cluster).
+     */
+    workers: z.union([z.literal('auto'), z.number().int().min(1).max(64)]).default('auto'),
     log: z.strictObject({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info') }).default({ level: 'info' }),
     tls: z
       .strictObject({

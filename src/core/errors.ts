@@ -20,6 +20,7 @@ export const ErrorCodes = {
   AUTH_BUSY: 'Too many password verifications are waiting',
   HASH_INVALID: 'Not a supported password hash',
   BAN_INVALID: 'Ban request is invalid',
+  WORKER: 'A worker process failed to start or answer',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

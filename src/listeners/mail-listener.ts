@@ -44,7 +44,7 @@ export async function startMailListener(
       const server = createServer({ noDelay: true, pauseOnConnect: false }, onConnection);
       server.on('error', (err) => deps.log.error({ listener: current.name, err: err.message }, 'listener error'));
       servers.push(server);
-      addresses.push(await listenOn(server, addr, initial.name));
+      addresses.push(await listenOn(server, addr, initial.name, deps.sharedPorts === true));
     }
   } catch (err) {
     // A partial start is undone before the error goes up.

@@ -13,6 +13,8 @@ export interface ListenerDeps {
   policy: () => Policy;
   log: Logger;
   minVersion: 'TLSv1.2' | 'TLSv1.3';
+  /** A worker process: bind with SO_REUSEPORT beside the other workers (src/cluster). */
+  sharedPorts?: boolean;
 }
 
 export interface ListenerHandle {

@@ -6,8 +6,12 @@ import { formatHostPort, type HostPort } from './address.ts';
  * Binds a server and settles once: on 'listening', or on the 'error' that
  * races it (EADDRINUSE, EACCES), which becomes a coded error naming the address.
  * IPv6 wildcard sockets are v6-only so "0.0.0.0:993" and "[::]:993" can coexist.
+ *
+ * `shared`: the worker processes of one gateway each bind the same address
+ * (SO_REUSEPORT; the kernel spreads new connections over them), each on its
+ * own rather than through node:cluster's primary (`exclusive`).
  */
-export function listenOn(server: Server, addr: HostPort, listenerName: string): Promise<string> {
+export function listenOn(server: Server, addr: HostPort, listenerName: string, shared = false): Promise<string> {
   return new Promise((resolve, reject) => {
     const onError = (err: Error) => {
       server.off('listening', onListening);
@@ -20,7 +24,13 @@ export function listenOn(server: Server, addr: HostPort, listenerName: string): 
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.listen({ host: addr.host, port: addr.port, ipv6Only: isIP(addr.host) === 6, backlog: 1024 });
+    server.listen({
+      host: addr.host,
+      port: addr.port,
+      ipv6Only: isIP(addr.host) === 6,
+      backlog: 1024,
+      ...(shared ? { reusePort: true, exclusive: true } : {}),
+    });
   });
 }
 

@@ -53,6 +53,12 @@ export interface GatewayOptions {
   ports?: Record<string, number>;
   /** Node options before the script (load tests: --inspect=127.0.0.1:0 to measure the heap). */
   nodeArgs?: string[];
+  /**
+   * Worker processes (the config's `workers`). Default: $MAILGATE_E2E_WORKERS,
+   * else 1, so that a test's log and process assertions see one process;
+   * tests/e2e/workers.test.ts and `npm run test:workers` cover the cluster.
+   */
+  workers?: number | 'auto';
 }
 
 export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
@@ -65,8 +71,10 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
     ports[l.name] = port;
     listeners.push({ ...l, listen: `127.0.0.1:${port}` });
   }
+  const envWorkers = process.env.MAILGATE_E2E_WORKERS;
   const config: Record<string, unknown> = {
     hostname,
+    workers: opts.workers ?? (envWorkers === undefined ? 1 : envWorkers === 'auto' ? 'auto' : Number(envWorkers)),
     log: { level: opts.logLevel ?? 'debug' },
     tls: { dir: './certs' },
     timeouts: { shutdown_drain: '5s' },

@@ -1,0 +1,56 @@
+/**
+ * The lifecycle messages between the primary and a worker (the `t` values
+ * without a part prefix; see link.ts). Policy and registry messages are
+ * defined by their parts (policy-link.ts, registry-link.ts).
+ */
+import type { CertSnapshot } from '../tls/cert-store.ts';
+import type { ReloadResult } from '../main.ts';
+import type { StoreConfig } from '../policy/state.ts';
+import type { PolicySync } from './policy-link.ts';
+
+/** Concrete ports per listener name, in `listen:` order: what every worker binds (port 0 resolved once, by the primary). */
+export type PortPlan = Record<string, number[]>;
+
+export interface WorkerPlan {
+  ports: PortPlan;
+  /** How many workers share the listeners: each enforces its share of a listener's max_connections. */
+  workers: number;
+}
+
+export type ToWorker =
+  | {
+      t: 'start';
+      index: number;
+      plan: WorkerPlan;
+      certs: CertSnapshot;
+      /** base64 of the 48-byte session ticket keys. */
+      ticketKeys: string;
+      /** Pending HTTP-01 answers (token → key authorization). */
+      tokens: [string, string][];
+      /** The policy part's start-up state (policy-link.ts). */
+      policy: PolicySync;
+      /** The policy store the primary started with: a reload changes it only at the next restart, for every process alike. */
+      store: StoreConfig;
+    }
+  | { t: 'certs'; certs: CertSnapshot }
+  | { t: 'ticket-keys'; ticketKeys: string }
+  | { t: 'tokens'; tokens: [string, string][] }
+  | { t: 'reload'; id: number; plan: WorkerPlan }
+  | { t: 'stop'; drainMs: number };
+
+export type FromWorker =
+  | { t: 'ready'; addresses: Record<string, readonly string[]> }
+  | { t: 'start-failed'; error: string }
+  | { t: 'reloaded'; id: number; result: ReloadResult }
+  | { t: 'stopped' };
+
+const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop']);
+const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped']);
+
+export function isToWorker(m: { t: string }): m is ToWorker {
+  return TO_WORKER.has(m.t);
+}
+
+export function isFromWorker(m: { t: string }): m is FromWorker {
+  return FROM_WORKER.has(m.t);
+}

@@ -1,0 +1,283 @@
+/**
+ * Two worker processes (`workers: 2`) behind one primary, with real clients
+ * (Python's imaplib and ssl, curl) through the gateway to a real Dovecot and
+ * nginx: sessions land on both workers and the control socket sees them all;
+ * a kill reaches the worker that owns the session; a ban, a brute-force count
+ * and a concurrent-session limit hold across workers; a reload reaches every
+ * worker; a TLS session ticket from one worker resumes on the other; a dead
+ * worker is replaced; the workers stop with the primary, and without it.
+ */
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { ControlClient } from '../../src/control/client.ts';
+import type { SessionInfo } from '../../src/control/protocol.ts';
+import { ImapHolder } from './control-helpers.ts';
+import { eventually, python, run } from './harness/clients.ts';
+import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
+import { sleep } from './harness/proc.ts';
+import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
+
+let dovecot: Dovecot;
+let nginx: Nginx;
+let gw: Gateway;
+let holder: ImapHolder;
+const alice = userByName('alice');
+const bob = userByName('bob');
+
+before(async () => {
+  [dovecot, nginx] = await Promise.all([startDovecot(), startNginx()]);
+  gw = await startGateway({
+    workers: 2,
+    listeners: [
+      { name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` },
+      { name: 'https', protocol: 'http', tls: 'implicit', backend: `127.0.0.1:${nginx.port}` },
+      // Only for the concurrent-session test: the other tests open many sessions from one address.
+      { name: 'imaps-limited', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` },
+    ],
+    extra: {
+      brute_force: { per_address: { failures: 4, window: '10m', ban: '10m' }, per_address_user: { failures: 100 }, per_user: { failures: 1000 } },
+      rate_limits: [{ limit: 'concurrent', per: 'address', max: 3, listeners: ['imaps-limited'] }],
+    },
+    logLevel: 'info',
+  });
+  holder = new ImapHolder(gw.ports.imaps!, gw.certFile);
+});
+
+after(async () => {
+  await holder?.close();
+  await gw?.stop();
+  await Promise.all([dovecot?.stop(), nginx?.stop()]);
+});
+
+async function sessions(): Promise<SessionInfo[]> {
+  const c = await ControlClient.connect(join(gw.dir, 'control.sock'));
+  try {
+    return (await c.subscribe()).sessions;
+  } finally {
+    c.close();
+  }
+}
+
+/** The worker's pid is the session id's prefix (base 36). */
+function pidOf(id: string): number {
+  return Number.parseInt(id.split('-')[0]!, 36);
+}
+
+test('sessions land on both workers; the primary serves none and sees them all', async () => {
+  const names = Array.from({ length: 10 }, (_, i) => `s${i}`);
+  for (const n of names) assert.equal((await holder.open(n, alice.name, alice.password, '127.0.0.2')).ok, true, n);
+  const live = await eventually(sessions, (s) => s.filter((x) => x.user === alice.name).length === names.length);
+  const pids = new Set(live.filter((x) => x.user === alice.name).map((x) => pidOf(x.id)));
+  assert.equal(pids.size, 2, `10 sessions over SO_REUSEPORT should reach both workers, got pids ${[...pids].join(',')}`);
+  assert.ok(!pids.has(gw.proc.pid), 'the primary serves no client');
+  // `mailgate status` names the workers, with the pids that own the sessions.
+  const status = await run(process.execPath, [CLI, 'status', '-c', gw.configFile]);
+  assert.equal(status.code, 0, status.stderr);
+  const line = status.stdout.split('\n').find((l) => l.startsWith('workers 2: '));
+  assert.ok(line, status.stdout);
+  for (const pid of pids) assert.match(line, new RegExp(`pid ${pid} ready`));
+  for (const n of names) assert.equal((await holder.logout(n)).ok, true);
+  await eventually(sessions, (s) => s.every((x) => x.user !== alice.name));
+});
+
+test('kill by session id reaches the worker that owns it', async () => {
+  const names = Array.from({ length: 8 }, (_, i) => `k${i}`);
+  for (const n of names) assert.equal((await holder.open(n, bob.name, bob.password, '127.0.0.3')).ok, true);
+  const live = await eventually(sessions, (s) => s.filter((x) => x.user === bob.name).length === names.length);
+  const byPid = new Map<number, SessionInfo>();
+  for (const s of live.filter((x) => x.user === bob.name)) byPid.set(pidOf(s.id), s);
+  assert.equal(byPid.size, 2);
+  const c = await ControlClient.connect(join(gw.dir, 'control.sock'));
+  try {
+    for (const s of byPid.values()) await c.request('kill', { id: s.id });
+  } finally {
+    c.close();
+  }
+  const left = await eventually(sessions, (s) => s.filter((x) => x.user === bob.name).length === names.length - 2);
+  for (const s of byPid.values()) assert.ok(!left.some((x) => x.id === s.id), `${s.id} was killed`);
+  let failed = 0;
+  for (const n of names) if (!(await holder.noop(n)).ok) failed++;
+  assert.equal(failed, 2, 'exactly the two killed sessions are gone');
+  for (const n of names) await holder.logout(n);
+});
+
+/** Opens one IMAPS connection from `source` and returns the first line the gateway sends (empty when it closes without one). */
+async function greeting(source: string): Promise<string> {
+  return python<string>(
+    String.raw`
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[3])
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10, source_address=(sys.argv[2], 0))
+try:
+    t = ctx.wrap_socket(s, server_hostname='mail.e2e.test')
+    out(t.recv(200).decode('latin1').split('\r\n')[0])
+except (ssl.SSLError, ConnectionError, OSError):
+    out('')
+`,
+    [gw.ports.imaps!, source, gw.certFile],
+  ).then((r) => String(r));
+}
+
+test('a ban from the control socket applies in every worker', async () => {
+  const c = await ControlClient.connect(join(gw.dir, 'control.sock'));
+  try {
+    await c.request('ban', { ip: '127.0.0.4', seconds: 600, reason: 'e2e' });
+    // Ten connections: both workers answer (SO_REUSEPORT spreads source ports).
+    await eventually(
+      async () => Promise.all(Array.from({ length: 10 }, () => greeting('127.0.0.4'))),
+      (lines) => lines.every((l) => !l.startsWith('* OK')),
+    );
+    assert.match(await greeting('127.0.0.5'), /^\* OK/, 'other addresses are served');
+    await c.request('unban', { ip: '127.0.0.4' });
+    await eventually(
+      async () => Promise.all(Array.from({ length: 6 }, () => greeting('127.0.0.4'))),
+      (lines) => lines.every((l) => l.startsWith('* OK')),
+    );
+  } finally {
+    c.close();
+  }
+});
+
+test('failed logins are counted across workers: the fourth bans the address everywhere', async () => {
+  // Four failures, each on a new connection, so they are spread over both workers.
+  for (let i = 0; i < 4; i++) {
+    const r = await holder.open(`bf${i}`, alice.name, 'wrong-password', '127.0.0.6');
+    assert.equal(r.ok, false);
+  }
+  await gw.waitForLog((l) => l.msg === 'banned after failed logins' && l.client === '127.0.0.6');
+  const lines = await eventually(
+    async () => Promise.all(Array.from({ length: 8 }, () => greeting('127.0.0.6'))),
+    (ls) => ls.every((l) => !l.startsWith('* OK')),
+  );
+  assert.equal(lines.length, 8);
+  const c = await ControlClient.connect(join(gw.dir, 'control.sock'));
+  try {
+    await c.request('unban', { ip: '127.0.0.6' });
+  } finally {
+    c.close();
+  }
+});
+
+test('a concurrent-session limit per address holds across workers', async () => {
+  const limited = new ImapHolder(gw.ports['imaps-limited']!, gw.certFile);
+  try {
+    const ok: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const r = await limited.open(`c${i}`, bob.name, bob.password, '127.0.0.7');
+      if (r.ok) ok.push(`c${i}`);
+      // The counts travel through the primary: give them a moment before the next connection.
+      await sleep(100);
+    }
+    assert.equal(ok.length, 3, `max 3 at once from one address, across both workers; got ${ok.length}`);
+    for (const n of ok) await limited.logout(n);
+  } finally {
+    await limited.close();
+  }
+});
+
+test('a TLS session ticket from one worker resumes on the other', async () => {
+  const reused = await python<number[]>(
+    String.raw`
+import socket, ssl, sys, json
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+def once(session):
+    s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)
+    t = ctx.wrap_socket(s, server_hostname='mail.e2e.test', session=session)
+    t.recv(200)
+    r = (t.session_reused, t.session)
+    t.close()
+    return r
+_, sess = once(None)
+out = []
+for i in range(12):
+    r, _ = once(sess)
+    out.append(1 if r else 0)
+print(json.dumps(out))
+`,
+    [gw.ports.imaps!, gw.certFile],
+  );
+  assert.deepEqual(reused, Array(12).fill(1), 'every resumption succeeds, whichever worker gets it');
+});
+
+test('HTTPS works through the workers, a new connection per request', async () => {
+  const url = `https://mail.e2e.test:${gw.ports.https}/`;
+  const r = await run('curl', ['-sS', '--cacert', gw.certFile, '--resolve', `mail.e2e.test:${gw.ports.https}:127.0.0.1`, '-H', 'Connection: close', '-w', '%{http_code}\\n', ...Array.from({ length: 6 }, () => ['-o', '/dev/null', url]).flat()]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(r.stdout.trim().split('\n'), Array(6).fill('200'));
+});
+
+test('a reload reaches every worker', async () => {
+  await gw.rewrite((c) => {
+    (c.listeners as Record<string, unknown>[]).push({ name: 'pop3s', protocol: 'pop3', tls: 'implicit', backend: `127.0.0.1:${dovecot.pop3Port}`, listen: '127.0.0.1:0' });
+  });
+  gw.signal('SIGHUP');
+  // The primary reports once every worker has answered; each worker logs its own reload.
+  const line = await gw.waitForLog((l) => l.msg === 'configuration reloaded' && l.worker === undefined);
+  assert.equal(line.workers, 2);
+  assert.deepEqual(line.started, ['pop3s']);
+  const byWorker = await eventually(
+    async () => (await gw.logs()).filter((l) => l.msg === 'configuration reloaded' && l.worker !== undefined).map((l) => Number(l.worker)),
+    (w) => w.length >= 2,
+  );
+  assert.deepEqual([...byWorker].sort(), [1, 2]);
+  // The new listener answers, whichever worker takes the connection.
+  const port = Number(((await gw.logs()).find((l) => l.msg === 'listener up' && l.listener === 'pop3s')?.addresses as string[])[0]!.split(':')[1]);
+  for (let i = 0; i < 6; i++) {
+    const greeting = await python<string>(
+      String.raw`
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)
+t = ctx(sys.argv[2]).wrap_socket(s, server_hostname='mail.e2e.test')
+out(t.recv(200).decode('latin1').split('\r\n')[0])
+`,
+      [port, gw.certFile],
+    );
+    assert.match(greeting, /^\+OK/);
+  }
+});
+
+test('a worker that dies is replaced, and service goes on', async () => {
+  assert.equal((await holder.open('d0', alice.name, alice.password)).ok, true);
+  const live = await eventually(sessions, (s) => s.some((x) => x.user === alice.name));
+  const victim = pidOf(live.find((x) => x.user === alice.name)!.id);
+  process.kill(victim, 'SIGKILL');
+  await gw.waitForLog((l) => l.msg === 'worker restarted');
+  // The dead worker's session is gone from the primary's view; new connections all work.
+  await eventually(sessions, (s) => s.every((x) => pidOf(x.id) !== victim));
+  for (let i = 0; i < 8; i++) assert.match(await greeting('127.0.0.8'), /^\* OK/);
+  await holder.logout('d0').catch(() => undefined);
+});
+
+test('the workers stop with the primary (SIGTERM), and on their own when it is killed', async () => {
+  const other = await startGateway({
+    workers: 2,
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    logLevel: 'info',
+  });
+  try {
+    const pidsOf = async () => {
+      const r = await run('pgrep', ['-P', String(other.proc.pid)]);
+      return r.stdout.trim().split('\n').filter(Boolean).map(Number);
+    };
+    const workers = await pidsOf();
+    assert.equal(workers.length, 2);
+    process.kill(other.proc.pid, 'SIGKILL');
+    await eventually(
+      async () => workers.filter((p) => alive(p)),
+      (l) => l.length === 0,
+      10_000,
+    );
+  } finally {
+    await other.stop();
+  }
+  // The main gateway's SIGTERM path is exercised by after(): it must end within the harness' stop deadline.
+});
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
