@@ -181,6 +181,33 @@ export async function chownR(p: string, uid: number, gid: number): Promise<void>
 
 const handedOut = new Set<number>();
 
+/**
+ * Test files run in parallel processes: a port one of them has picked but not
+ * yet bound (a daemon takes a second to start) looks free to the others. A
+ * file per port in a shared folder, created exclusively, claims it across
+ * processes; claims older than PORT_CLAIM_MS are stale (a run that died).
+ */
+const PORT_CLAIMS = path.join(os.tmpdir(), 'mailgate-e2e-ports');
+const PORT_CLAIM_MS = 10 * 60 * 1000;
+
+function claim(port: number): boolean {
+  const file = path.join(PORT_CLAIMS, String(port));
+  try {
+    fs.mkdirSync(PORT_CLAIMS, { recursive: true });
+    fs.writeFileSync(file, String(process.pid), { flag: 'wx' });
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    try {
+      if (Date.now() - fs.statSync(file).mtimeMs < PORT_CLAIM_MS) return false;
+      fs.writeFileSync(file, String(process.pid));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}
+
 function tryBind(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const s = net.createServer();
@@ -204,7 +231,7 @@ function ephemeralRange(): [number, number] {
  * A free TCP port on 127.0.0.1. Ports are picked at random from 20000..(start of
  * the kernel's ephemeral range) so they cannot collide with outgoing connections'
  * source ports or port-0 listeners, are checked by binding, and are never handed
- * out twice by the same process.
+ * out twice, by this process or (claims, above) by another test process.
  */
 export async function freePort(): Promise<number> {
   const [ephLo] = ephemeralRange();
@@ -214,7 +241,7 @@ export async function freePort(): Promise<number> {
     for (let i = 0; i < 200; i++) {
       const port = lo + Math.floor(Math.random() * (hi - lo));
       if (handedOut.has(port)) continue;
-      if (await tryBind(port)) {
+      if ((await tryBind(port)) && claim(port)) {
         handedOut.add(port);
         return port;
       }
