@@ -12,7 +12,7 @@
  *   worker's or an admin's in the primary, is broadcast to every worker's
  *   local view. Redis store: Redis and its pub/sub, as between gateways.
  * - Sessions open per address and logged in per user, both stores: a worker
- *   reports its changes once per event-loop turn; the primary keeps each
+ *   reports its changes every REPORT_MS; the primary keeps each
  *   worker's counts and answers every other worker with its new view of the
  *   keys that changed (absolute counts, so a view is right after any one
  *   message). The primary's own state answers the totals (control socket).
@@ -29,6 +29,14 @@ import { MemoryBanStore, type Ban, type BanChange, type BanStore } from '../poli
 import type { SharedLimiter } from '../policy/counters.ts';
 import { bump, PolicyState, storeKind, type SessionKind, type SharedSessions, type StoreConfig } from '../policy/state.ts';
 import type { Message, PrimaryLink, WorkerLink } from './link.ts';
+
+/**
+ * How often a worker reports its session count changes. Each report is an IPC
+ * message, and an answer to every other worker; batching them for 20 ms (not
+ * per event-loop turn) keeps that cost flat under load, while a concurrent
+ * limit still sees the other workers' sessions within a few tens of ms.
+ */
+const REPORT_MS = 20;
 
 /** How long a worker waits for the primary (ban changes, counters) before it fails or falls back. */
 const PRIMARY_TIMEOUT_MS = 1000;
@@ -96,6 +104,8 @@ export interface WorkerPolicyOptions {
   timeoutMs?: number;
   /** Injected for tests; ms since epoch. */
   clock?: () => number;
+  /** How often session count changes are reported; 0 = at the end of each event-loop turn (tests). Default REPORT_MS. */
+  reportMs?: number;
   /** Tests: the memory store's shared limiter, instead of the cluster limiters (they need node:cluster's channel). */
   limiter?: SharedLimiter;
 }
@@ -113,7 +123,7 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
     throw new MailgateError('POLICY_STORE', `policy link: the primary keeps a ${opts.initial.store} policy store, this worker was given ${kind}`);
   }
   const timeoutMs = opts.timeoutMs ?? PRIMARY_TIMEOUT_MS;
-  const sessions = new WorkerSessions(link, log);
+  const sessions = new WorkerSessions(link, log, opts.reportMs ?? REPORT_MS);
   const bans = kind === 'memory' ? new ClusterBanStore(link, log, timeoutMs) : undefined;
   const limiters = kind === 'memory' && !opts.limiter ? new WorkerLimiters(timeoutMs) : undefined;
   const limiter = opts.limiter ?? limiters?.make;
@@ -205,14 +215,16 @@ class WorkerSessions implements SharedSessions {
   private readonly log: Logger;
   /** The other workers' counts: only keys with sessions, so as many as there are sessions elsewhere. */
   private readonly elsewhere: Record<SessionKind, Map<string, Map<string, number>>> = { open: new Map(), login: new Map() };
-  /** Changes not yet reported; at most one event-loop turn's worth. */
+  /** Changes not yet reported; at most REPORT_MS worth. */
   private readonly pending = new Map<string, SessionDelta>();
-  private flush: NodeJS.Immediate | undefined;
+  private flush: (() => void) | undefined;
+  private readonly reportMs: number;
   private closed = false;
 
-  constructor(link: PrimaryLink, log: Logger) {
+  constructor(link: PrimaryLink, log: Logger, reportMs: number) {
     this.link = link;
     this.log = log;
+    this.reportMs = reportMs;
   }
 
   changed(kind: SessionKind, key: string, listener: string, delta: number): void {
@@ -222,8 +234,16 @@ class WorkerSessions implements SharedSessions {
     if (!d) this.pending.set(id, [kind, key, listener, delta]);
     else if (d[3] + delta === 0) this.pending.delete(id);
     else d[3] += delta;
-    // One message per turn: a burst of connections is one IPC message, not one each.
-    this.flush ??= setImmediate(() => this.report());
+    // One message per reportMs: a burst of connections is one IPC message, not one each, and a
+    // connection that opens and closes within it costs none (its changes cancel out).
+    if (this.flush) return;
+    if (this.reportMs > 0) {
+      const t = setTimeout(() => this.report(), this.reportMs);
+      this.flush = () => clearTimeout(t);
+    } else {
+      const i = setImmediate(() => this.report());
+      this.flush = () => clearImmediate(i);
+    }
   }
 
   others(kind: SessionKind, key: string): ReadonlyMap<string, number> | undefined {
@@ -248,7 +268,7 @@ class WorkerSessions implements SharedSessions {
   /** Unreported changes are dropped: the primary forgets this worker's counts when it is gone (workerGone). */
   close(): void {
     this.closed = true;
-    if (this.flush) clearImmediate(this.flush);
+    this.flush?.();
     this.flush = undefined;
     this.pending.clear();
   }

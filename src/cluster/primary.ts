@@ -68,8 +68,9 @@ export class ClusterPrimary implements Daemon {
   private readonly slots: Slot[] = [];
   private readonly mirror: RegistryMirror;
   private readonly ticketKeys = new TicketKeys();
-  private authority: PolicyAuthority | undefined;
-  private engine: PolicyEngine | undefined;
+  private readonly authority: PolicyAuthority;
+  /** The engine's admin side answers the control socket's bans; workers run their own engines. */
+  private engine: PolicyEngine;
   private controlPlane: ControlPlane | undefined;
   private acme: AcmeManager | undefined;
   private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
@@ -84,11 +85,13 @@ export class ClusterPrimary implements Daemon {
   private readonly store: Config['policy_store'];
   private certsQueued = false;
 
-  private constructor(config: Config, certs: CertStore, count: number, log: Logger) {
+  private constructor(config: Config, certs: CertStore, count: number, log: Logger, authority: PolicyAuthority) {
     this.config = config;
     this.certs = certs;
     this.count = count;
     this.log = log;
+    this.authority = authority;
+    this.engine = PolicyEngine.fromConfig(config, authority.state, log);
     this.mirror = new RegistryMirror(this.registry);
     this.store = config.policy_store;
   }
@@ -96,7 +99,16 @@ export class ClusterPrimary implements Daemon {
   static async start(config: Config, log: Logger, count: number): Promise<ClusterPrimary> {
     for (const w of config.warnings) log.warn({ file: config.file }, w);
     const certs = await buildCertStore(config, log);
-    const p = new ClusterPrimary(config, certs, count, log);
+    let primary: ClusterPrimary | undefined;
+    const authority = await PolicyAuthority.create({ store: config.policy_store, log, workers: () => primary?.live() ?? [] });
+    let p: ClusterPrimary;
+    try {
+      p = new ClusterPrimary(config, certs, count, log, authority);
+    } catch (err) {
+      await authority.close();
+      throw err;
+    }
+    primary = p;
     try {
       certs.setTicketKeys(p.ticketKeys.current);
       p.ticketKeys.onRotate((keys) => {
@@ -106,8 +118,6 @@ export class ClusterPrimary implements Daemon {
       certs.onAnyChange((c) => {
         if (c.kind !== 'ticket-keys') p.queueCerts();
       });
-      p.authority = await PolicyAuthority.create({ store: config.policy_store, log, workers: () => p.live() });
-      p.engine = PolicyEngine.fromConfig(config, p.authority.state, log);
       p.controlPlane = await startControlPlane(p, log);
       p.acme = AcmeManager.fromConfig(config, certs, log);
       const control = p.controlPlane.control;
@@ -136,8 +146,8 @@ export class ClusterPrimary implements Daemon {
     return this.certs;
   }
 
-  get bans(): BanAdmin | undefined {
-    return this.engine?.bans;
+  get bans(): BanAdmin {
+    return this.engine.bans;
   }
 
   addresses(): Record<string, readonly string[]> {
@@ -243,7 +253,7 @@ export class ClusterPrimary implements Daemon {
         certs: this.certs.snapshot(),
         ticketKeys: this.ticketKeys.current.toString('base64'),
         tokens: [...(this.acme?.pendingTokens() ?? [])],
-        policy: this.authority!.syncFor(slot),
+        policy: this.authority.syncFor(slot),
         store: this.store,
       });
     });
@@ -258,7 +268,7 @@ export class ClusterPrimary implements Daemon {
     for (const w of slot.waiters.values()) w({ ok: false, error: `worker ${slot.index} exited`, started: [], stopped: [], updated: [] });
     slot.waiters.clear();
     this.mirror.workerGone(slot);
-    this.authority?.workerGone(slot);
+    this.authority.workerGone(slot);
     if (this.stopping || was === 'stopping') return;
     const lived = Date.now() - slot.startedAt;
     slot.failures = lived > STABLE_MS ? 1 : slot.failures + 1;
@@ -280,7 +290,7 @@ export class ClusterPrimary implements Daemon {
     if (!msg) return;
     const slot = this.slots.find((s) => s.worker === worker);
     if (!slot) return;
-    if (this.mirror.handle(slot, msg) || this.authority?.handle(slot, msg)) return;
+    if (this.mirror.handle(slot, msg) || this.authority.handle(slot, msg)) return;
     if (!isFromWorker(msg)) {
       this.log.warn({ worker: slot.index, type: msg.t }, 'unknown message from a worker');
       return;
@@ -329,12 +339,12 @@ export class ClusterPrimary implements Daemon {
       return { ok: false, error, started: [], stopped: [], updated: [] };
     };
     let next: Config;
-    let engine: PolicyEngine | undefined;
+    let engine: PolicyEngine;
     let certs: CertStore;
     let ports: PortPlan;
     try {
       next = loadConfigFile(this.config.file);
-      if (this.authority) engine = PolicyEngine.fromConfig(next, this.authority.state, this.log);
+      engine = PolicyEngine.fromConfig(next, this.authority.state, this.log);
       AcmeManager.check(next, this.log);
       certs = await buildCertStore(next, this.log);
       ports = await planPorts(next.listeners, { plan: this.ports, listeners: this.config.listeners });
@@ -344,7 +354,7 @@ export class ClusterPrimary implements Daemon {
     for (const w of next.warnings) this.log.warn({ file: next.file }, w);
     if (JSON.stringify(next.policy_store) !== JSON.stringify(this.store)) this.log.warn({ running: this.store.type, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
     if (next.workers !== this.config.workers) this.log.warn({ running: this.count, configured: next.workers }, 'workers changes take effect at the next restart');
-    if (engine) this.engine = engine;
+    this.engine = engine;
     // Certificates first (same channel, so they arrive before the reload).
     this.certs.replaceWith(certs);
     this.broadcast({ t: 'certs', certs: this.certs.snapshot() });
@@ -421,7 +431,7 @@ export class ClusterPrimary implements Daemon {
     this.offAcmeTokens?.();
     this.ticketKeys.stop();
     await this.controlPlane?.close();
-    await this.authority?.close();
+    await this.authority.close();
     this.log.info('stopped');
   }
 }

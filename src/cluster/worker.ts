@@ -53,7 +53,8 @@ export async function runWorker(file: string, log: Logger): Promise<number> {
     const p = await createWorkerPolicyState({ store: start.store, log: wlog, link, initial: start.policy });
     policy = p;
     const registry = new SessionRegistry();
-    const fwd = new RegistryForwarder(registry, link);
+    // Events go out every 20 ms rather than every turn: one IPC message for many sessions under load; the dashboard flushes every 200 ms anyway.
+    const fwd = new RegistryForwarder(registry, link, { flushMs: 20 });
     forwarder = fwd;
     // Reload and stop need the gateway; everything else applies at once, even while it starts.
     let gatewayStarted!: (g: GatewayType) => void;

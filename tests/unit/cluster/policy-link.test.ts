@@ -85,7 +85,8 @@ class FakeCluster {
       if (!l) this.limiters.set(o.keyPrefix, (l = new RateLimiterMemory(o)));
       return l;
     };
-    const policy = await createWorkerPolicyState({ store: this.store, log: silentLog, link: toPrimary, initial, limiter });
+    // Reports at the end of each turn (not every 20 ms) so that quiet() sees them through; the batching has its own test.
+    const policy = await createWorkerPolicyState({ store: this.store, log: silentLog, link: toPrimary, initial, limiter, reportMs: 0 });
     const changes: BanChange[] = [];
     policy.state.bans.onChange((c) => changes.push(c));
     target = { link, policy, changes };
@@ -326,11 +327,35 @@ test('a worker refuses a sync for another store type', async () => {
   );
 });
 
+test('session changes are reported in one message per 20 ms, and a connection that opens and closes within it in none', async () => {
+  const sent: Message[] = [];
+  const policy = await loneWorker({ timeoutMs: 1000, sent, reportMs: undefined });
+  try {
+    const reports = () => sent.filter((m) => m.t === 'policy.sessions') as (Message & { changes: unknown[] })[];
+    policy.state.connectionOpened('imaps', '192.0.2.1');
+    await sleep(2);
+    policy.state.connectionOpened('imaps', '192.0.2.2');
+    policy.state.connectionOpened('imaps', '192.0.2.3');
+    policy.state.connectionClosed('imaps', '192.0.2.3');
+    await sleep(5);
+    assert.equal(reports().length, 0, 'nothing before the 20 ms are up');
+    await sleep(40);
+    assert.equal(reports().length, 1, 'one message for the burst');
+    assert.deepEqual(reports()[0]!.changes, [
+      ['open', '192.0.2.1', 'imaps', 1],
+      ['open', '192.0.2.2', 'imaps', 1],
+    ]);
+  } finally {
+    await policy.close();
+  }
+});
+
 // ---- requests without an answer ---------------------------------------------------------------------
 
 /** A worker whose primary link only records what it is sent. */
-function loneWorker(opts: { log?: Logger; timeoutMs: number; sent?: Message[] }): Promise<WorkerPolicy> {
+function loneWorker(opts: { log?: Logger; timeoutMs: number; sent?: Message[]; reportMs?: number | undefined }): Promise<WorkerPolicy> {
   return createWorkerPolicyState({
+    ...(opts.reportMs === undefined ? {} : { reportMs: opts.reportMs }),
     store: MEMORY,
     log: opts.log ?? silentLog,
     link: { send: (m) => opts.sent?.push(m) },
