@@ -59,8 +59,9 @@ function presented(port: number): Promise<string> {
   });
 }
 
+/** Lines of the gateway itself: with workers (MAILGATE_E2E_WORKERS), each worker logs its own reload too, with a `worker` field. */
 function count(logs: LogLine[], msg: string): number {
-  return logs.filter((l) => l.msg === msg).length;
+  return logs.filter((l) => l.msg === msg && l.worker === undefined).length;
 }
 
 test(`${SESSIONS} held sessions through ${RELOADS} reloads with certificate swaps: nothing dropped`, { timeout: 600_000 }, async (t) => {
@@ -97,7 +98,7 @@ test(`${SESSIONS} held sessions through ${RELOADS} reloads with certificate swap
     const deadline = Date.now() + 30_000;
     for (;;) {
       const logs = await gw.logs();
-      assert.equal(count(logs, 'reload refused, keeping the running configuration'), 0, 'no reload was refused');
+      assert.ok(!logs.some((l) => l.msg === 'reload refused, keeping the running configuration' || l.msg === 'reload failed in a worker'), 'no reload was refused');
       if (count(logs, 'configuration reloaded') >= i) break;
       assert.ok(Date.now() < deadline, `reload ${i} did not finish`);
       await sleep(20);
