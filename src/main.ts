@@ -177,17 +177,12 @@ export class Gateway implements Daemon {
 
   /** Reload: ACME starts, follows the new settings, or stops, after the listeners are in place. */
   private async reloadAcme(next: Config): Promise<void> {
-    if (!next.acme) {
-      await this.acme?.stop();
-      this.acme = undefined;
-    } else if (this.acme) {
-      await this.acme.update(next);
-    } else {
-      this.acme = AcmeManager.fromConfig(next, this.certs, this.log);
-      this.watchAcme?.(this.acme);
-      for (const r of this.running.values()) this.acme?.attachListener(r.listener, r.handle);
-      await this.acme?.start();
-    }
+    const { acme, created } = await AcmeManager.afterReload(this.acme, next, this.certs, this.log);
+    this.acme = acme;
+    if (!created || !acme) return;
+    this.watchAcme?.(acme);
+    for (const r of this.running.values()) acme.attachListener(r.listener, r.handle);
+    await acme.start();
   }
 
   /**

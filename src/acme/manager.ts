@@ -133,6 +133,23 @@ export class AcmeManager {
     readCaBundle(s);
   }
 
+  /**
+   * What a reload does to ACME: the running manager follows the new settings,
+   * or stops when the section is gone; without one, a new manager is made
+   * (`created`: not started, so that the caller can attach it first).
+   */
+  static async afterReload(current: AcmeManager | undefined, next: Config, certs: CertStore, log: Logger): Promise<{ acme: AcmeManager | undefined; created: boolean }> {
+    if (!next.acme) {
+      await current?.stop();
+      return { acme: undefined, created: false };
+    }
+    if (current) {
+      await current.update(next);
+      return { acme: current, created: false };
+    }
+    return { acme: AcmeManager.fromConfig(next, certs, log), created: true };
+  }
+
   /** undefined when the config has no `acme:` section. */
   static fromConfig(config: Config, certs: CertStore, log: Logger, opts: AcmeManagerOptions = {}): AcmeManager | undefined {
     const s = acmeSettings(config);

@@ -25,7 +25,7 @@ import cluster from 'node:cluster';
 import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, type RateLimiterAbstract } from 'rate-limiter-flexible';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { MemoryBanStore, type Ban, type BanChange, type BanStore } from '../policy/bans.ts';
+import { ViewedBanStore, type Ban, type BanChange } from '../policy/bans.ts';
 import type { SharedLimiter } from '../policy/counters.ts';
 import { bump, PolicyState, storeKind, type SessionKind, type SharedSessions, type StoreConfig } from '../policy/state.ts';
 import type { Message, PrimaryLink, WorkerLink } from './link.ts';
@@ -299,9 +299,7 @@ interface PendingRequest {
  * synchronously (and check/list too: the view follows the primary within a
  * message); changes are the primary's to make, and come back as broadcasts.
  */
-export class ClusterBanStore implements BanStore {
-  /** The view, kept by the primary's broadcasts. */
-  readonly local = new MemoryBanStore();
+export class ClusterBanStore extends ViewedBanStore {
   private readonly link: PrimaryLink;
   private readonly log: Logger;
   private readonly timeoutMs: number;
@@ -310,25 +308,10 @@ export class ClusterBanStore implements BanStore {
   private closed = false;
 
   constructor(link: PrimaryLink, log: Logger, timeoutMs: number) {
+    super();
     this.link = link;
     this.log = log;
     this.timeoutMs = timeoutMs;
-  }
-
-  cached(id: string, now: number): Ban | undefined {
-    return this.local.cached(id, now);
-  }
-
-  rangeBanFor(ip: string, now: number): Ban | undefined {
-    return this.local.rangeBanFor(ip, now);
-  }
-
-  cachedList(now: number): Ban[] {
-    return this.local.cachedList(now);
-  }
-
-  onChange(listener: (change: BanChange) => void): () => void {
-    return this.local.onChange(listener);
   }
 
   async check(id: string, now: number): Promise<Ban | undefined> {

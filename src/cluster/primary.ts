@@ -388,17 +388,12 @@ export class ClusterPrimary implements Daemon {
   }
 
   private async reloadAcme(next: Config): Promise<void> {
-    if (!next.acme) {
-      await this.acme?.stop();
-      this.acme = undefined;
-    } else if (this.acme) {
-      await this.acme.update(next);
-      return;
-    } else {
-      this.acme = AcmeManager.fromConfig(next, this.certs, this.log);
-    }
+    const before = this.acme;
+    const { acme, created } = await AcmeManager.afterReload(before, next, this.certs, this.log);
+    this.acme = acme;
+    if (acme === before) return;
     this.followAcme();
-    await this.acme?.start();
+    if (created) await acme?.start();
   }
 
   stop(drainMs = this.config.shutdownDrain): Promise<void> {

@@ -12,13 +12,12 @@
  *   worker (`registry.kill`); when a worker exits, its sessions end there.
  */
 import type { CloseReason } from '../protocols/types.ts';
-import type { RegistryEvents, SessionControl, SessionRecord, SessionRegistry } from '../session/registry.ts';
+import { LIVE_FIELDS, liveFields, type LiveField, type LiveFields, type RegistryEvents, type SessionControl, type SessionRecord, type SessionRegistry } from '../session/registry.ts';
 import type { Message, PrimaryLink, WorkerLink } from './link.ts';
 
-/** The fields of a session that change while it lives; the rest is fixed at `opened`. */
-const MUTABLE = ['state', 'lastActivity', 'bytesIn', 'bytesOut', 'user', 'backend', 'tlsVersion', 'tlsCipher', 'messages', 'recipients'] as const;
-type MutableField = (typeof MUTABLE)[number];
-type Mutable = Pick<SessionRecord, MutableField>;
+const MUTABLE = LIVE_FIELDS;
+type MutableField = LiveField;
+type Mutable = LiveFields;
 
 /** One registry event, as it happened on a worker. */
 export type RegistryEvent = { [K in keyof RegistryEvents]: { e: K; p: RegistryEvents[K] } }[keyof RegistryEvents];
@@ -134,7 +133,7 @@ export class RegistryForwarder {
 
   /** opened/authenticated: the registry hands out the live record, so it is copied as it is now. */
   private record(e: 'opened' | 'authenticated', r: SessionRecord): void {
-    this.sent.set(r.id, pick(r));
+    this.sent.set(r.id, liveFields(r));
     this.push({ e, p: { ...r } });
   }
 
@@ -316,20 +315,6 @@ export class RegistryMirror {
   }
 }
 
-function pick(r: Mutable): Mutable {
-  return {
-    state: r.state,
-    lastActivity: r.lastActivity,
-    bytesIn: r.bytesIn,
-    bytesOut: r.bytesOut,
-    user: r.user,
-    backend: r.backend,
-    tlsVersion: r.tlsVersion,
-    tlsCipher: r.tlsCipher,
-    messages: r.messages,
-    recipients: r.recipients,
-  };
-}
 
 /** Puts field `k` of `now` into `out` and `sent` when it differs from what was sent. */
 function copyIfChanged<K extends MutableField>(sent: Mutable, now: Mutable, out: Partial<Mutable>, k: K): boolean {

@@ -19,7 +19,7 @@ import type { z } from 'zod';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
-import type { SessionRecord } from '../session/registry.ts';
+import { liveFields, sameLiveFields, type LiveFields, type SessionRecord } from '../session/registry.ts';
 import type { CertInfo } from '../tls/cert-store.ts';
 import {
   commandArgs,
@@ -119,17 +119,6 @@ interface Client {
   closed: boolean;
 }
 
-interface Signature {
-  state: string;
-  lastActivity: number;
-  bytesIn: number;
-  bytesOut: number;
-  user: string | null;
-  backend: string | null;
-  tlsVersion: string | null;
-  messages: number;
-  recipients: number;
-}
 
 export class ControlServer {
   private readonly target: ControlTarget;
@@ -142,7 +131,7 @@ export class ControlServer {
   private readonly queue: { seq: number; event: ControlEvent }[] = [];
   /** Kept for the snapshot, so a dashboard that connects late still sees what happened. */
   private readonly recent: ControlEvent[] = [];
-  private readonly signatures = new Map<string, Signature>();
+  private readonly signatures = new Map<string, LiveFields>();
   private readonly cleanups: (() => void)[] = [];
   private banUnsubscribe: (() => void) | undefined;
   private seq = 0;
@@ -242,11 +231,11 @@ export class ControlServer {
     const { registry, certificates } = this.target;
     this.cleanups.push(
       registry.on('opened', (r) => {
-        this.signatures.set(r.id, signature(r));
+        this.signatures.set(r.id, liveFields(r));
         this.publish({ type: 'opened', at: Date.now(), session: sessionInfo(r) });
       }),
       registry.on('authenticated', (r) => {
-        this.signatures.set(r.id, signature(r));
+        this.signatures.set(r.id, liveFields(r));
         this.publish({ type: 'authenticated', at: Date.now(), session: sessionInfo(r) });
       }),
       registry.on('closed', (r) => {
@@ -400,7 +389,7 @@ export class ControlServer {
     if (first) {
       // Nothing was tracked while nobody listened: start the per-session change tracking from now.
       this.signatures.clear();
-      for (const r of this.target.registry.list()) this.signatures.set(r.id, signature(r));
+      for (const r of this.target.registry.list()) this.signatures.set(r.id, liveFields(r));
     }
     client.subscribed = true;
     client.snapshotSeq = this.seq;
@@ -459,8 +448,8 @@ export class ControlServer {
     const out: ControlEvent[] = [];
     for (const r of this.target.registry.list()) {
       const prev = this.signatures.get(r.id);
-      if (prev && sameSignature(prev, r)) continue;
-      this.signatures.set(r.id, signature(r));
+      if (prev && sameLiveFields(prev, r)) continue;
+      this.signatures.set(r.id, liveFields(r));
       out.push({
         type: 'update',
         id: r.id,
@@ -692,33 +681,7 @@ export function certStatus(info: CertInfo, renewal: CertStatus['renewal'], now =
   };
 }
 
-function signature(r: SessionRecord): Signature {
-  return {
-    state: r.state,
-    lastActivity: r.lastActivity,
-    bytesIn: r.bytesIn,
-    bytesOut: r.bytesOut,
-    user: r.user,
-    backend: r.backend,
-    tlsVersion: r.tlsVersion,
-    messages: r.messages,
-    recipients: r.recipients,
-  };
-}
 
-function sameSignature(s: Signature, r: SessionRecord): boolean {
-  return (
-    s.bytesIn === r.bytesIn &&
-    s.bytesOut === r.bytesOut &&
-    s.state === r.state &&
-    s.lastActivity === r.lastActivity &&
-    s.user === r.user &&
-    s.backend === r.backend &&
-    s.tlsVersion === r.tlsVersion &&
-    s.messages === r.messages &&
-    s.recipients === r.recipients
-  );
-}
 
 /** A BlockList for a CIDR block, or the address itself. */
 function blockFor(ip: string): BlockList | string {

@@ -182,6 +182,37 @@ export class MemoryBanStore implements BanStore {
   }
 }
 
+/**
+ * A store whose synchronous answers come from a local view kept in step with
+ * an authority elsewhere (Redis, or a cluster primary: src/cluster/policy-link.ts).
+ */
+export abstract class ViewedBanStore implements BanStore {
+  /** The view; the subclass keeps it in step (published changes, broadcasts). */
+  readonly local = new MemoryBanStore();
+
+  cached(id: string, now: number): Ban | undefined {
+    return this.local.cached(id, now);
+  }
+
+  rangeBanFor(ip: string, now: number): Ban | undefined {
+    return this.local.rangeBanFor(ip, now);
+  }
+
+  cachedList(now: number): Ban[] {
+    return this.local.cachedList(now);
+  }
+
+  onChange(listener: (change: BanChange) => void): () => void {
+    return this.local.onChange(listener);
+  }
+
+  abstract check(id: string, now: number): Promise<Ban | undefined>;
+  abstract add(ban: Ban, now: number): Promise<void>;
+  abstract remove(id: string): Promise<boolean>;
+  abstract list(now: number): Promise<Ban[]>;
+  abstract close(): Promise<void>;
+}
+
 interface BanEvent {
   op: 'add' | 'remove';
   id: string;
@@ -190,8 +221,7 @@ interface BanEvent {
   from: string;
 }
 
-export class RedisBanStore implements BanStore {
-  private readonly local = new MemoryBanStore();
+export class RedisBanStore extends ViewedBanStore {
   private readonly redis: Redis;
   private readonly subscriber: Redis;
   private readonly prefix: string;
@@ -202,6 +232,7 @@ export class RedisBanStore implements BanStore {
   private readonly self = `${process.pid}-${Math.random().toString(36).slice(2)}`;
 
   private constructor(redis: Redis, subscriber: Redis, prefix: string, errors: StoreErrors, log: Logger) {
+    super();
     this.redis = redis;
     this.subscriber = subscriber;
     this.prefix = prefix;
@@ -239,22 +270,6 @@ export class RedisBanStore implements BanStore {
     if (e.from === this.self) return;
     if (e.op === 'add' && e.ban) this.local.put(e.ban, now);
     else if (e.op === 'remove') this.local.forget(e.id);
-  }
-
-  cached(id: string, now: number): Ban | undefined {
-    return this.local.cached(id, now);
-  }
-
-  rangeBanFor(ip: string, now: number): Ban | undefined {
-    return this.local.rangeBanFor(ip, now);
-  }
-
-  cachedList(now: number): Ban[] {
-    return this.local.cachedList(now);
-  }
-
-  onChange(listener: (change: BanChange) => void): () => void {
-    return this.local.onChange(listener);
   }
 
   async check(id: string, now: number): Promise<Ban | undefined> {

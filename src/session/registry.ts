@@ -29,6 +29,31 @@ export interface SessionRecord {
   closeReason: CloseReason | null;
 }
 
+/** The fields of a record that change while the session lives; the rest is fixed when it opens. */
+export const LIVE_FIELDS = ['state', 'lastActivity', 'bytesIn', 'bytesOut', 'user', 'backend', 'tlsVersion', 'tlsCipher', 'messages', 'recipients'] as const;
+export type LiveField = (typeof LIVE_FIELDS)[number];
+export type LiveFields = Pick<SessionRecord, LiveField>;
+
+/** A copy of the live fields, to tell later what changed (control socket updates, a worker's reports). */
+export function liveFields(r: LiveFields): LiveFields {
+  return {
+    state: r.state,
+    lastActivity: r.lastActivity,
+    bytesIn: r.bytesIn,
+    bytesOut: r.bytesOut,
+    user: r.user,
+    backend: r.backend,
+    tlsVersion: r.tlsVersion,
+    tlsCipher: r.tlsCipher,
+    messages: r.messages,
+    recipients: r.recipients,
+  };
+}
+
+export function sameLiveFields(a: LiveFields, b: LiveFields): boolean {
+  return LIVE_FIELDS.every((f) => a[f] === b[f]);
+}
+
 /** What the registry can ask of a live session. */
 export interface SessionControl {
   readonly record: SessionRecord;
