@@ -248,6 +248,24 @@ test('a worker that dies is replaced, and service goes on', async () => {
   await holder.logout('d0').catch(() => undefined);
 });
 
+test('SIGTERM to one worker drains that worker alone; the primary starts another', async () => {
+  const before = (await gw.logs()).filter((l) => l.msg === 'worker restarted').length;
+  const r = await run(process.execPath, [CLI, 'status', '-c', gw.configFile, '--json']);
+  const status = JSON.parse(r.stdout) as { workers: { index: number; pid: number }[] };
+  const victim = status.workers[0]!;
+  process.kill(victim.pid, 'SIGTERM');
+  await gw.waitForLog((l) => l.msg === 'SIGTERM: this worker stops; the primary replaces it' && l.worker === victim.index);
+  await eventually(
+    async () => (await gw.logs()).filter((l) => l.msg === 'worker restarted').length,
+    (n) => n > before,
+    15_000,
+  );
+  const after = JSON.parse((await run(process.execPath, [CLI, 'status', '-c', gw.configFile, '--json'])).stdout) as { workers: { index: number; pid: number; state: string }[] };
+  const slot = after.workers.find((w) => w.index === victim.index);
+  assert.ok(slot && slot.pid !== victim.pid && slot.state === 'ready', JSON.stringify(after.workers));
+  for (let i = 0; i < 6; i++) assert.match(await greeting('127.0.0.9'), /^\* OK/);
+});
+
 test('the workers stop with the primary (SIGTERM), and on their own when it is killed', async () => {
   const other = await startGateway({
     workers: 2,
