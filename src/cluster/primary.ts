@@ -19,6 +19,7 @@ import { registerAcmeCommands } from '../acme/control.ts';
 import { AcmeManager } from '../acme/manager.ts';
 import { loadConfigFile, type Config } from '../config/load.ts';
 import { startControlPlane, type ControlPlane } from '../control/index.ts';
+import type { WorkerStatus } from '../control/protocol.ts';
 import type { BanAdmin } from '../control/target.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
@@ -51,6 +52,7 @@ interface Slot extends WorkerLink {
   state: 'starting' | 'ready' | 'stopping' | 'dead';
   startedAt: number;
   failures: number;
+  restarts: number;
   restartTimer: NodeJS.Timeout | undefined;
   /** Settles when this process said ready or failed to start. */
   ready: Promise<void> | undefined;
@@ -164,8 +166,8 @@ export class ClusterPrimary implements Daemon {
   }
 
   /** Worker processes now: index, pid, state (status command, tests). */
-  workers(): { index: number; pid: number; state: Slot['state'] }[] {
-    return this.slots.map((s) => ({ index: s.index, pid: s.pid, state: s.state }));
+  workers(): WorkerStatus[] {
+    return this.slots.map((s) => ({ index: s.index, pid: s.pid, state: s.state, restarts: s.restarts }));
   }
 
   onReload(listener: (result: ReloadResult) => void): () => void {
@@ -183,6 +185,7 @@ export class ClusterPrimary implements Daemon {
       state: 'dead',
       startedAt: 0,
       failures: 0,
+      restarts: 0,
       restartTimer: undefined,
       ready: undefined,
       waiters: new Map(),
@@ -277,6 +280,7 @@ export class ClusterPrimary implements Daemon {
     slot.restartTimer = setTimeout(() => {
       slot.restartTimer = undefined;
       if (this.stopping) return;
+      slot.restarts++;
       this.spawn(slot).then(
         () => this.log.info({ worker: slot.index, pid: slot.pid }, 'worker restarted'),
         (err: unknown) => this.log.error({ worker: slot.index, err: errorMessage(err) }, 'worker restart failed'),

@@ -134,6 +134,14 @@ export function renderMetrics(target: ControlTarget, stats: GatewayStats, extras
   const bans = target.bans;
   if (bans) e.family('mailgate_bans', 'gauge', 'Addresses banned now.').sample('mailgate_bans', {}, bans.list().filter((b) => b.expiresAt === null || b.expiresAt > now).length);
 
+  const workers = target.workers?.();
+  if (workers) {
+    e.family('mailgate_workers', 'gauge', 'Worker processes by state.');
+    for (const state of ['starting', 'ready', 'stopping', 'dead'] as const) e.sample('mailgate_workers', { state }, workers.filter((w) => w.state === state).length);
+    e.family('mailgate_worker_restarts_total', 'counter', 'Times a worker was started again after its process died.');
+    for (const w of workers) e.sample('mailgate_worker_restarts_total', { worker: String(w.index) }, w.restarts);
+  }
+
   e.family('mailgate_reloads_total', 'counter', 'Configuration reloads by result.');
   e.sample('mailgate_reloads_total', { result: 'ok' }, stats.reloads.ok);
   e.sample('mailgate_reloads_total', { result: 'failed' }, stats.reloads.failed);

@@ -133,12 +133,21 @@ export interface ReloadOutcome {
   updated: string[];
 }
 
+/** One worker process of a cluster primary. */
+export interface WorkerStatus {
+  index: number;
+  pid: number;
+  state: 'starting' | 'ready' | 'stopping' | 'dead';
+  /** Times this worker slot was started again after its process died. */
+  restarts: number;
+}
+
 export interface StatusInfo {
   protocol: number;
   version: string;
   pid: number;
   /** Worker processes (a cluster primary answers); absent when one process serves everything. */
-  workers?: { index: number; pid: number; state: 'starting' | 'ready' | 'stopping' | 'dead' }[];
+  workers?: WorkerStatus[];
   hostname: string;
   configFile: string;
   startedAt: number;

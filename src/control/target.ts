@@ -5,7 +5,7 @@
 import type { Config } from '../config/load.ts';
 import type { SessionRegistry } from '../session/registry.ts';
 import type { CertInfo, CertStore } from '../tls/cert-store.ts';
-import type { Ban, CertRenewal, ReloadOutcome } from './protocol.ts';
+import type { Ban, CertRenewal, ReloadOutcome, WorkerStatus } from './protocol.ts';
 
 export type { Ban } from './protocol.ts';
 
@@ -40,7 +40,7 @@ export interface ControlTarget {
    */
   refresh?(): Promise<void>;
   /** Worker processes, when this is a cluster primary. */
-  workers?(): { index: number; pid: number; state: 'starting' | 'ready' | 'stopping' | 'dead' }[];
+  workers?(): WorkerStatus[];
   /** The ACME part's renewal state of a certificate, when it manages it. */
   certRenewal?(info: CertInfo): CertRenewal | null;
 }

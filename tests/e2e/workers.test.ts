@@ -16,17 +16,19 @@ import { ImapHolder } from './control-helpers.ts';
 import { eventually, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { sleep } from './harness/proc.ts';
-import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
+import { freePort, startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
 
 let dovecot: Dovecot;
 let nginx: Nginx;
 let gw: Gateway;
 let holder: ImapHolder;
+let metricsPort: number;
 const alice = userByName('alice');
 const bob = userByName('bob');
 
 before(async () => {
   [dovecot, nginx] = await Promise.all([startDovecot(), startNginx()]);
+  metricsPort = await freePort();
   gw = await startGateway({
     workers: 2,
     listeners: [
@@ -38,6 +40,7 @@ before(async () => {
     extra: {
       brute_force: { per_address: { failures: 4, window: '10m', ban: '10m' }, per_address_user: { failures: 100 }, per_user: { failures: 1000 } },
       rate_limits: [{ limit: 'concurrent', per: 'address', max: 3, listeners: ['imaps-limited'] }],
+      metrics: { listen: `127.0.0.1:${metricsPort}` },
     },
     logLevel: 'info',
   });
@@ -246,6 +249,12 @@ test('a worker that dies is replaced, and service goes on', async () => {
   await eventually(sessions, (s) => s.every((x) => pidOf(x.id) !== victim));
   for (let i = 0; i < 8; i++) assert.match(await greeting('127.0.0.8'), /^\* OK/);
   await holder.logout('d0').catch(() => undefined);
+  // The metrics say so too.
+  const metrics = (await run('curl', ['-sS', `http://127.0.0.1:${metricsPort}/metrics`])).stdout;
+  assert.match(metrics, /^mailgate_workers\{state="ready"\} 2$/m);
+  const restarts = [...metrics.matchAll(/^mailgate_worker_restarts_total\{worker="\d+"\} (\d+)$/gm)].map((m) => Number(m[1]));
+  assert.equal(restarts.length, 2);
+  assert.ok(restarts.reduce((a, b) => a + b, 0) >= 1, metrics);
 });
 
 test('SIGTERM to one worker drains that worker alone; the primary starts another', async () => {
