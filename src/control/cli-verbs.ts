@@ -137,7 +137,7 @@ export function formatCerts(certs: CertStatus[]): string {
 export function formatStatus(s: StatusInfo): string {
   const out: string[] = [];
   out.push(`mailgate ${s.version}  pid ${s.pid}  up ${humanDuration(s.uptimeMs)}  config ${s.configFile}`);
-  if (s.workers) out.push(`workers ${s.workers.length}: ${s.workers.map((w) => `${w.index} pid ${w.pid} ${w.state}`).join(', ')}`);
+  if (s.workers) out.push(`workers ${s.workers.length}: ${s.workers.map((w) => `${w.index} pid ${w.pid} ${w.state}${w.restarts > 0 ? ` (restarted ${w.restarts}×)` : ''}`).join(', ')}`);
   const counters = new Map(s.counters.map((c) => [c.listener, c]));
   const rows = [['LISTENER', 'PROTO', 'TLS', 'ADDRESSES', 'STATE', 'SESSIONS', 'ACCEPTED', 'AUTH OK', 'FAIL', 'REFUSED', 'IN', 'OUT', 'BACKEND']];
   for (const l of s.listeners) {
