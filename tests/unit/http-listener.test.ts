@@ -17,7 +17,7 @@ import { connect as tlsConnect } from 'node:tls';
 import type { Listener } from '../../src/config/load.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../src/config/schema.ts';
 import { createLogger } from '../../src/core/log.ts';
-import { hostWithoutPort, httpsRedirectLocation, isWebSocketUpgrade, logPath, stripHopByHop } from '../../src/http/headers.ts';
+import { hostWithoutPort, httpsRedirectLocation, isPlainOriginForm, isWebSocketUpgrade, logPath, stripHopByHop } from '../../src/http/headers.ts';
 import { startHttpListener, type HttpListener, type HttpListenerHandle } from '../../src/listeners/http-listener.ts';
 import { PassthroughPolicy, type Policy, type Verdict } from '../../src/policy/engine.ts';
 import { SessionRegistry, type SessionRecord } from '../../src/session/registry.ts';
@@ -680,6 +680,84 @@ test('with proxy_protocol v1 each backend connection starts with the client\'s P
   assert.match(r.body, new RegExp(`^PROXY TCP4 127\\.0\\.0\\.1 127\\.0\\.0\\.1 \\d+ ${gw.port}$`));
 });
 
+/** Sends raw requests on one kept-alive connection and returns the status line of each response, in order. */
+async function rawRequests(port: number, heads: string[]): Promise<string[]> {
+  const s = netConnect(port, '127.0.0.1');
+  s.on('error', () => undefined);
+  let text = '';
+  s.on('data', (d: Buffer) => (text += d.toString('latin1')));
+  s.write(heads.join(''));
+  // Bodies (JSON) end without a newline, so the next status line follows them on the same line.
+  const statusLines = () => text.match(/HTTP\/1\.1 \d{3}/g) ?? [];
+  await waitFor('all responses', () => statusLines().length >= heads.length);
+  s.destroy();
+  return statusLines();
+}
+
+test('request targets reach the backend as http-proxy has always sent them (fragments, backslashes, absolute-form)', async (t) => {
+  const backend = await startBackend(t);
+  const gw = await startGateway(t, httpListener(backend.port, { tls: 'none' }));
+  // target sent by the client -> target the backend sees (url.parse(...).path, then http-proxy's urlJoin)
+  const cases: [string, string][] = [
+    ['/plain/p.bin?q=1&r=%20x', '/plain/p.bin?q=1&r=%20x'],
+    ['/quote"s\'and<angles>{braces}|^`', '/quote"s\'and<angles>{braces}|^`'],
+    ['/p?q=1#frag', '/p?q=1'],
+    ['/a\\b?c=\\d', '/a/b?c=\\d'],
+    ['//double//slash?x=//y', '/double/slash?x=//y'],
+    ['/a//b', '/a/b'],
+    ['http://other.example/abs?z=1', '/abs?z=1'],
+    ['/', '/'],
+  ];
+  const heads = cases.map(([target]) => `GET ${target} HTTP/1.1\r\nHost: ${HOST}\r\n\r\n`);
+  const statuses = await rawRequests(gw.port, heads);
+  assert.deepEqual(statuses, cases.map(() => 'HTTP/1.1 200'));
+  assert.deepEqual(
+    backend.requests.map((r) => r.url),
+    cases.map(([, seen]) => seen),
+  );
+});
+
+test('a client that leaves before its response is complete frees the backend connection at once', async (t) => {
+  // The backend answers /partial with a head and one chunk, /silent not at all; it reports each connection's close.
+  const sockets = new Set<Socket>();
+  const requested: string[] = [];
+  const closedAfter: string[] = [];
+  const server = createNetServer((s) => {
+    sockets.add(s);
+    let text = '';
+    let path = '';
+    s.on('data', (d: Buffer) => {
+      text += d.toString('latin1');
+      if (path !== '' || !text.includes('\r\n\r\n')) return;
+      path = text.split(' ')[1] ?? '';
+      requested.push(path);
+      if (path === '/partial') s.write('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n');
+    });
+    s.on('error', () => undefined);
+    s.on('close', () => {
+      sockets.delete(s);
+      closedAfter.push(path);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => server.close(() => resolve()));
+  });
+  const gw = await startGateway(t, httpListener(portOf(server), { tls: 'none', timeouts: { ...DEFAULT_TIMEOUTS, postauth_idle: 60_000 } }));
+  for (const path of ['/silent', '/partial']) {
+    const c = netConnect(gw.port, '127.0.0.1');
+    c.on('error', () => undefined);
+    let got = '';
+    c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+    c.write(`GET ${path} HTTP/1.1\r\nHost: ${HOST}\r\n\r\n`);
+    await waitFor(`the backend to get ${path}`, () => requested.includes(path));
+    if (path === '/partial') await waitFor('the head and first chunk at the client', () => got.includes('hello'));
+    c.destroy();
+    await waitFor(`the backend connection of ${path} to be closed`, () => closedAfter.includes(path), 2_000);
+  }
+});
+
 test('header helpers: host without port, origin-form targets, log paths, hop-by-hop', () => {
   assert.equal(hostWithoutPort('Example.COM:8443'), 'example.com');
   assert.equal(hostWithoutPort('[::1]:8080'), '[::1]');
@@ -701,6 +779,10 @@ test('header helpers: host without port, origin-form targets, log paths, hop-by-
   assert.equal(isWebSocketUpgrade('GET', { upgrade: 'websocket' }), true);
   assert.equal(isWebSocketUpgrade('POST', { upgrade: 'websocket' }), false);
   assert.equal(isWebSocketUpgrade('GET', { upgrade: 'h2c' }), false);
+  assert.equal(isPlainOriginForm('/a/b.bin?x=1&y=%2F'), true);
+  for (const odd of ['/p#frag', '/a\\b', '/u@h', '/`@', '//host/p', 'http://h/p', '*', '', undefined, '/caf\u00e9', '/a b']) {
+    assert.equal(isPlainOriginForm(odd), false, `${JSON.stringify(odd)} must go through url.parse`);
+  }
 });
 
 test('a POST with Expect: 100-continue and a large body is proxied whole', async (t) => {

@@ -10,10 +10,12 @@
 import assert from 'node:assert/strict';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
+import { parse as parseUrl } from 'node:url';
 import { after, before, test } from 'node:test';
 import fc from 'fast-check';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import { createLogger } from '../../../src/core/log.ts';
+import { isPlainOriginForm } from '../../../src/http/headers.ts';
 import { startHttpListener, type HttpListener, type HttpListenerHandle } from '../../../src/listeners/http-listener.ts';
 import { PassthroughPolicy } from '../../../src/policy/engine.ts';
 import { SessionRegistry } from '../../../src/session/registry.ts';
@@ -189,4 +191,22 @@ test('fuzz: any request bytes get HTTP responses or a close, and the listener ke
   const deadline = Date.now() + 5000;
   while (registry.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
   assert.equal(registry.size, 0, 'every connection left the registry');
+});
+
+test('fuzz: a request target isPlainOriginForm accepts is one url.parse gives back unchanged (http-proxy may skip the parse)', () => {
+  // Targets built from the characters that matter to url.parse: slashes, '?', '#', '\', '@', ':', '%', quotes, spaces, non-ASCII.
+  const piece = fc.constantFrom('/', '//', '?', '#', '\\', '@', ':', '%', '%2F', '"', "'", ' ', '\t', '{', '|', '~', '.', '..', 'a', 'Z9', 'é', 'http:', '*');
+  const target = fc.oneof(
+    fc.array(piece, { maxLength: 12 }).map((p) => p.join('')),
+    fc.string({ unit: 'binary-ascii', maxLength: 40 }).map((s) => `/${s}`),
+    fc.string({ maxLength: 40 }),
+  );
+  fc.assert(
+    fc.property(target, (t) => {
+      count('http-target');
+      if (!isPlainOriginForm(t)) return;
+      assert.equal(parseUrl(t).path, t, `url.parse changes ${JSON.stringify(t)}`);
+    }),
+    params(2_000),
+  );
 });
