@@ -13,6 +13,7 @@
  * Each runs in its own process group; the bench reads that group's CPU time
  * and RSS from /proc.
  */
+import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { connect } from 'node:net';
 import * as path from 'node:path';
@@ -95,14 +96,20 @@ export interface MailgateOptions {
   workers?: number;
 }
 
+/** Whether the checkout's config schema has `workers` (a strict schema refuses keys it does not know). */
+function knowsWorkers(root: string): boolean {
+  const schema = path.join(root, 'src/config/schema.ts');
+  return fs.existsSync(schema) && /\bworkers: z\./.test(fs.readFileSync(schema, 'utf8'));
+}
+
 export async function startMailgate(backends: BackendPorts, cert: Certificate, opts: MailgateOptions = {}): Promise<Proxy> {
   const name = opts.name ?? 'mailgate';
   const dir = await makeTempDir(`bench-${name.replace(/[^A-Za-z0-9_-]/g, '_')}`);
   const p = await ports();
   const config = {
     hostname: SNI,
-    // An older checkout (--variant) may predate the key; it ran one process then.
-    ...(opts.root === undefined || (opts.workers ?? 1) > 1 ? { workers: opts.workers ?? 1 } : {}),
+    // An older checkout (--variant) may predate the key (it ran one process then); one that has it defaults to a worker per core.
+    ...(knowsWorkers(opts.root ?? REPO_ROOT) ? { workers: opts.workers ?? 1 } : {}),
     log: { level: opts.logLevel ?? 'info' },
     tls: { min_version: 'TLSv1.3', certificates: [{ cert: cert.cert, key: cert.key }], dir: './certs' },
     timeouts: { shutdown_drain: '1s' },
