@@ -68,11 +68,14 @@ export type PolicyMessage =
   | { t: 'policy.sessions'; changes: SessionDelta[] }
   | { t: 'policy.ban.add'; req: number; ban: Ban }
   | { t: 'policy.ban.remove'; req: number; id: string }
+  /** A window limit was reached in this worker: the others block the key too (passed on at once, not batched). */
+  | { t: 'policy.block'; key: string; until: number }
   // primary → worker
   | { t: 'policy.sync'; sync: PolicySync }
   | { t: 'policy.others'; counts: SessionCounts[] }
   | { t: 'policy.banned'; ban: Ban }
   | { t: 'policy.unbanned'; id: string }
+  | { t: 'policy.blocked'; key: string; until: number }
   /** Sent after the broadcast of the change, so the asker's view has it when its request settles. */
   | { t: 'policy.ban.reply'; req: number; removed?: boolean; error?: string };
 
@@ -178,6 +181,9 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
         if (bans) bans.local.forget(msg.id);
         else log.warn({ t: msg.t }, 'policy link: a ban broadcast reached a worker with the Redis store; ignored');
         break;
+      case 'policy.blocked':
+        state.blockFromElsewhere(msg.key, msg.until);
+        break;
       case 'policy.ban.reply':
         if (bans) bans.settle(msg);
         else log.warn({ t: msg.t }, 'policy link: a ban reply reached a worker with the Redis store; ignored');
@@ -186,6 +192,7 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
       case 'policy.sessions':
       case 'policy.ban.add':
       case 'policy.ban.remove':
+      case 'policy.block':
         log.warn({ t: msg.t }, 'policy link: a message for the primary reached a worker; ignored');
         break;
       default: {
@@ -248,6 +255,12 @@ class WorkerSessions implements SharedSessions {
 
   others(kind: SessionKind, key: string): ReadonlyMap<string, number> | undefined {
     return this.elsewhere[kind].get(key);
+  }
+
+  blocked(key: string, until: number): void {
+    if (this.closed) return;
+    const msg: PolicyMessage = { t: 'policy.block', key, until };
+    this.link.send(msg);
   }
 
   apply(counts: SessionCounts[]): void {
@@ -632,10 +645,15 @@ export class PolicyAuthority {
       case 'policy.ban.remove':
         this.answer(from, msg.req, `remove ban ${msg.id}`, async () => ({ removed: await this.state.bans.remove(msg.id) }));
         break;
+      case 'policy.block':
+        this.state.blockFromElsewhere(msg.key, msg.until);
+        for (const link of this.workers()) if (link.pid !== from.pid) this.send(link, { t: 'policy.blocked', key: msg.key, until: msg.until });
+        break;
       case 'policy.sync':
       case 'policy.others':
       case 'policy.banned':
       case 'policy.unbanned':
+      case 'policy.blocked':
       case 'policy.ban.reply':
         this.log.warn({ t: msg.t, worker: from.index }, 'policy link: a message for workers reached the primary; ignored');
         break;

@@ -33,6 +33,8 @@ export interface SharedSessions {
   changed(kind: SessionKind, key: string, listener: string, delta: number): void;
   /** The other processes' counts for `key`, per listener (synchronously: the connect-time check reads them). */
   others(kind: SessionKind, key: string): ReadonlyMap<string, number> | undefined;
+  /** This process blocked a limit key until `until` (a window limit was reached): the others should block it too. */
+  blocked?(key: string, until: number): void;
 }
 
 export interface PolicyStateOptions {
@@ -166,12 +168,26 @@ export class PolicyState {
   // ---- local blocks ----------------------------------------------------------------
 
   block(key: string, until: number): void {
+    // A worker that reached a limit tells the others: the next connection may land on any of them.
+    if (this.setBlock(key, until)) this.shared?.blocked?.(key, until);
+  }
+
+  /** A block another process set (a cluster worker's, through the primary): kept here, not passed on again. */
+  blockFromElsewhere(key: string, until: number): void {
+    this.setBlock(key, until);
+  }
+
+  /** True when the block is new or now lasts longer. */
+  private setBlock(key: string, until: number): boolean {
+    const before = this.blocks.get(key) ?? 0;
+    if (until <= before) return false;
     if (this.blocks.size >= MAX_BLOCKS) {
       const now = this.clock();
       for (const [k, t] of this.blocks) if (t <= now) this.blocks.delete(k);
-      if (this.blocks.size >= MAX_BLOCKS) return;
+      if (this.blocks.size >= MAX_BLOCKS) return false;
     }
-    this.blocks.set(key, Math.max(until, this.blocks.get(key) ?? 0));
+    this.blocks.set(key, until);
+    return true;
   }
 
   blockedUntil(key: string, now: number): number | undefined {

@@ -216,6 +216,28 @@ test('sessions opened in one worker count in the others and in the primary\'s to
   assert.deepEqual(c.authority.syncFor({ index: 9, pid: 9, send: () => {} }).sessions, [], 'no key is kept for counts of 0');
 });
 
+test('a limit one worker reaches blocks its key in every worker, and is not passed round again', async (t) => {
+  const c = await fakeCluster(t);
+  const [w1, w2] = [c.w(1).policy.state, c.w(2).policy.state];
+  const now = Date.now();
+  w1.block('connections:address:192.0.2.9', now + 60_000);
+  assert.equal(w2.blockedUntil('connections:address:192.0.2.9', now), undefined, 'not before the message arrives');
+  await c.quiet();
+  assert.equal(w2.blockedUntil('connections:address:192.0.2.9', now), now + 60_000);
+  assert.equal(w1.blockedUntil('connections:address:192.0.2.9', now), now + 60_000);
+  // A shorter block changes nothing; a block received from elsewhere is not sent on (no echo back to worker 1).
+  const sent: string[] = [];
+  const spy = c.w(2).link.send;
+  c.w(2).link.send = (m) => {
+    sent.push(m.t);
+    spy(m);
+  };
+  w1.block('connections:address:192.0.2.9', now + 1_000);
+  await c.quiet();
+  assert.deepEqual(sent, [], 'nothing new for worker 2');
+  assert.equal(w2.blockedUntil('connections:address:192.0.2.9', now + 70_000), undefined, 'blocks end');
+});
+
 test('logins count per user across workers; a login moved or ended frees its slot everywhere', async (t) => {
   const c = await fakeCluster(t);
   const [w1, w2] = [c.w(1).policy.state, c.w(2).policy.state];
