@@ -104,15 +104,22 @@ export class Gateway implements Daemon {
   /** The whole gateway in this process, or (with `worker`) one worker of a cluster. */
   static async start(config: Config, log: Logger, worker?: WorkerParts): Promise<Gateway> {
     if (!worker) for (const w of config.warnings) log.warn({ file: config.file }, w);
-    const certs = worker ? worker.certs : await buildCertStore(config, log);
+    // A worker's certificates and ticket keys come from its primary; here they are this process's own.
+    const ticketKeys = worker ? undefined : new TicketKeys();
+    let certs: CertStore;
+    try {
+      certs = worker ? worker.certs : await buildCertStore(config, log, ticketKeys?.current);
+    } catch (err) {
+      ticketKeys?.stop();
+      throw err;
+    }
     const gw = new Gateway(config, certs, log, worker);
+    gw.ticketKeys = ticketKeys;
     try {
       if (worker) {
         gw.policyState = worker.policyState;
       } else {
-        gw.ticketKeys = new TicketKeys();
-        certs.setTicketKeys(gw.ticketKeys.current);
-        gw.ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
+        ticketKeys?.onRotate((keys) => certs.setTicketKeys(keys));
         gw.policyState = await PolicyState.create({ store: config.policy_store, log });
       }
       gw.policy = PolicyEngine.fromConfig(config, gw.policyState, log);
@@ -228,7 +235,7 @@ export class Gateway implements Daemon {
       // A worker's certificates come from its primary, which has built them by now.
       if (!this.worker) {
         AcmeManager.check(next, this.log);
-        certs = await buildCertStore(next, this.log);
+        certs = await buildCertStore(next, this.log, this.certs.currentTicketKeys);
       }
     } catch (err) {
       result.error = errorMessage(err);

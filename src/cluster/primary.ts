@@ -69,7 +69,7 @@ export class ClusterPrimary implements Daemon {
   private readonly count: number;
   private readonly slots: Slot[] = [];
   private readonly mirror: RegistryMirror;
-  private readonly ticketKeys = new TicketKeys();
+  private readonly ticketKeys: TicketKeys;
   private readonly authority: PolicyAuthority;
   /** The engine's admin side answers the control socket's bans; workers run their own engines. */
   private engine: PolicyEngine;
@@ -87,7 +87,8 @@ export class ClusterPrimary implements Daemon {
   private readonly store: Config['policy_store'];
   private certsQueued = false;
 
-  private constructor(config: Config, certs: CertStore, count: number, log: Logger, authority: PolicyAuthority) {
+  private constructor(config: Config, certs: CertStore, count: number, log: Logger, authority: PolicyAuthority, ticketKeys: TicketKeys) {
+    this.ticketKeys = ticketKeys;
     this.config = config;
     this.certs = certs;
     this.count = count;
@@ -100,19 +101,26 @@ export class ClusterPrimary implements Daemon {
 
   static async start(config: Config, log: Logger, count: number): Promise<ClusterPrimary> {
     for (const w of config.warnings) log.warn({ file: config.file }, w);
-    const certs = await buildCertStore(config, log);
+    const ticketKeys = new TicketKeys();
+    let certs: CertStore;
+    try {
+      certs = await buildCertStore(config, log, ticketKeys.current);
+    } catch (err) {
+      ticketKeys.stop();
+      throw err;
+    }
     let primary: ClusterPrimary | undefined;
     const authority = await PolicyAuthority.create({ store: config.policy_store, log, workers: () => primary?.live() ?? [] });
     let p: ClusterPrimary;
     try {
-      p = new ClusterPrimary(config, certs, count, log, authority);
+      p = new ClusterPrimary(config, certs, count, log, authority, ticketKeys);
     } catch (err) {
+      ticketKeys.stop();
       await authority.close();
       throw err;
     }
     primary = p;
     try {
-      certs.setTicketKeys(p.ticketKeys.current);
       p.ticketKeys.onRotate((keys) => {
         certs.setTicketKeys(keys);
         p.broadcast({ t: 'ticket-keys', ticketKeys: keys.toString('base64') });
@@ -350,7 +358,7 @@ export class ClusterPrimary implements Daemon {
       next = loadConfigFile(this.config.file);
       engine = PolicyEngine.fromConfig(next, this.authority.state, this.log);
       AcmeManager.check(next, this.log);
-      certs = await buildCertStore(next, this.log);
+      certs = await buildCertStore(next, this.log, this.certs.currentTicketKeys);
       ports = await planPorts(next.listeners, { plan: this.ports, listeners: this.config.listeners });
     } catch (err) {
       return refused(errorMessage(err));

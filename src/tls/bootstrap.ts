@@ -7,10 +7,12 @@ import { loadOrCreateSelfSigned } from './self-signed.ts';
 /**
  * Builds the certificate store a config asks for: the configured files (the
  * first is the default), or a self-signed certificate for the host name until
- * a real one exists.
+ * a real one exists. At a reload, pass the running store's ticket keys: each
+ * context is then built once (a TLS context holds its certificate, key and
+ * OpenSSL state natively, out of the garbage collector's sight).
  */
-export async function buildCertStore(config: Config, log: Logger): Promise<CertStore> {
-  const store = new CertStore(config.tls.min_version);
+export async function buildCertStore(config: Config, log: Logger, ticketKeys?: Buffer): Promise<CertStore> {
+  const store = new CertStore(config.tls.min_version, ticketKeys);
   config.tls.certificates.forEach((c, i) => {
     const info = store.loadFiles(c.cert, c.key, i === 0);
     log.info({ names: info.names, notAfter: info.notAfter.toISOString(), file: c.cert }, 'certificate loaded');

@@ -60,8 +60,10 @@ export class CertStore {
    */
   private ticketKeys: Buffer | undefined;
 
-  constructor(minVersion: 'TLSv1.2' | 'TLSv1.3') {
+  /** `ticketKeys`: build every context with these from the start (a reload's new store: no second build in replaceWith). */
+  constructor(minVersion: 'TLSv1.2' | 'TLSv1.3', ticketKeys?: Buffer) {
     this.minVersion = minVersion;
+    this.ticketKeys = ticketKeys;
   }
 
   /** Adds or replaces the certificate for every name it covers. The first one put becomes the default. */
@@ -242,8 +244,7 @@ export class CertStore {
   /** Takes over a primary's snapshot: certificates and pending challenges, all at once. */
   load(snapshot: CertSnapshot): void {
     this.minVersion = snapshot.minVersion;
-    const next = new CertStore(this.minVersion);
-    next.ticketKeys = this.ticketKeys;
+    const next = new CertStore(this.minVersion, this.ticketKeys);
     // The default last, so that it stays the default whatever the others cover.
     const ordered = [...snapshot.entries.filter((e) => !e.isDefault), ...snapshot.entries.filter((e) => e.isDefault)];
     for (const e of ordered) next.put(e.certPem, e.keyPem, e.source, { ...(e.certFile === undefined ? {} : { certFile: e.certFile }), makeDefault: e.isDefault });
