@@ -160,6 +160,8 @@ async function run(file: string): Promise<number> {
   try {
     // Loaded here so that `check` does not pull in the whole daemon.
     if (workers > 1) {
+      // `ps` tells the roles apart (workers name themselves in runAsWorker).
+      process.title = `mailgate: primary (${workers} workers)`;
       const { ClusterPrimary } = await import('./cluster/primary.ts');
       gateway = await ClusterPrimary.start(config, log, workers);
     } else {
@@ -215,6 +217,7 @@ async function run(file: string): Promise<number> {
 
 /** A worker of a cluster primary (src/cluster/worker.ts): the primary reloads and stops it, not signals. */
 async function runAsWorker(file: string, log: ReturnType<typeof createLogger>): Promise<number> {
+  process.title = `mailgate: worker ${process.env.MAILGATE_WORKER ?? '?'}`;
   process.on('SIGINT', () => undefined);
   process.on('SIGHUP', () => undefined);
   process.on('uncaughtException', (err) => {

@@ -8,6 +8,7 @@
  * worker is replaced; the workers stop with the primary, and without it.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { ControlClient } from '../../src/control/client.ts';
@@ -288,6 +289,10 @@ test('the workers stop with the primary (SIGTERM), and on their own when it is k
     };
     const workers = await pidsOf();
     assert.equal(workers.length, 2);
+    // `ps` tells the roles apart.
+    const title = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0+$/, '');
+    assert.equal(title(other.proc.pid), 'mailgate: primary (2 workers)');
+    assert.deepEqual(workers.map(title).sort(), ['mailgate: worker 1', 'mailgate: worker 2']);
     process.kill(other.proc.pid, 'SIGKILL');
     await eventually(
       async () => workers.filter((p) => alive(p)),
