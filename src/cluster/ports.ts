@@ -21,6 +21,10 @@ import type { PortPlan, WorkerPlan } from './messages.ts';
 /** `previous`: the plan in force and the listeners it was made for (reload). */
 export async function planPorts(listeners: readonly Listener[], previous?: { plan: PortPlan; listeners: readonly Listener[] }): Promise<PortPlan> {
   const plan: PortPlan = {};
+  // Addresses our workers hold now: a reload may give one to another listener (they swap in the workers, which
+  // close the old listener first), and a probe would only meet our own socket.
+  const ours = new Set<string>();
+  for (const l of previous?.listeners ?? []) l.listen.forEach((a, j) => ours.add(key({ host: a.host, port: previous?.plan[l.name]?.[j] ?? a.port })));
   for (const l of listeners) {
     const before = previous?.listeners.find((p) => p.name === l.name);
     const kept = previous?.plan[l.name];
@@ -29,7 +33,7 @@ export async function planPorts(listeners: readonly Listener[], previous?: { pla
       continue;
     }
     const ports: number[] = [];
-    for (const addr of l.listen) ports.push(await probe(addr, l.name));
+    for (const addr of l.listen) ports.push(ours.has(key(addr)) ? addr.port : await probe(addr, l.name));
     plan[l.name] = ports;
   }
   return plan;
@@ -48,6 +52,10 @@ export function workerConfig(config: Config, plan: WorkerPlan): Config {
         }) as Listener,
     ),
   };
+}
+
+function key(a: HostPort): string {
+  return `${a.host}|${a.port}`;
 }
 
 function sameAddresses(a: Listener, b: Listener): boolean {

@@ -47,6 +47,24 @@ test('port 0 becomes one real port; unchanged listeners keep theirs at a reload,
   s.close();
 });
 
+test('a reload may hand a port our workers hold to another listener (a swap): no probe, no refusal', async () => {
+  // Two sockets stand in for the workers' listeners, as SO_REUSEPORT binds them.
+  const held = [createServer(), createServer()];
+  const [p1, p2] = [await listen(held[0]!, { port: 0, reusePort: true }), await listen(held[1]!, { port: 0, reusePort: true })];
+  try {
+    const a = listener('imap', { name: 'a', listen: [{ host: '127.0.0.1', port: p1 }] });
+    const b = listener('pop3', { name: 'b', listen: [{ host: '127.0.0.1', port: p2 }] });
+    const plan = { a: [p1], b: [p2] };
+    const swapped = await planPorts(
+      [listener('imap', { name: 'a', listen: [{ host: '127.0.0.1', port: p2 }] }), listener('pop3', { name: 'b', listen: [{ host: '127.0.0.1', port: p1 }] })],
+      { plan, listeners: [a, b] },
+    );
+    assert.deepEqual(swapped, { a: [p2], b: [p1] });
+  } finally {
+    for (const h of held) h.close();
+  }
+});
+
 test('a port another socket holds is refused with the listener name, even one shared with SO_REUSEPORT', async () => {
   for (const reusePort of [false, true]) {
     const taken = createServer();
