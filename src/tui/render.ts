@@ -3,7 +3,7 @@
  * `width` columns wide and `height` lines high, drawing only the visible
  * session rows. Pure: no terminal, so layouts are unit-tested at 80x24.
  */
-import type { CertStatus } from '../control/protocol.ts';
+import type { CertStatus, StatusInfo } from '../control/protocol.ts';
 import {
   humanBytes,
   humanDuration,
@@ -245,6 +245,13 @@ export function renderFrame(model: DashboardModel, width: number, height: number
   return chrome.unicode ? lines : lines.map((l) => l.replace(/…/g, '~').replace(/→/g, '>').replace(/●/g, '*').replace(/○/g, 'o'));
 }
 
+/** With several workers: how many serve (red when one is starting again after it died). */
+function workersPart(workers: StatusInfo['workers']): { text: string; color?: string; priority: number }[] {
+  if (!workers) return [];
+  const ready = workers.filter((x) => x.state === 'ready').length;
+  return [{ text: `workers ${ready}/${workers.length}`, priority: 5, ...(ready < workers.length ? { color: 'red' } : {}) }];
+}
+
 function header(model: DashboardModel, w: number, now: number, chrome: Chrome): string[] {
   const st = model.status;
   const c = model.connection;
@@ -267,6 +274,7 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
   // Totals, most important kept when the line is narrow; shown in this order.
   const parts: { text: string; color?: string; priority: number }[] = [
     { text: `listeners ${up}/${total} up`, priority: 5, ...(up < total ? { color: 'red' } : {}) },
+    ...workersPart(st?.workers),
     { text: down.length ? `backend DOWN: ${down.join(',')}` : 'backends ok', priority: 8, ...(down.length ? { color: 'red' } : {}) },
     { text: `sessions ${t.sessions} (${t.authenticated} auth)`, priority: 9 },
     { text: `accepted ${t.accepted}`, priority: 3 },

@@ -257,6 +257,22 @@ test('the frame fills 80x24 exactly, and other sizes too', () => {
   assert.match(detail, /TLS +TLSv1\.3 TLS_AES_256_GCM_SHA384/);
 });
 
+test('with workers the header says how many serve, in red when one is starting again', () => {
+  const chrome: Chrome = { bottom: 'keys', prompting: false, detail: null, unicode: true, configFile: '/etc/mailgate/mailgate.yaml', socketPath: '/run/x' };
+  const withWorkers = (states: ('ready' | 'starting')[]) => {
+    const m = new DashboardModel();
+    const snap = snapshot([session(1)]);
+    snap.status.workers = states.map((state, i) => ({ index: i + 1, pid: 200 + i, state, restarts: state === 'starting' ? 1 : 0 }));
+    m.applySnapshot(snap, T0);
+    return renderFrame(m, 160, 24, T0, chrome).join('\n');
+  };
+  assert.match(withWorkers(['ready', 'ready']), /workers 2\/2(?!\{)/);
+  assert.match(withWorkers(['ready', 'starting']), /\{red-fg\}workers 1\/2/);
+  const m = new DashboardModel();
+  m.applySnapshot(snapshot([session(1)]), T0);
+  assert.ok(!renderFrame(m, 160, 24, T0, chrome).join('\n').includes('workers'), 'one process: no workers part');
+});
+
 test('human formats', () => {
   assert.equal(humanBytes(999), '999');
   assert.equal(humanBytes(1536), '1.5k');
