@@ -36,16 +36,19 @@ export type ToWorker =
   | { t: 'ticket-keys'; ticketKeys: string }
   | { t: 'tokens'; tokens: [string, string][] }
   | { t: 'reload'; id: number; plan: WorkerPlan }
-  | { t: 'stop'; drainMs: number };
+  | { t: 'stop'; drainMs: number }
+  /** Heartbeat: answered from the worker's event loop, so a stuck loop goes unanswered. */
+  | { t: 'ping'; seq: number };
 
 export type FromWorker =
   | { t: 'ready'; addresses: Record<string, readonly string[]> }
   | { t: 'start-failed'; error: string }
   | { t: 'reloaded'; id: number; result: ReloadResult }
-  | { t: 'stopped' };
+  | { t: 'stopped' }
+  | { t: 'pong'; seq: number };
 
-const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop']);
-const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped']);
+const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop', 'ping']);
+const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped', 'pong']);
 
 export function isToWorker(m: { t: string }): m is ToWorker {
   return TO_WORKER.has(m.t);

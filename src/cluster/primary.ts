@@ -54,6 +54,8 @@ interface Slot extends WorkerLink {
   failures: number;
   restarts: number;
   restartTimer: NodeJS.Timeout | undefined;
+  /** When the worker last answered a heartbeat (or started). */
+  lastPong: number;
   /** Settles when this process said ready or failed to start. */
   ready: Promise<void> | undefined;
   waiters: Map<number, (r: ReloadResult) => void>;
@@ -86,6 +88,8 @@ export class ClusterPrimary implements Daemon {
   /** The policy store as started; a reload that changes it takes effect at the next restart. */
   private readonly store: Config['policy_store'];
   private certsQueued = false;
+  private heartbeat: NodeJS.Timeout | undefined;
+  private pingSeq = 0;
 
   private constructor(config: Config, certs: CertStore, count: number, log: Logger, authority: PolicyAuthority, ticketKeys: TicketKeys) {
     this.ticketKeys = ticketKeys;
@@ -137,6 +141,7 @@ export class ClusterPrimary implements Daemon {
       cluster.on('message', (worker, raw) => p.onMessage(worker, raw));
       for (let i = 1; i <= count; i++) p.slots.push(p.newSlot(i));
       await Promise.all(p.slots.map((s) => p.spawn(s)));
+      p.startHeartbeat();
       await p.acme?.start();
     } catch (err) {
       await p.stop(0);
@@ -194,6 +199,7 @@ export class ClusterPrimary implements Daemon {
       startedAt: 0,
       failures: 0,
       restarts: 0,
+      lastPong: 0,
       restartTimer: undefined,
       ready: undefined,
       waiters: new Map(),
@@ -222,6 +228,7 @@ export class ClusterPrimary implements Daemon {
     slot.pid = worker.process.pid ?? 0;
     slot.state = 'starting';
     slot.startedAt = Date.now();
+    slot.lastPong = slot.startedAt;
     slot.exited = new Promise((resolve) => worker.once('exit', () => resolve()));
     worker.once('exit', (code, signal) => this.onExit(slot, worker, code, signal));
     worker.on('error', (err) => this.log.warn({ worker: slot.index, err: errorMessage(err) }, 'worker channel error'));
@@ -237,6 +244,7 @@ export class ClusterPrimary implements Daemon {
           cleanup();
           const m = msg as Extract<FromWorker, { t: 'ready' }>;
           slot.state = 'ready';
+          slot.lastPong = Date.now();
           this.boundAddresses = m.addresses;
           resolve();
         } else if (msg?.t === 'start-failed') {
@@ -269,6 +277,30 @@ export class ClusterPrimary implements Daemon {
       });
     });
     return slot.ready;
+  }
+
+  /**
+   * Pings every serving worker; one that has not answered for worker_timeout
+   * is killed (its exit restarts it). A worker whose event loop is stuck
+   * keeps its listening sockets, and the kernel keeps sending it clients.
+   */
+  private startHeartbeat(): void {
+    const tick = () => {
+      const timeout = this.config.worker_timeout;
+      const now = Date.now();
+      for (const s of this.slots) {
+        if (s.state !== 'ready' || !s.worker) continue;
+        if (now - s.lastPong > timeout) {
+          this.log.error({ worker: s.index, pid: s.pid, silentMs: now - s.lastPong }, 'worker does not answer; killing it');
+          s.worker.process.kill('SIGKILL');
+          continue;
+        }
+        s.send({ t: 'ping', seq: ++this.pingSeq });
+      }
+      this.heartbeat = setTimeout(tick, Math.max(250, Math.min(5_000, Math.floor(this.config.worker_timeout / 4))));
+      this.heartbeat.unref();
+    };
+    tick();
   }
 
   private onExit(slot: Slot, worker: Worker, code: number | null, signal: string | null): void {
@@ -310,6 +342,8 @@ export class ClusterPrimary implements Daemon {
     if (msg.t === 'reloaded') {
       slot.waiters.get(msg.id)?.(msg.result);
       slot.waiters.delete(msg.id);
+    } else if (msg.t === 'pong') {
+      slot.lastPong = Date.now();
     }
     // ready / start-failed are awaited in spawn(); stopped is followed by the exit.
   }
@@ -416,6 +450,7 @@ export class ClusterPrimary implements Daemon {
   private async doStop(drainMs: number): Promise<void> {
     this.log.info({ sessions: this.registry.size, drainMs, workers: this.live().length }, 'shutting down');
     await this.acme?.stop();
+    clearTimeout(this.heartbeat);
     for (const s of this.slots) clearTimeout(s.restartTimer);
     const running = this.slots.filter((s) => s.worker);
     for (const s of running) {

@@ -159,6 +159,9 @@ async function onMessage(msg: ToWorker, parts: Parts): Promise<void> {
       case 'stop':
         await parts.stop(msg.drainMs);
         return;
+      case 'ping':
+        parts.send({ t: 'pong', seq: msg.seq });
+        return;
       case 'start':
         parts.log.warn('a second start message; ignored');
         return;

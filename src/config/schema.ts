@@ -174,6 +174,12 @@ export const configSchema = z
      * Read at start only (src/cluster).
      */
     workers: z.union([z.literal('auto'), z.number().int().min(1).max(64)]).default('auto'),
+    /**
+     * A worker that does not answer the primary's heartbeat for this long is
+     * killed and replaced: a worker whose event loop is stuck still holds its
+     * share of every listening port, so its clients would hang otherwise.
+     */
+    worker_timeout: duration.refine((ms) => ms >= 1000, 'at least 1s').default(30_000),
     log: z.strictObject({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info') }).default({ level: 'info' }),
     tls: z
       .strictObject({

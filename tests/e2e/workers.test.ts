@@ -276,6 +276,27 @@ test('SIGTERM to one worker drains that worker alone; the primary starts another
   for (let i = 0; i < 6; i++) assert.match(await greeting('127.0.0.9'), /^\* OK/);
 });
 
+test('a worker whose event loop is stuck (SIGSTOP) is killed after worker_timeout and replaced', async () => {
+  const stuck = await startGateway({
+    workers: 2,
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    extra: { worker_timeout: '2s' },
+    logLevel: 'info',
+  });
+  try {
+    const r = await run(process.execPath, [CLI, 'status', '-c', stuck.configFile, '--json']);
+    const victim = (JSON.parse(r.stdout) as { workers: { index: number; pid: number }[] }).workers[0]!;
+    process.kill(victim.pid, 'SIGSTOP');
+    const line = await stuck.waitForLog((l) => l.msg === 'worker does not answer; killing it', 10_000);
+    assert.equal(line.pid, victim.pid);
+    assert.ok(Number(line.silentMs) >= 2000, `killed after the timeout, not before (${String(line.silentMs)} ms)`);
+    await stuck.waitForLog((l) => l.msg === 'worker restarted', 10_000);
+    assert.equal(alive(victim.pid), false);
+  } finally {
+    await stuck.stop();
+  }
+});
+
 test('the workers stop with the primary (SIGTERM), and on their own when it is killed', async () => {
   const other = await startGateway({
     workers: 2,

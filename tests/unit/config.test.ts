@@ -38,6 +38,21 @@ test('a valid config gets defaults merged per listener and is frozen', () => {
   });
 });
 
+test('workers: auto by default, a number from 1 to 64; worker_timeout at least 1s; each mistake named where it is', () => {
+  const c = parseConfig(ok, '/etc/mailgate/test.yaml');
+  assert.equal(c.workers, 'auto');
+  assert.equal(c.worker_timeout, 30_000);
+  const set = parseConfig(`workers: 3\nworker_timeout: 5s\n${ok}`, '/etc/mailgate/test.yaml');
+  assert.equal(set.workers, 3);
+  assert.equal(set.worker_timeout, 5_000);
+  const p = problems(`workers: 0\nworker_timeout: 500ms\n${ok}`);
+  const byPath = Object.fromEntries(p.map((x) => [x.path, x]));
+  assert.equal(byPath.workers?.line, 1);
+  assert.equal(byPath.worker_timeout?.line, 2);
+  assert.match(byPath.worker_timeout?.message ?? '', /at least 1s/);
+  assert.ok(problems(`workers: many\n${ok}`).some((x) => x.path === 'workers'));
+});
+
 test('an unknown key names file, line, column and key path', () => {
   const p = problems(ok.replace('    tls: implicit', '    tls: implicit\n    colour: blue'));
   assert.deepEqual(p, [{ file: '/etc/mailgate/test.yaml', line: 7, column: 5, path: 'listeners[0].colour', message: 'unknown key "colour"' }]);
