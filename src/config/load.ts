@@ -58,6 +58,21 @@ export function loadConfigFile(file: string): Config {
 }
 
 export function parseConfig(text: string, file: string): Config {
+  const { data, doc, at } = parseYamlFile(configSchema, text, file, {});
+  return finish(data, file, doc, at);
+}
+
+/**
+ * YAML text checked by a schema (the config, a users file): a syntax error or
+ * a schema problem is a ConfigError naming the file, line, column and key.
+ * `empty` stands in for an empty document.
+ */
+export function parseYamlFile<S extends z.ZodType>(
+  schema: S,
+  text: string,
+  file: string,
+  empty: unknown,
+): { data: z.output<S>; doc: Document; at: (offset: number) => { line: number; col: number } } {
   const lineCounter = new LineCounter();
   const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
   const at = (offset: number) => lineCounter.linePos(offset);
@@ -69,14 +84,12 @@ export function parseConfig(text: string, file: string): Config {
       }),
     );
   }
-  const result = configSchema.safeParse(doc.toJS() ?? {});
-  if (!result.success) {
-    throw new ConfigError(result.error.issues.map((issue) => toProblem(issue, doc, file, at)));
-  }
-  return finish(result.data, file, doc, at);
+  const result = schema.safeParse(doc.toJS() ?? empty);
+  if (!result.success) throw new ConfigError(result.error.issues.map((issue) => toProblem(issue, doc, file, at)));
+  return { data: result.data, doc, at };
 }
 
-export function toProblem(
+function toProblem(
   issue: z.core.$ZodIssue,
   doc: Document,
   file: string,

@@ -6,10 +6,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { LineCounter, parseDocument } from 'yaml';
-import { toProblem } from '../config/load.ts';
+import { parseYamlFile } from '../config/load.ts';
 import { usersFileSchema, type PolicySections, type UserEntry } from '../config/schema-policy.ts';
-import { ConfigError, MailgateError } from '../core/errors.ts';
+import { MailgateError } from '../core/errors.ts';
 import { canonicalUser, nameMatcher } from './names.ts';
 import { dummyHashLike, parseHash, verifyPassword, type PasswordHash } from './passwords.ts';
 
@@ -28,20 +27,7 @@ export function readUsersFile(file: string): UserEntry[] {
   } catch (err) {
     throw new MailgateError('CONFIG_READ', `${file}: ${(err as Error).message}`, { cause: err });
   }
-  const lineCounter = new LineCounter();
-  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
-  const at = (offset: number) => lineCounter.linePos(offset);
-  if (doc.errors.length > 0) {
-    throw new ConfigError(
-      doc.errors.map((e) => {
-        const pos = at(e.pos[0]);
-        return { file, line: pos.line, column: pos.col, path: '', message: e.message.split('\n')[0] ?? e.message };
-      }),
-    );
-  }
-  const result = usersFileSchema.safeParse(doc.toJS() ?? []);
-  if (!result.success) throw new ConfigError(result.error.issues.map((issue) => toProblem(issue, doc, file, at)));
-  return result.data;
+  return parseYamlFile(usersFileSchema, text, file, []).data;
 }
 
 export class UserDirectory {
