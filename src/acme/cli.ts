@@ -9,11 +9,10 @@
  *                  waits for the outcome. Exit 1 when one failed.
  */
 import { parseArgs } from 'node:util';
-import { loadConfigFile } from '../config/load.ts';
 import { ControlClient, ControlRequestError } from '../control/client.ts';
 import type { CertStatus as ServedCert } from '../control/protocol.ts';
-import { controlSocketPath } from '../control/server.ts';
-import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
+import { target } from '../control/cli-verbs.ts';
+import { errorMessage } from '../core/errors.ts';
 import { ACME_COMMANDS } from './control.ts';
 import type { CertStatus, RenewResult } from './manager.ts';
 
@@ -53,8 +52,9 @@ export async function certsVerb(argv: string[]): Promise<number> {
     process.stderr.write(`mailgate certs: unknown subcommand "${sub}"\n${USAGE}`);
     return 2;
   }
-  const socket = socketPath(values.config ?? 'config/mailgate.yaml', values.socket);
-  if (typeof socket === 'number') return socket;
+  const t = target({ config: values.config ?? 'config/mailgate.yaml', socket: values.socket });
+  if (typeof t === 'number') return t;
+  const socket = t.socket;
   let client: ControlClient;
   try {
     client = await ControlClient.connect(socket, { requestTimeoutMs: sub === 'renew' ? RENEW_WAIT_MS : 30_000 });
@@ -72,27 +72,6 @@ export async function certsVerb(argv: string[]): Promise<number> {
   }
 }
 
-function socketPath(configFile: string, socket: string | undefined): string | number {
-  if (socket) return socket;
-  try {
-    const config = loadConfigFile(configFile);
-    if (!config.control.enabled) {
-      process.stderr.write(`mailgate: the control socket is disabled in ${config.file} (control.enabled: false)\n`);
-      return 2;
-    }
-    return controlSocketPath(config);
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`mailgate: invalid configuration\n${err.message}\n`);
-      return 2;
-    }
-    if (err instanceof MailgateError) {
-      process.stderr.write(`mailgate: ${err.message}\n(use -s SOCKET to name the control socket directly)\n`);
-      return 2;
-    }
-    throw err;
-  }
-}
 
 interface AcmeAnswer {
   configured: boolean;

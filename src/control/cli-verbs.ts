@@ -20,8 +20,8 @@ export interface VerbOptions {
 
 type Target = { socket: string; configFile: string | null } | number;
 
-/** The socket to use: -s, else control.socket from the config file. */
-function target(opts: VerbOptions): Target {
+/** The socket to use: -s, else control.socket from the config file; a number is the exit code after a reported problem. */
+export function target(opts: VerbOptions): Target {
   if (opts.socket) return { socket: opts.socket, configFile: null };
   try {
     const config = loadConfigFile(opts.config);
