@@ -14,7 +14,7 @@ import { normalizeIp } from '../net/address.ts';
 import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { ConnectFacts, Policy, Verdict } from '../policy/engine.ts';
 import type { CloseReason } from '../protocols/types.ts';
-import type { SessionControl, SessionRecord, SessionRegistry } from '../session/registry.ts';
+import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry } from '../session/registry.ts';
 import { BackendAgent } from './backend-agent.ts';
 
 type HttpListener = Listener & { protocol: 'http' };
@@ -65,25 +65,10 @@ export class HttpConnection implements SessionControl {
     this.deps = deps;
     this.tls = listener.tls === 'implicit';
     this.localPort = tcp.localPort ?? 0;
-    this.record = {
-      id,
-      listener: listener.name,
-      protocol: 'http',
-      clientIp,
-      clientPort: tcp.remotePort ?? 0,
-      startedAt: now,
-      state: this.tls ? 'handshake' : 'relaying',
-      lastActivity: now,
-      user: null,
-      backend: null,
-      tlsVersion: null,
-      tlsCipher: null,
-      bytesIn: 0,
-      bytesOut: 0,
-      messages: 0,
-      recipients: 0,
-      closeReason: null,
-    };
+    this.record = newSessionRecord(
+      { id, listener: listener.name, protocol: 'http', clientIp, clientPort: tcp.remotePort ?? 0, state: this.tls ? 'handshake' : 'relaying' },
+      now,
+    );
     this.log = deps.log.child({ conn: id, client: clientIp });
     this.connectFacts = { listener, clientIp, tls: this.tls, now };
     tcp.on('close', () => this.finalize());

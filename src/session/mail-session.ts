@@ -28,7 +28,7 @@ import type {
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
-import type { SessionControl, SessionRecord, SessionRegistry, SessionState } from './registry.ts';
+import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry, type SessionState } from './registry.ts';
 
 export interface MailSessionDeps {
   hostname: string;
@@ -80,25 +80,10 @@ export class MailSession implements SessionControl {
     this.deps = deps;
     const now = Date.now();
     const clientIp = normalizeIp(raw.remoteAddress);
-    this.record = {
-      id: deps.registry.nextId(),
-      listener: listener.name,
-      protocol: deps.module.protocol,
-      clientIp,
-      clientPort: raw.remotePort ?? 0,
-      startedAt: now,
-      state: 'handshake',
-      lastActivity: now,
-      user: null,
-      backend: null,
-      tlsVersion: null,
-      tlsCipher: null,
-      bytesIn: 0,
-      bytesOut: 0,
-      messages: 0,
-      recipients: 0,
-      closeReason: null,
-    };
+    this.record = newSessionRecord(
+      { id: deps.registry.nextId(), listener: listener.name, protocol: deps.module.protocol, clientIp, clientPort: raw.remotePort ?? 0, state: 'handshake' },
+      now,
+    );
     this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
     this.reader = new LineReader(listener.limits.max_line);
     const record = this.record;

@@ -29,6 +29,27 @@ export interface SessionRecord {
   closeReason: CloseReason | null;
 }
 
+/** A record as a session opens: who and where, nothing moved yet. */
+export function newSessionRecord(
+  opened: Pick<SessionRecord, 'id' | 'listener' | 'protocol' | 'clientIp' | 'clientPort' | 'state'>,
+  now = Date.now(),
+): SessionRecord {
+  return {
+    ...opened,
+    startedAt: now,
+    lastActivity: now,
+    user: null,
+    backend: null,
+    tlsVersion: null,
+    tlsCipher: null,
+    bytesIn: 0,
+    bytesOut: 0,
+    messages: 0,
+    recipients: 0,
+    closeReason: null,
+  };
+}
+
 /** The fields of a record that change while the session lives; the rest is fixed when it opens. */
 export const LIVE_FIELDS = ['state', 'lastActivity', 'bytesIn', 'bytesOut', 'user', 'backend', 'tlsVersion', 'tlsCipher', 'messages', 'recipients'] as const;
 export type LiveField = (typeof LIVE_FIELDS)[number];

@@ -1,28 +1,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { CloseReason } from '../../src/protocols/types.ts';
-import { SessionRegistry, type SessionControl, type SessionRecord } from '../../src/session/registry.ts';
+import { newSessionRecord, SessionRegistry, type SessionControl } from '../../src/session/registry.ts';
 
 function session(registry: SessionRegistry, listener: string): SessionControl {
-  const record: SessionRecord = {
-    id: registry.nextId(),
-    listener,
-    protocol: 'imap',
-    clientIp: '127.0.0.1',
-    clientPort: 1,
-    startedAt: Date.now(),
-    state: 'preauth',
-    lastActivity: Date.now(),
-    user: null,
-    backend: null,
-    tlsVersion: null,
-    tlsCipher: null,
-    bytesIn: 0,
-    bytesOut: 0,
-    messages: 0,
-    recipients: 0,
-    closeReason: null,
-  };
+  const record = newSessionRecord({ id: registry.nextId(), listener, protocol: 'imap', clientIp: '127.0.0.1', clientPort: 1, state: 'preauth' });
   return { record, kill: (_reason: CloseReason) => undefined, drain: () => undefined };
 }
 

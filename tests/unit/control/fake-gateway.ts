@@ -7,7 +7,7 @@ import { createLogger } from '../../../src/core/log.ts';
 import type { Ban, ReloadOutcome } from '../../../src/control/protocol.ts';
 import type { BanAdmin, ControlTarget } from '../../../src/control/target.ts';
 import type { CloseReason } from '../../../src/protocols/types.ts';
-import { SessionRegistry, type SessionControl, type SessionRecord } from '../../../src/session/registry.ts';
+import { newSessionRecord, SessionRegistry, type SessionControl, type SessionRecord } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 
 export const silentLog = createLogger('silent');
@@ -39,25 +39,10 @@ export class FakeSession implements SessionControl {
 
   constructor(registry: SessionRegistry, fields: Partial<SessionRecord> = {}) {
     this.registry = registry;
-    const now = Date.now();
     this.record = {
-      id: registry.nextId(),
-      listener: 'imaps',
-      protocol: 'imap',
-      clientIp: '192.0.2.10',
-      clientPort: 40000,
-      startedAt: now,
-      state: 'preauth',
-      lastActivity: now,
-      user: null,
-      backend: null,
+      ...newSessionRecord({ id: registry.nextId(), listener: 'imaps', protocol: 'imap', clientIp: '192.0.2.10', clientPort: 40000, state: 'preauth' }),
       tlsVersion: 'TLSv1.3',
       tlsCipher: 'TLS_AES_256_GCM_SHA384',
-      bytesIn: 0,
-      bytesOut: 0,
-      messages: 0,
-      recipients: 0,
-      closeReason: null,
       ...fields,
     };
   }
