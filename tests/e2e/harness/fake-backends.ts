@@ -91,6 +91,11 @@ async function startLineServer(greeting: string, opts: FakeOptions, handle: Hand
     const g = opts.greeting ?? greeting;
     if (g) say(g);
   });
+  return listenFake(server, connections, live);
+}
+
+/** Binds a fake on a free loopback port; the handle every fake returns. */
+async function listenFake(server: Server, connections: FakeConnection[], live: Set<FakeConnection>): Promise<FakeBackend> {
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(0, '127.0.0.1', () => resolve());
@@ -264,19 +269,5 @@ export async function startRawBackend(onConnect: (socket: Socket) => void): Prom
     socket.on('close', () => live.delete(conn));
     onConnect(socket);
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
-  });
-  return {
-    port: (server.address() as AddressInfo).port,
-    connections,
-    transcripts: () => connections.map((c) => c.text()),
-    open: () => [...live],
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const c of live) c.socket.destroy();
-        server.close(() => resolve());
-      }),
-  };
+  return listenFake(server, connections, live);
 }
