@@ -356,10 +356,14 @@ export class ClusterPrimary implements Daemon {
   private queueCerts(): void {
     if (this.certsQueued) return;
     this.certsQueued = true;
-    setImmediate(() => {
-      this.certsQueued = false;
-      this.broadcast({ t: 'certs', certs: this.certs.snapshot() });
-    });
+    setImmediate(() => this.sendCerts());
+  }
+
+  /** Sends what is queued now (a reload needs the certificates ahead of its own message); a no-op when nothing is. */
+  private sendCerts(): void {
+    if (!this.certsQueued) return;
+    this.certsQueued = false;
+    this.broadcast({ t: 'certs', certs: this.certs.snapshot() });
   }
 
   private followAcme(): void {
@@ -401,9 +405,9 @@ export class ClusterPrimary implements Daemon {
     if (JSON.stringify(next.policy_store) !== JSON.stringify(this.store)) this.log.warn({ running: this.store.type, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
     if (next.workers !== this.config.workers) this.log.warn({ running: this.count, configured: next.workers }, 'workers changes take effect at the next restart');
     this.engine = engine;
-    // Certificates first (same channel, so they arrive before the reload).
+    // Certificates first (same channel, so they arrive before the reload), once: replaceWith queued them.
     this.certs.replaceWith(certs);
-    this.broadcast({ t: 'certs', certs: this.certs.snapshot() });
+    this.sendCerts();
     this.ports = ports;
     this.config = next;
     const id = this.nextReloadId++;
