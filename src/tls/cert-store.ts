@@ -243,16 +243,13 @@ export class CertStore {
 
   /** Takes over a primary's snapshot: certificates and pending challenges, all at once. */
   load(snapshot: CertSnapshot): void {
-    this.minVersion = snapshot.minVersion;
-    const next = new CertStore(this.minVersion, this.ticketKeys);
+    const next = new CertStore(snapshot.minVersion, this.ticketKeys);
     // The default last, so that it stays the default whatever the others cover.
     const ordered = [...snapshot.entries.filter((e) => !e.isDefault), ...snapshot.entries.filter((e) => e.isDefault)];
     for (const e of ordered) next.put(e.certPem, e.keyPem, e.source, { ...(e.certFile === undefined ? {} : { certFile: e.certFile }), makeDefault: e.isDefault });
-    this.byName = next.byName;
-    this.defaultEntry = next.defaultEntry;
+    this.replaceWith(next);
     this.challenges.clear();
     for (const c of snapshot.challenges) this.setChallenge(c.name, c.certPem, c.keyPem);
-    this.changed({ kind: 'replaced' });
   }
 
   /**
