@@ -157,6 +157,11 @@ function backendCpu(cpu: number[], ops: number): Record<string, number> {
   return ops > 0 ? { backend_cpu_us: (b / ops) * 1e6 } : {};
 }
 
+/** Sessions per second, and the proxy's and the backends' CPU per session. */
+function perSession(t: Target, r: { sessions: number; elapsed: number; cpu_s: number[] }): Record<string, number> {
+  return { rate: r.sessions / r.elapsed, ...proxyCpuPerOp(t, r.cpu_s, r.sessions), ...backendCpu(r.cpu_s, r.sessions) };
+}
+
 /** The load client's CPU as a share of one core over the window. */
 function clientShare(r: { client_cpu_s: number }, seconds: number): number {
   return seconds > 0 ? r.client_cpu_s / seconds : 0;
@@ -172,7 +177,7 @@ export const SCENARIOS: Scenario[] = [
       const s = ctx.settings;
       const r = await ctx.loadgen.run({ port: t.ports.imap, tls: !t.direct, script: GREETING, conc: 64, duration: s.duration, warmup: s.warmup, cpuPgids: pgids(t, ctx) });
       return {
-        values: { rate: r.sessions / r.elapsed, ...proxyCpuPerOp(t, r.cpu_s, r.sessions), ...backendCpu(r.cpu_s, r.sessions) },
+        values: perSession(t, r),
         client: clientShare(r, r.elapsed),
         warnings: [...check(r, 'handshake', r.sessions), ...tlsCheck(t, r)],
       };
@@ -205,7 +210,7 @@ export const SCENARIOS: Scenario[] = [
         cpuPgids: pgids(t, ctx),
       });
       return {
-        values: { rate: r.sessions / r.elapsed, ...proxyCpuPerOp(t, r.cpu_s, r.sessions), ...backendCpu(r.cpu_s, r.sessions) },
+        values: perSession(t, r),
         client: clientShare(r, r.elapsed),
         warnings: check(r, 'imap session', r.sessions),
       };
@@ -280,7 +285,7 @@ export const SCENARIOS: Scenario[] = [
         cpuPgids: pgids(t, ctx),
       });
       return {
-        values: { rate: r.sessions / r.elapsed, ...proxyCpuPerOp(t, r.cpu_s, r.sessions), ...backendCpu(r.cpu_s, r.sessions) },
+        values: perSession(t, r),
         client: clientShare(r, r.elapsed),
         warnings: check(r, 'smtp', r.sessions),
       };
