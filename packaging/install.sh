@@ -53,27 +53,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# Paths end up in a sed expression and a unit file: keep them plain.
-case $PREFIX in
-  /*) ;;
-  *) die "--prefix must be an absolute path" ;;
-esac
-case $PREFIX in
-  *[!A-Za-z0-9._/-]* | / | */ | *//* | */./* | */../* | */. | */..) die "--prefix $PREFIX: use a plain absolute path like /opt/mailgate" ;;
-esac
-case $ROOT in
-  /*) ;;
-  *) die "--root must be an absolute path" ;;
-esac
-[ -d "$ROOT" ] || die "--root $ROOT is not a directory"
-R=$(cd "$ROOT" && pwd -P)
-[ "$R" = / ] && R=
-STAGING=no
-[ -n "$R" ] && STAGING=yes
-
-if [ "$STAGING" = no ] && [ "$(id -u)" -ne 0 ]; then
-  die "run as root (or use --root DIR for a staging install)"
-fi
+# shellcheck source=packaging/target.sh
+. "$(dirname "$0")/target.sh"
+check_target
 
 SRC=$(cd "$(dirname "$0")/.." && pwd -P)
 if ! { [ -f "$SRC/package.json" ] && [ -f "$SRC/package-lock.json" ] && [ -x "$SRC/bin/mailgate" ]; }; then

@@ -34,23 +34,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-case $PREFIX in
-  /*) ;;
-  *) die "--prefix must be an absolute path" ;;
-esac
-case $PREFIX in
-  *[!A-Za-z0-9._/-]* | / | */ | *//* | */./* | */../* | */. | */..) die "--prefix $PREFIX: use a plain absolute path" ;;
-esac
-case $ROOT in
-  /*) ;;
-  *) die "--root must be an absolute path" ;;
-esac
-[ -d "$ROOT" ] || die "--root $ROOT is not a directory"
-R=$(cd "$ROOT" && pwd -P)
-[ "$R" = / ] && R=
-STAGING=no
-[ -n "$R" ] && STAGING=yes
-if [ "$STAGING" = no ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or use --root DIR)"; fi
+# shellcheck source=packaging/target.sh
+. "$(dirname "$0")/target.sh"
+check_target
 
 DEST=$R$PREFIX
 UNIT=$R/etc/systemd/system/$NAME.service

@@ -58,7 +58,7 @@ test('prerequisite: shellcheck is installed (.ci/install-deps.sh)', () => {
 
 
 test('the install scripts pass shellcheck as POSIX sh', () => {
-  const r = spawnSync('shellcheck', ['-s', 'sh', 'packaging/install.sh', 'packaging/uninstall.sh', 'bin/mailgate'], { cwd: ROOT, encoding: 'utf8' });
+  const r = spawnSync('shellcheck', ['-s', 'sh', '-x', 'packaging/install.sh', 'packaging/uninstall.sh', 'packaging/target.sh', 'bin/mailgate'], { cwd: ROOT, encoding: 'utf8' });
   assert.equal(r.status, 0, r.stdout);
 });
 
