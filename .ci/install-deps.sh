@@ -15,6 +15,7 @@ PACKAGES=(
   postfix                                    # smtpd backend and /usr/sbin/smtp-sink
   nginx                                      # HTTP backend
   swaks                                      # SMTP client used by the tests
+  libnet-ssleay-perl libio-socket-ssl-perl   # swaks's TLS (Recommends of swaks, left out by --no-install-recommends)
   pebble                                     # ACME test CA
   curl openssl ca-certificates               # HTTP client, TLS tooling
   python3                                    # imaplib/poplib/smtplib clients used by the tests
@@ -23,6 +24,8 @@ PACKAGES=(
   redis-server                               # shared policy store (tests/unit/policy/redis.test.ts starts its own)
   systemd util-linux shellcheck              # systemd-analyze, systemd-notify, setpriv, sh lint (tests/*/systemd*, packaging)
   testssl.sh                                 # the TLS report (npm run test:tls)
+  libengine-gost-openssl                     # testssl's GOST engine (a Recommends); without it testssl warns about its own OpenSSL
+  bsdextrautils                              # hexdump for testssl's socket checks
 )
 SERVICES=(dovecot postfix nginx redis-server haproxy)
 
@@ -87,18 +90,50 @@ for svc in "${SERVICES[@]}"; do
   fi
 done
 
-# Sanity check: the binaries the e2e harness uses.
-for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/postfix/sbin/master /usr/sbin/smtp-sink \
-           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux \
-           /usr/bin/testssl; do
-  if [ ! -x "$bin" ]; then
-    echo "install-deps.sh: missing $bin" >&2
-    exit 1
+# Check that every tool works, not only that its binary exists: a tool whose
+# optional part is missing (swaks without TLS, testssl without its engine)
+# fails here, by name, instead of in the middle of a test run.
+failed=0
+check() {
+  local what=$1
+  shift
+  local out
+  if ! out=$("$@" 2>&1); then
+    echo "install-deps.sh: $what does not work: $*" >&2
+    printf '%s\n' "$out" | tail -5 | sed 's/^/    /' >&2
+    failed=1
   fi
+}
+for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/lib/postfix/sbin/master /usr/lib/postfix/sbin/smtpd \
+           /usr/sbin/smtp-sink /usr/sbin/nginx /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/redis-server; do
+  check "$bin" test -x "$bin"
 done
+check dovecot /usr/sbin/dovecot --version
+check postfix /usr/sbin/postconf -d mail_version
+check nginx /usr/sbin/nginx -v
+check redis-server /usr/bin/redis-server --version
+check pebble sh -c '/usr/bin/pebble -h 2>&1 | grep -q -- -config'
+check 'swaks with TLS' sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"'
+check 'swaks with AUTH' sh -c 'swaks --support 2>&1 | grep -q "^=== Basic AUTH supported"'
+check 'curl with imaps, pop3s, smtps' sh -c 'curl -V | grep -q "imaps.*pop3s.*smtps"'
+check 'openssl with TLS 1.3' sh -c 'openssl s_client -help 2>&1 | grep -q -- -tls1_3'
+check 'openssl GOST engine (testssl)' openssl engine gost -t -c
+check 'testssl' sh -c 'testssl --version 2>&1 | grep -q "testssl.sh"'
+check 'testssl on its own OpenSSL' sh -c '! testssl --local --color 0 2>&1 | grep -qi "no engine"'
+check 'python3 ssl, imaplib, poplib, smtplib' python3 -c 'import ssl, imaplib, poplib, smtplib, json; assert ssl.HAS_TLSv1_3'
+check tmux tmux -V
+check shellcheck shellcheck --version
+check systemd-analyze systemd-analyze --version
+check systemd-notify systemd-notify --version
+check setpriv setpriv --version
+check hexdump sh -c 'printf x | hexdump -C'
 for acct in nobody postfix dovecot dovenull; do
-  getent passwd "$acct" >/dev/null || { echo "install-deps.sh: missing system user $acct" >&2; exit 1; }
+  check "system user $acct" getent passwd "$acct"
 done
-getent group postdrop >/dev/null || { echo "install-deps.sh: missing group postdrop" >&2; exit 1; }
+check 'group postdrop' getent group postdrop
+if [ "$failed" -ne 0 ]; then
+  echo "install-deps.sh: some tools do not work (above); the tests would fail on them" >&2
+  exit 1
+fi
 
 echo "install-deps.sh: done"
