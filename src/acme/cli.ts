@@ -4,7 +4,8 @@
  *
  *   certs          one row per certificate name: what is served, issuer,
  *                  not-after, days left, next renewal (and why), state or
- *                  last error. Exit 1 when one is expired, failing or critical.
+ *                  last error. Exit 1 when one is expired, failing, critical
+ *                  or expires within the warning window (--warn-days, 14).
  *   certs renew    forces renewal now (all ACME names, or the ones given) and
  *                  waits for the outcome. Exit 1 when one failed.
  */
@@ -16,9 +17,18 @@ import { errorMessage } from '../core/errors.ts';
 import { ACME_COMMANDS } from './control.ts';
 import type { CertStatus, RenewResult } from './manager.ts';
 
-const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--json]
+/**
+ * A certificate with fewer days left than this is "about to expire" (exit 1).
+ * As the dashboard's red: an ACME certificate is renewed with a third of its
+ * lifetime (30 of 90 days) left, so one that reaches 14 days is not being
+ * renewed, and a file certificate needs an admin in time.
+ */
+export const DEFAULT_WARN_DAYS = 14;
 
-  certs               certificate status of the running gateway
+const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--json] [--warn-days N]
+
+  certs               certificate status of the running gateway; exit 1 when one is expired,
+                      failing, or expires within --warn-days (default ${DEFAULT_WARN_DAYS})
   certs renew [NAME]  renew now (all ACME-managed names when none is given) and wait for the result
 `;
 
@@ -26,7 +36,7 @@ const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--
 const RENEW_WAIT_MS = 15 * 60_000;
 
 export async function certsVerb(argv: string[]): Promise<number> {
-  let values: { config?: string | undefined; socket?: string | undefined; json?: boolean | undefined; help?: boolean | undefined };
+  let values: { config?: string | undefined; socket?: string | undefined; json?: boolean | undefined; help?: boolean | undefined; 'warn-days'?: string | undefined };
   let positionals: string[];
   try {
     ({ values, positionals } = parseArgs({
@@ -35,6 +45,7 @@ export async function certsVerb(argv: string[]): Promise<number> {
         config: { type: 'string', short: 'c' },
         socket: { type: 'string', short: 's' },
         json: { type: 'boolean' },
+        'warn-days': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
       allowPositionals: true,
@@ -46,6 +57,11 @@ export async function certsVerb(argv: string[]): Promise<number> {
   if (values.help) {
     process.stdout.write(USAGE);
     return 0;
+  }
+  const warnDays = values['warn-days'] === undefined ? DEFAULT_WARN_DAYS : Number(values['warn-days']);
+  if (!Number.isFinite(warnDays) || warnDays < 0) {
+    process.stderr.write(`mailgate certs: --warn-days takes a number of days, not "${values['warn-days']}"\n${USAGE}`);
+    return 2;
   }
   const [sub, ...names] = positionals;
   if (sub !== undefined && sub !== 'renew') {
@@ -63,7 +79,7 @@ export async function certsVerb(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    return sub === 'renew' ? await renew(client, names, values.json === true) : await show(client, values.json === true);
+    return sub === 'renew' ? await renew(client, names, values.json === true) : await show(client, values.json === true, warnDays);
   } catch (err) {
     process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
     return 1;
@@ -78,7 +94,7 @@ interface AcmeAnswer {
   certs: CertStatus[];
 }
 
-async function show(client: ControlClient, json: boolean): Promise<number> {
+async function show(client: ControlClient, json: boolean, warnDays: number): Promise<number> {
   const served = await client.request('certs', {});
   let acme: AcmeAnswer = { configured: false, certs: [] };
   try {
@@ -90,9 +106,11 @@ async function show(client: ControlClient, json: boolean): Promise<number> {
   if (json) {
     process.stdout.write(`${JSON.stringify({ served, acme }, null, 2)}\n`);
   } else {
-    process.stdout.write(formatCertTable(served, acme.certs, Date.now()));
+    process.stdout.write(formatCertTable(served, acme.certs, Date.now(), warnDays));
   }
-  const bad = acme.certs.some((c) => c.state === 'expired' || c.state === 'critical' || c.state === 'failing') || served.some((c) => c.daysLeft < 0);
+  const bad =
+    acme.certs.some((c) => c.state === 'expired' || c.state === 'critical' || c.state === 'failing' || (c.daysLeft !== undefined && c.daysLeft < warnDays)) ||
+    served.some((c) => c.daysLeft < warnDays);
   return bad ? 1 : 0;
 }
 
@@ -143,11 +161,12 @@ const STATE_TEXT: Record<CertStatus['state'], string> = {
  * ACME-managed names first, then certificates from files and the self-signed
  * fallback for names ACME does not manage.
  */
-export function formatCertTable(served: ServedCert[], acme: CertStatus[], now: number): string {
+export function formatCertTable(served: ServedCert[], acme: CertStatus[], now: number, warnDays = DEFAULT_WARN_DAYS): string {
   const rows: string[][] = [['NAME', 'SERVING', 'ISSUER', 'NOT AFTER', 'DAYS', 'NEXT RENEWAL', 'STATE / LAST ERROR']];
   const managed = new Set(acme.map((c) => c.name));
   for (const c of acme) {
-    const state = STATE_TEXT[c.state] + (c.lastError ? `: ${c.lastError}` : '') + (c.serving === 'self-signed' ? ' (serving the self-signed certificate)' : '');
+    const soon = c.state === 'valid' && c.daysLeft !== undefined && c.daysLeft < warnDays ? `EXPIRES IN ${Math.max(0, c.daysLeft).toFixed(1)} DAYS` : undefined;
+    const state = (soon ?? STATE_TEXT[c.state]) + (c.lastError ? `: ${c.lastError}` : '') + (c.serving === 'self-signed' ? ' (serving the self-signed certificate)' : '');
     const next = c.nextRenewal ? `${when(c.nextRenewal)} (${c.basis ?? '?'})` : '-';
     rows.push([c.name, c.serving, cn(c.issuer), when(c.notAfter), c.daysLeft === undefined ? '-' : c.daysLeft.toFixed(1), next, state]);
   }
@@ -155,7 +174,8 @@ export function formatCertTable(served: ServedCert[], acme: CertStatus[], now: n
     const names = c.names.filter((n) => !managed.has(n));
     if (names.length === 0 || c.source === 'acme') continue;
     const days = (c.notAfter - now) / 86_400_000;
-    const state = days < 0 ? 'EXPIRED' : c.source === 'self-signed' ? 'self-signed (clients will warn)' : 'ok (from a file; not renewed by mailgate)';
+    const fromFile = c.source === 'self-signed' ? 'self-signed (clients will warn)' : 'ok (from a file; not renewed by mailgate)';
+    const state = days < 0 ? 'EXPIRED' : days < warnDays ? `EXPIRES IN ${days.toFixed(1)} DAYS (${c.source === 'self-signed' ? 'self-signed' : 'from a file: replace it'})` : fromFile;
     rows.push([names.join(','), c.source, cn(c.issuer), when(c.notAfter), days.toFixed(1), '-', state]);
   }
   if (rows.length === 1) return 'no certificates\n';
