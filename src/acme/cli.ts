@@ -4,8 +4,9 @@
  *
  *   certs          one row per certificate name: what is served, issuer,
  *                  not-after, days left, next renewal (and why), state or
- *                  last error. Exit 1 when one is expired, failing, critical
- *                  or expires within the warning window (--warn-days, 14).
+ *                  last error. Exit 1 when one is expired, failing or
+ *                  critical, or one from a file expires within the warning
+ *                  window (--warn-days, 14).
  *   certs renew    forces renewal now (all ACME names, or the ones given) and
  *                  waits for the outcome. Exit 1 when one failed.
  */
@@ -18,17 +19,16 @@ import { ACME_COMMANDS } from './control.ts';
 import type { CertStatus, RenewResult } from './manager.ts';
 
 /**
- * A certificate with fewer days left than this is "about to expire" (exit 1).
- * As the dashboard's red: an ACME certificate is renewed with a third of its
- * lifetime (30 of 90 days) left, so one that reaches 14 days is not being
- * renewed, and a file certificate needs an admin in time.
+ * A certificate mailgate does not renew (from a file, or the self-signed
+ * one) with fewer days left than this is "about to expire" (exit 1): the
+ * dashboard's red, time for an admin to replace it.
  */
 export const DEFAULT_WARN_DAYS = 14;
 
 const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--json] [--warn-days N]
 
-  certs               certificate status of the running gateway; exit 1 when one is expired,
-                      failing, or expires within --warn-days (default ${DEFAULT_WARN_DAYS})
+  certs               certificate status of the running gateway; exit 1 when one is expired or
+                      failing, or one from a file expires within --warn-days (default ${DEFAULT_WARN_DAYS})
   certs renew [NAME]  renew now (all ACME-managed names when none is given) and wait for the result
 `;
 
@@ -108,9 +108,11 @@ async function show(client: ControlClient, json: boolean, warnDays: number): Pro
   } else {
     process.stdout.write(formatCertTable(served, acme.certs, Date.now(), warnDays));
   }
+  // ACME certificates are judged by their renewal state (a 6-day certificate is fine with 5 days left);
+  // the window is for what mailgate does not renew: certificates from files and the self-signed one.
   const bad =
-    acme.certs.some((c) => c.state === 'expired' || c.state === 'critical' || c.state === 'failing' || (c.daysLeft !== undefined && c.daysLeft < warnDays)) ||
-    served.some((c) => c.daysLeft < warnDays);
+    acme.certs.some((c) => c.state === 'expired' || c.state === 'critical' || c.state === 'failing') ||
+    served.some((c) => c.daysLeft < 0 || (c.source !== 'acme' && c.daysLeft < warnDays));
   return bad ? 1 : 0;
 }
 
@@ -165,8 +167,7 @@ export function formatCertTable(served: ServedCert[], acme: CertStatus[], now: n
   const rows: string[][] = [['NAME', 'SERVING', 'ISSUER', 'NOT AFTER', 'DAYS', 'NEXT RENEWAL', 'STATE / LAST ERROR']];
   const managed = new Set(acme.map((c) => c.name));
   for (const c of acme) {
-    const soon = c.state === 'valid' && c.daysLeft !== undefined && c.daysLeft < warnDays ? `EXPIRES IN ${Math.max(0, c.daysLeft).toFixed(1)} DAYS` : undefined;
-    const state = (soon ?? STATE_TEXT[c.state]) + (c.lastError ? `: ${c.lastError}` : '') + (c.serving === 'self-signed' ? ' (serving the self-signed certificate)' : '');
+    const state = STATE_TEXT[c.state] + (c.lastError ? `: ${c.lastError}` : '') + (c.serving === 'self-signed' ? ' (serving the self-signed certificate)' : '');
     const next = c.nextRenewal ? `${when(c.nextRenewal)} (${c.basis ?? '?'})` : '-';
     rows.push([c.name, c.serving, cn(c.issuer), when(c.notAfter), c.daysLeft === undefined ? '-' : c.daysLeft.toFixed(1), next, state]);
   }
