@@ -172,27 +172,9 @@ export interface RelayFilter {
   atBoundary(): boolean;
 }
 
-/**
- * Watches a spliced stream without changing it (SMTP counts messages and
- * recipients for rate rules). Must be cheap: it sees every chunk.
- */
-export interface StreamObserver {
-  fromClient(chunk: Buffer): void;
-  fromBackend(chunk: Buffer): void;
-  /** True when a goodbye could be written without cutting a message or response in half. */
-  atBoundary(): boolean;
-}
-
-export interface StreamCounts {
-  onMessage(recipients: number): void;
-  onRecipient(): void;
-}
-
 export interface ProtocolModule {
   readonly protocol: 'imap' | 'pop3' | 'smtp';
   createAdapter(facts: SessionFacts, caps: BackendCapabilities | undefined): MailAdapter;
-  /** Optional observer for the spliced stream. */
-  createObserver?(counts: StreamCounts): StreamObserver;
   /** Learns the backend's pre-login capabilities on a throwaway connection, then says goodbye. */
   probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
 }
