@@ -320,6 +320,9 @@ export class SmtpRelay implements RelayFilter {
     // so the backend reads the command the relay read. RFC 5321 allows none in a command.
     if (/[\0-\x08\x0a-\x1f\x7f]/.test(text)) return this.deny('control character', '500 5.5.2 Error: bad character in command\r\n');
     const verb = (/^[ \t]*([^ \t]{1,8})(?:[ \t]|$)/.exec(text)?.[1] ?? '').toUpperCase();
+    // A chunk left a CR whose LF must open the next chunk: any other command makes it a bare CR (a
+    // backend that refuses a command inside a BDAT transaction goes on with the message it is in).
+    if (this.line === Line.Cr && verb !== 'BDAT') return void this.bare('CR');
     switch (verb) {
       case 'RCPT':
         if (this.host.count('recipient') === 'go') this.forward(src, start, end, owned, REPLY);
@@ -332,13 +335,7 @@ export class SmtpRelay implements RelayFilter {
       case 'BDAT':
         return this.bdat(src, start, end, owned, text);
       case 'EHLO':
-        this.line = Line.Start;
         return this.forward(src, start, end, owned, EHLO);
-      case 'MAIL':
-      case 'RSET':
-      case 'HELO':
-        this.line = Line.Start;
-        return this.forward(src, start, end, owned, REPLY);
       case 'XCLIENT':
       case 'XFORWARD':
         return this.deny(verb, '550 5.7.0 Error: insufficient authorization\r\n');

@@ -440,6 +440,11 @@ describe('SMTP relay: bare CR and LF (SMTP smuggling)', () => {
     const last = tally();
     feed(last, [c('MAIL FROM:<a@x>\r\nBDAT 3 LAST\r\nab\r')], [1]);
     assert.equal(last.host.backend, 'MAIL FROM:<a@x>\r\nBDAT 3 LAST\r\nab');
+    const between = tally();
+    feed(between, [c('MAIL FROM:<a@x>\r\nBDAT 3\r\nab\rRSET\r\nBDAT 1 LAST\r\nc')]);
+    assert.deepEqual(between.host.closing, ['protocol-error', '521 5.5.2 gw.example.org Error: bare <CR> received\r\n'], 'only the next chunk may bring its LF');
+    assert.equal(between.host.backend, 'MAIL FROM:<a@x>\r\nBDAT 3\r\nab\r');
+
     const zero = tally();
     feed(zero, [c('MAIL FROM:<a@x>\r\nBDAT 3\r\nab\rBDAT 0 LAST\r\n')]);
     assert.equal(zero.host.backend, 'MAIL FROM:<a@x>\r\nBDAT 3\r\nab\r', 'BDAT 0 LAST would end the message on the bare CR');
