@@ -4,8 +4,10 @@ import fc from 'fast-check';
 import { rewriteEhlo, SmtpRelay, type SmtpRelayOptions } from '../../src/protocols/smtp-relay.ts';
 import type { CloseReason, RelayHost, RelayUnit } from '../../src/protocols/types.ts';
 
-/** A driver stand-in: records what the relay sends each way, answers count() with 'go' or 'wait'. */
-/** Not a RelayHost itself (its `closing` field keeps what closing() was told): `tally` wires one to it. */
+/**
+ * A driver stand-in: records what the relay sends each way, answers count() with 'go' or 'wait'.
+ * Not a RelayHost itself (its `closing` field keeps what closing() was told): `tally` wires one to it.
+ */
 class Host {
   readonly backendChunks: Buffer[] = [];
   client = '';
@@ -52,7 +54,6 @@ interface Tally {
 
 function tally(opts: Partial<SmtpRelayOptions> = {}): Tally {
   const host = new Host();
-  // The interface's `closing` is the method above under another name (a field named closing holds its arguments).
   const face: RelayHost = {
     toBackend: (d) => host.toBackend(d),
     toClient: (d) => host.toClient(d),
