@@ -74,11 +74,18 @@ export interface Policy {
   /** Per HTTP request (requests per window): `tempfail` is answered with 429 and Retry-After. */
   onHttpRequest?(facts: HttpRequestFacts): Verdict;
   /**
-   * An SMTP message went through a spliced session (messages and recipients
-   * per window). `tempfail`: the limit is reached; the driver stops relaying
-   * and ends the session with the protocol's temporary failure (421).
+   * A recipient in a spliced SMTP session, before it goes to the backend
+   * (recipients per window): `tempfail` refuses it (452), the session goes on.
+   * Undefined when no limit counts recipients here (the relay need not wait).
    */
-  onSmtpMessage?(facts: AuthFacts, recipients: number): Promise<Verdict>;
+  onSmtpRecipient?(facts: AuthFacts): Promise<Verdict> | undefined;
+  /**
+   * A message the backend accepted in a spliced SMTP session (messages per
+   * window): `tempfail` means the limit is reached, and the session ends at
+   * the next command with the protocol's temporary failure (421). Undefined
+   * when no limit counts messages here.
+   */
+  onSmtpMessage?(facts: AuthFacts): Promise<Verdict> | undefined;
 }
 
 export class PassthroughPolicy implements Policy {
@@ -107,6 +114,7 @@ const TEXT = {
   concurrent: 'Too many connections from your address',
   sessions: 'Too many sessions for this user',
   messages: 'Message limit reached, try again later',
+  recipients: 'Too many recipients, try again later',
   requests: 'Too many requests',
   busy: 'Authentication temporarily unavailable',
 } as const;
@@ -342,22 +350,39 @@ export class PolicyEngine implements Policy {
     else this.state.track('count failure', this.recordFailure(facts.clientIp, userKey));
   }
 
-  async onSmtpMessage(facts: AuthFacts, recipients: number): Promise<Verdict> {
-    const l = facts.listener;
-    const now = this.state.clock();
+  onSmtpRecipient(facts: AuthFacts): Promise<Verdict> | undefined {
+    return this.countSmtp(facts, 'recipients');
+  }
+
+  onSmtpMessage(facts: AuthFacts): Promise<Verdict> | undefined {
+    return this.countSmtp(facts, 'messages');
+  }
+
+  /** One recipient or message against the limits that count them here; undefined when none does. */
+  private countSmtp(facts: AuthFacts, limit: 'messages' | 'recipients'): Promise<Verdict> | undefined {
     const userKey = facts.user === null ? null : canonicalUser(facts.user);
-    let reached: Verdict | undefined;
+    const counts: { c: CompiledLimit; counter: WindowCounter; key: string }[] = [];
     for (const c of this.limits) {
-      if ((c.spec.limit !== 'messages' && c.spec.limit !== 'recipients') || !c.scope(l.name) || !c.counter) continue;
+      if (c.spec.limit !== limit || !c.counter || !c.scope(facts.listener.name)) continue;
       const key = c.spec.per === 'user' ? userKey : facts.clientIp;
-      if (key === null) continue;
-      const n = c.spec.limit === 'messages' ? 1 : recipients;
-      if (n <= 0) continue;
-      const count = await c.counter.hit(key, n);
-      if (count.count >= c.spec.max) {
-        this.state.block(blockKey(c, key), now + count.resetMs);
-        reached ??= tempfail(TEXT.messages, count.resetMs);
-        this.log.info({ listener: l.name, user: facts.user, client: facts.clientIp, limit: c.spec.limit, count: count.count, max: c.spec.max }, 'message limit reached');
+      if (key !== null) counts.push({ c, counter: c.counter, key });
+    }
+    return counts.length === 0 ? undefined : this.hitSmtp(facts, limit, counts);
+  }
+
+  private async hitSmtp(facts: AuthFacts, limit: 'messages' | 'recipients', counts: { c: CompiledLimit; counter: WindowCounter; key: string }[]): Promise<Verdict> {
+    let reached: Verdict | undefined;
+    for (const { c, counter, key } of counts) {
+      const count = await counter.hit(key, 1);
+      // The count is used up: logins are refused until the window ends.
+      if (count.count >= c.spec.max) this.state.block(blockKey(c, key), this.state.clock() + count.resetMs);
+      // A message is counted once accepted, so the one that reaches the maximum went through; a recipient is asked about first.
+      const over = limit === 'messages' ? c.spec.max : c.spec.max + 1;
+      if (count.count < over) continue;
+      reached ??= tempfail(limit === 'messages' ? TEXT.messages : TEXT.recipients, count.resetMs);
+      if (count.count === over) {
+        const what = limit === 'messages' ? 'message limit reached' : 'recipient limit reached';
+        this.log.info({ listener: facts.listener.name, user: facts.user, client: facts.clientIp, limit, count: count.count, max: c.spec.max }, what);
       }
     }
     return reached ?? { action: 'allow' };

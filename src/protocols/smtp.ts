@@ -3,13 +3,13 @@
  * EHLO/HELO, STARTTLS (RFC 3207), AUTH PLAIN / LOGIN (RFC 4954) on submission
  * listeners, and, on MX listeners without authentication, the first MAIL
  * FROM. The login is replayed on the backend (a legacy MTA such as Postfix),
- * preceded by XCLIENT when the backend offers it, then the bytes are spliced
- * and `smtp-observer.ts` counts messages and recipients.
+ * preceded by XCLIENT when the backend offers it; then `smtp-relay.ts` stands
+ * between client and backend (what a client may not say there, counting).
  */
 import { MailgateError } from '../core/errors.ts';
 import type { Listener } from '../config/load.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
-import { createSmtpObserver } from './smtp-observer.ts';
+import { createSmtpRelay, GATEWAY_ONLY_KEYWORD } from './smtp-relay.ts';
 import {
   assertNever,
   oneLine,
@@ -22,6 +22,8 @@ import {
   type MailAdapter,
   type ProtocolModule,
   type Refusal,
+  type RelayFilter,
+  type RelayHost,
   type SessionFacts,
   type Step,
 } from './types.ts';
@@ -47,11 +49,9 @@ type SmtpState =
   | { s: 'login'; hello: Hello; pending: Pending }
   /** A BDAT chunk the client sent before it may send mail is being read and dropped. */
   | { s: 'discard'; after: Idle }
-  /** The backend session took over; the driver splices and feeds no more lines. */
-  | { s: 'spliced'; authenticated: boolean };
+  /** The backend session took over; the driver splices and feeds no more lines. `keywords`: the backend's last EHLO. */
+  | { s: 'spliced'; authenticated: boolean; keywords: readonly string[] };
 
-/** Extensions the gateway answers for itself (or must never pass on), so the backend's are dropped. */
-const OWN = /^(STARTTLS|AUTH|XCLIENT|XFORWARD)(\b|$)/i;
 const DEFAULT_EXTENSIONS: readonly string[] = ['PIPELINING', '8BITMIME'];
 /** Commands that exist but that the gateway does not offer before the backend session. */
 const NOT_IMPLEMENTED = new Set(['EXPN', 'ETRN', 'TURN', 'ATRN', 'XCLIENT', 'XFORWARD', 'SEND', 'SOML', 'SAML', 'VERB']);
@@ -94,7 +94,8 @@ export class SmtpAdapter implements MailAdapter {
   /** The EHLO keywords offered to the client right now. */
   extensions(): string[] {
     const tls = this.facts.tls();
-    const out = this.backendExtensions.map((e) => sanitizeValue(e, 512).trim()).filter((e) => e && !OWN.test(e));
+    // The same keywords go as after login (smtp-relay.ts): the gateway's own (STARTTLS, AUTH) are added here.
+    const out = this.backendExtensions.map((e) => sanitizeValue(e, 512).trim()).filter((e) => e && !GATEWAY_ONLY_KEYWORD.test(e));
     if (this.settings.tls === 'starttls' && !tls) out.push('STARTTLS');
     if (this.settings.auth === 'required' && (tls || !this.settings.requireTls)) out.push('AUTH PLAIN LOGIN');
     return out;
@@ -119,7 +120,8 @@ export class SmtpAdapter implements MailAdapter {
         // The driver reads no lines while a login runs or a BDAT chunk is read; a line here is a driver bug.
         return this.internalError();
       case 'spliced':
-        if (this.state.authenticated && /^AUTH\b/i.test(text)) return this.error('503 5.5.1 Already authenticated\r\n');
+        // The relay (smtp-relay.ts) reads the client after login; a line here is a driver bug, and still no second login.
+        if (/^AUTH\b/i.test(text)) return this.error('503 5.5.1 Already authenticated\r\n');
         return this.internalError();
       case 'connected':
       case 'hello':
@@ -358,18 +360,29 @@ export class SmtpAdapter implements MailAdapter {
     if (pending.cmd === 'MAIL') {
       backend.write(`${pending.line}\r\n`);
       const r = await readReply(backend);
-      this.state = { s: 'spliced', authenticated: false };
+      this.state = { s: 'spliced', authenticated: false, keywords };
       // Whatever the backend answers, the transaction is now between the client and the backend.
       return { ok: true, reply: r.lines.map((l) => `${oneLine(l)}\r\n`).join('') };
     }
     if (credentials === null) {
       // Policy authenticated the user itself (local users): the backend is told by XCLIENT, if at all.
-      this.state = { s: 'spliced', authenticated: true };
+      this.state = { s: 'spliced', authenticated: true, keywords };
       return { ok: true, reply: '235 2.7.0 Authentication successful\r\n' };
     }
     const result = await this.backendAuth(backend, credentials, keywords);
-    this.state = result.ok ? { s: 'spliced', authenticated: true } : { s: 'hello', hello };
+    this.state = result.ok ? { s: 'spliced', authenticated: true, keywords } : { s: 'hello', hello };
     return result;
+  }
+
+  relay(host: RelayHost): RelayFilter {
+    if (this.state.s !== 'spliced') throw new Error('SMTP relay asked for before the backend session took over');
+    return createSmtpRelay(host, {
+      hostname: this.facts.hostname,
+      authenticated: this.state.authenticated,
+      tls: this.facts.tls(),
+      chunking: this.state.keywords.some((k) => /^CHUNKING$/i.test(k)),
+      limitWords: (reason) => this.refusal('tempfail', reason),
+    });
   }
 
   /** Sends XCLIENT with the attributes the backend lists; true when the backend reset its session (EHLO again). */
@@ -388,8 +401,12 @@ export class SmtpAdapter implements MailAdapter {
     add(late, 'ADDR', ip.includes(':') ? `IPV6:${ip}` : ip);
     add(late, 'PORT', this.facts.clientPort > 0 ? String(this.facts.clientPort) : '');
     if (login !== undefined) add(late, 'LOGIN', toWire(sanitizeValue(login)));
-    // Postfix re-checks its XCLIENT permission against the new ADDR and resets the login and HELO of every
-    // XCLIENT that does not carry them, so when one command would be too long, ADDR/PORT/LOGIN go last.
+    // Postfix (3.7, tests/e2e/smtp.test.ts) checks XCLIENT permission at every XCLIENT against the client
+    // address in force, which an earlier XCLIENT ADDR= replaced, and resets the login and HELO of every
+    // XCLIENT that does not carry them: when one command would be too long, ADDR/PORT/LOGIN go last.
+    // XFORWARD permission is decided once, by the gateway's own address. So a client's XCLIENT after
+    // login passes wherever its own address is authorised (or no ADDR was sent), and its XFORWARD
+    // always would: smtp-relay.ts refuses both after login.
     const all = [...early, ...late];
     const commands = `XCLIENT ${all.join(' ')}\r\n`.length <= MAX_COMMAND ? [all] : [early, late];
     let reset = false;
@@ -525,7 +542,6 @@ function b64(s: string): string {
 export const smtpProtocol: ProtocolModule = {
   protocol: 'smtp',
   createAdapter: (facts, caps) => new SmtpAdapter(facts, caps),
-  createObserver: (counts) => createSmtpObserver(counts),
   async probe(backend, hostname) {
     const greeting = await readReply(backend);
     if (greeting.code !== 220) throw new MailgateError('BACKEND_PROTOCOL', `unexpected SMTP greeting: ${sanitizeValue(greeting.lines[0] ?? '', 80)}`);

@@ -116,29 +116,65 @@ export interface MailAdapter {
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
   /** A goodbye that can be written into a spliced stream at shutdown, if the protocol has one. */
   shutdownNotice(): string | undefined;
+  /**
+   * After a successful login: the filter for the spliced stream, when the
+   * protocol needs one (SMTP); without one the driver pipes bytes as they are.
+   */
+  relay?(host: RelayHost): RelayFilter;
+}
+
+/** What rate limits count in a relayed stream (SMTP: recipients and messages). */
+export type RelayUnit = 'recipient' | 'message';
+
+/** Policy's answer on one counted unit, as the relay needs it. */
+export type RelayVerdict = { ok: true } | { ok: false; reason: string };
+
+/**
+ * The driver, as a relay filter sees it: where the bytes it lets through go,
+ * whom it asks about what it counts, and how it ends the session. Bytes handed
+ * over are written as they are (never copied, never kept by the relay).
+ */
+export interface RelayHost {
+  toBackend(data: Buffer): void;
+  toClient(data: Buffer | string): void;
+  /**
+   * A unit that rate limits count: a recipient before it goes to the backend,
+   * a message once the backend accepted it. 'go': nothing limits it, go on.
+   * 'wait': the relay stops reading the client until the driver answers with
+   * RelayFilter.verdict().
+   */
+  count(unit: RelayUnit): 'go' | 'wait';
+  /** Something the client sent was refused (logged by the driver). */
+  refused(what: string): void;
+  /**
+   * The relay reads nothing more from the client and waits for the replies
+   * the backend still owes; it calls close() when they are in. The driver
+   * bounds that wait and then closes with these words itself.
+   */
+  closing(reason: CloseReason, words: string): void;
+  /** Ends the session now, `words` being the last the client hears. */
+  close(reason: CloseReason, words: string): void;
 }
 
 /**
- * Watches a spliced stream without changing it (SMTP counts messages and
- * recipients for rate rules). Must be cheap: it sees every chunk.
+ * Stands between client and backend once a session is spliced (SMTP: see
+ * smtp-relay.ts). It must be cheap: it sees every chunk both ways, and message
+ * content passes through as the very buffers that arrived.
  */
-export interface StreamObserver {
+export interface RelayFilter {
   fromClient(chunk: Buffer): void;
   fromBackend(chunk: Buffer): void;
-  /** True when a goodbye could be written without cutting a message or response in half. */
+  /** The driver's answer to a count() that said 'wait'. */
+  verdict(unit: RelayUnit, verdict: RelayVerdict): void;
+  /** True while the relay reads nothing from the client: the driver pauses it (bytes still arriving are kept, bounded). */
+  holding(): boolean;
+  /** True when a goodbye could be written to the client without cutting a reply or a message in half. */
   atBoundary(): boolean;
-}
-
-export interface StreamCounts {
-  onMessage(recipients: number): void;
-  onRecipient(): void;
 }
 
 export interface ProtocolModule {
   readonly protocol: 'imap' | 'pop3' | 'smtp';
   createAdapter(facts: SessionFacts, caps: BackendCapabilities | undefined): MailAdapter;
-  /** Optional observer for the spliced stream. */
-  createObserver?(counts: StreamCounts): StreamObserver;
   /** Learns the backend's pre-login capabilities on a throwaway connection, then says goodbye. */
   probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
 }

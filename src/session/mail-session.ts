@@ -22,9 +22,11 @@ import type {
   MailAdapter,
   ProtocolModule,
   Refusal,
+  RelayFilter,
+  RelayHost,
+  RelayUnit,
   SessionFacts,
   Step,
-  StreamObserver,
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
@@ -56,10 +58,12 @@ export class MailSession implements SessionControl {
   private adapter: MailAdapter | undefined;
   private caps: BackendCapabilities | undefined;
   private backend: Socket | undefined;
-  private observer: StreamObserver | undefined;
-  /** Policy (issue 3): the login's facts, for per-message limits; the limit reached, once it is. */
+  /** The protocol's filter for the spliced stream (SMTP), if it has one. */
+  private relay: RelayFilter | undefined;
+  /** The login's facts, for the limits counted in the spliced stream. */
   private authFacts: AuthFacts | undefined;
-  private limit: { reason: string; phase: 'pending' | 'quit'; tail: string } | undefined;
+  /** The relay is waiting for the backend's last replies before it ends the session; past this deadline the driver ends it. */
+  private closingTimer: NodeJS.Timeout | undefined;
   private literalBytes: number | undefined;
   private busy = false;
   private greeted = false;
@@ -432,16 +436,8 @@ export class MailSession implements SessionControl {
     clearTimeout(this.totalTimer);
     client.off('data', this.onClientData);
     this.setIdle(this.listener.timeouts.postauth_idle);
-    this.observer = this.deps.module.createObserver?.({
-      onMessage: (recipients) => {
-        record.messages++;
-        this.messageCounted(recipients);
-      },
-      onRecipient: () => {
-        record.recipients++;
-      },
-    });
-    const observer = this.observer;
+    const relay = this.adapterFor().relay?.(this.relayHost(client, backend));
+    this.relay = relay;
 
     backend.on('error', (err) => this.socketError('backend', err));
     backend.on('close', () => this.close('backend-closed'));
@@ -449,99 +445,110 @@ export class MailSession implements SessionControl {
 
     // Bytes each side sent past the login exchange belong to the other side, in order.
     const pending = this.reader.drain();
-    if (leftover.length > 0) {
-      observer?.fromBackend(leftover);
-      record.bytesOut += leftover.length;
-      client.write(leftover);
-    }
-    if (pending.length > 0) {
-      observer?.fromClient(pending);
-      backend.write(pending);
-    }
+    if (leftover.length > 0) this.fromBackend(leftover);
+    if (pending.length > 0) this.fromClient(pending);
 
     client.on('data', (chunk: Buffer) => {
       if (this.closed) return;
-      // A message limit stopped relaying: the backend is being told QUIT, the client's further commands are dropped.
-      if (this.limit?.phase === 'quit') return;
       record.bytesIn += chunk.length;
       record.lastActivity = Date.now();
-      observer?.fromClient(chunk);
-      if (!backend.write(chunk)) client.pause();
-      if (this.limit) this.limitStep();
+      this.fromClient(chunk);
     });
     backend.on('data', (chunk: Buffer) => {
       if (this.closed) return;
-      if (this.limit?.phase === 'quit') {
-        this.limitBackendData(chunk);
-        return;
-      }
-      record.bytesOut += chunk.length;
       record.lastActivity = Date.now();
-      observer?.fromBackend(chunk);
-      if (!client.write(chunk)) backend.pause();
-      if (this.limit) this.limitStep();
+      this.fromBackend(chunk);
     });
-    backend.on('drain', () => client.resume());
+    backend.on('drain', () => this.flow());
     client.on('drain', () => backend.resume());
-    client.resume();
+    this.flow();
   }
 
-  // ---- policy: SMTP message and recipient limits (issue 3) ---------------------------
-  //
-  // The observer reports each message; policy counts it. When a limit is
-  // reached, relaying stops at the next command boundary and the backend is
-  // sent QUIT, so every reply it owes (the 250 for the last message) reaches
-  // the client first; its 221 is replaced by the limit's 421, then the session
-  // ends. A message already accepted is never answered with an error.
+  private fromClient(chunk: Buffer): void {
+    const backend = this.backend;
+    if (!backend) return;
+    if (this.relay) this.relay.fromClient(chunk);
+    else backend.write(chunk);
+    this.flow();
+  }
 
-  private messageCounted(recipients: number): void {
+  private fromBackend(chunk: Buffer): void {
+    if (this.relay) this.relay.fromBackend(chunk);
+    else this.forward(chunk);
+    if (this.client.writableNeedDrain) this.backend?.pause();
+    // A reply can end a wait of the relay's (the answer to DATA).
+    this.flow();
+  }
+
+  /** Backend bytes to the client, counted. */
+  private forward(data: Buffer | string): void {
+    if (this.closed || this.client.destroyed) return;
+    this.record.bytesOut += data.length;
+    if (typeof data === 'string') this.client.write(data, 'latin1');
+    else this.client.write(data);
+  }
+
+  /** Reads the client while the relay takes its bytes and the backend keeps up; pauses it otherwise. */
+  private flow(): void {
+    if (this.closed || !this.backend) return;
+    if (this.relay?.holding() || this.backend.writableNeedDrain) this.client.pause();
+    else this.client.resume();
+  }
+
+  // ---- the relay's host: counts, limits, the end --------------------------------------
+  //
+  // Policy counts recipients before they are forwarded and messages once the
+  // backend accepted them; the relay waits for a verdict when a limit counts
+  // them (the client is paused meanwhile). How a refusal or a limit is said,
+  // and when the session may end, is the protocol's (smtp-relay.ts).
+
+  private relayHost(client: Socket, backend: Socket): RelayHost {
+    return {
+      toBackend: (data) => {
+        if (!this.closed) backend.write(data);
+      },
+      toClient: (data) => this.forward(data),
+      count: (unit) => this.count(unit),
+      refused: (what) => this.log.info({ user: this.record.user, what }, 'refused after login'),
+      closing: (reason, words) => {
+        clearTimeout(this.closingTimer);
+        // A backend that does not answer the replies it owes gets as long as a login replay.
+        this.closingTimer = setTimeout(() => this.close(reason, words), this.listener.timeouts.login_replay);
+        this.closingTimer.unref();
+        client.pause();
+      },
+      close: (reason, words) => this.close(reason, words),
+    };
+  }
+
+  private count(unit: RelayUnit): 'go' | 'wait' {
     const policy = this.deps.policy;
     const facts = this.authFacts;
-    if (!policy.onSmtpMessage || !facts) return;
-    policy.onSmtpMessage({ ...facts, now: Date.now() }, recipients).then(
+    const asked = facts && (unit === 'recipient' ? policy.onSmtpRecipient?.({ ...facts, now: Date.now() }) : policy.onSmtpMessage?.({ ...facts, now: Date.now() }));
+    if (!asked) {
+      this.counted(unit);
+      return 'go';
+    }
+    asked.then(
       (verdict) => {
-        if (verdict.action === 'allow' || this.closed || this.limit) return;
-        this.log.info({ user: facts.user, reason: verdict.reason }, 'message limit reached, ending the session');
-        this.limit = { reason: verdict.reason, phase: 'pending', tail: '' };
-        this.limitStep();
+        if (this.closed) return;
+        if (verdict.action === 'allow' || unit === 'message') this.counted(unit);
+        if (verdict.action !== 'allow') this.log.info({ user: facts.user, reason: verdict.reason, unit }, unit === 'message' ? 'message limit reached, ending the session' : 'recipient refused by a limit');
+        this.relay?.verdict(unit, verdict.action === 'allow' ? { ok: true } : { ok: false, reason: verdict.reason });
+        this.flow();
       },
-      (err: unknown) => this.internalError('message limit', err),
+      (err: unknown) => this.internalError(`${unit} limit`, err),
     );
+    return 'wait';
   }
 
-  private limitStep(): void {
-    if (!this.limit || this.limit.phase !== 'pending' || this.closed || !this.backend) return;
-    if (this.observer && !this.observer.atBoundary()) return;
-    this.limit.phase = 'quit';
-    this.backend.write('QUIT\r\n');
-    // A backend that does not answer the QUIT gets as long as a login replay.
-    const reason = this.limit.reason;
-    setTimeout(() => this.close('policy-tempfail', this.adapterFor().refusal('tempfail', reason)), this.listener.timeouts.login_replay).unref();
-  }
-
-  /** Backend bytes after the injected QUIT: replies still owed go to the client; the 221 becomes the 421. */
-  private limitBackendData(chunk: Buffer): void {
-    const limit = this.limit;
-    if (!limit) return;
-    let text = limit.tail + chunk.toString('latin1');
-    for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
-      const line = text.slice(0, nl + 1);
-      text = text.slice(nl + 1);
-      if (/^221[ \r\n]/.test(line)) {
-        this.close('policy-tempfail', this.adapterFor().refusal('tempfail', limit.reason));
-        return;
-      }
-      this.write(line);
-    }
-    if (text.length > this.listener.limits.max_line) {
-      this.close('policy-tempfail', this.adapterFor().refusal('tempfail', limit.reason));
-      return;
-    }
-    limit.tail = text;
+  private counted(unit: RelayUnit): void {
+    if (unit === 'recipient') this.record.recipients++;
+    else this.record.messages++;
   }
 
   private spliceGoodbye(): string | undefined {
-    if (this.observer && !this.observer.atBoundary()) return undefined;
+    if (this.relay && !this.relay.atBoundary()) return undefined;
     return this.adapter?.shutdownNotice();
   }
 
@@ -602,6 +609,7 @@ export class MailSession implements SessionControl {
     this.record.closeReason = reason;
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.totalTimer);
+    clearTimeout(this.closingTimer);
     this.client.end();
     this.backend?.end();
     this.graceTimer = setTimeout(() => {
@@ -619,6 +627,7 @@ export class MailSession implements SessionControl {
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.totalTimer);
     clearTimeout(this.graceTimer);
+    clearTimeout(this.closingTimer);
     // Whichever socket reported the close, the others must go too: a failed TLS
     // handshake closes the TLS socket while the half-closed TCP one stays open.
     this.client.destroy();
@@ -635,8 +644,8 @@ export class MailSession implements SessionControl {
         cipher: r.tlsCipher,
         bytesIn: r.bytesIn,
         bytesOut: r.bytesOut,
-        messages: this.observer ? r.messages : undefined,
-        recipients: this.observer ? r.recipients : undefined,
+        messages: this.relay ? r.messages : undefined,
+        recipients: this.relay ? r.recipients : undefined,
         durationMs: Date.now() - r.startedAt,
         reason: r.closeReason,
       },

@@ -1,32 +1,59 @@
 /**
  * SMTP through the gateway: submission to a real Postfix (SASL via Dovecot)
- * with swaks, smtplib and curl; MX traffic to Postfix's smtp-sink with XCLIENT.
+ * with swaks, smtplib and curl; MX traffic to Postfix's smtp-sink with XCLIENT;
+ * what a logged-in client may not do (gateway-only commands, bare CR/LF in
+ * content, recipients past a limit) against a Postfix that would let it.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { LineClient, python, run } from './harness/clients.ts';
-import { startGateway, type Gateway } from './harness/gateway.ts';
+import { eventually, LineClient, python, run } from './harness/clients.ts';
+import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startPostfix, startSmtpSink, userByName, type Postfix, type SmtpServer } from './harness/servers.ts';
 
 let postfix: Postfix;
 let sink: SmtpServer;
 let gw: Gateway;
 const alice = userByName('alice');
+const bob = userByName('bob');
+const carol = userByName('carol');
+const dave = userByName('dave');
+
+/** Recipients per user on the `limited` listener. */
+const RECIPIENT_LIMIT = 2;
 
 before(async () => {
-  postfix = await startPostfix();
+  // smtpd_forbid_bare_newline = no: this Postfix takes <LF>.<LF> for the end of DATA (SMTP smuggling).
+  postfix = await startPostfix({ acceptBareNewline: true });
   sink = await startSmtpSink({ xclient: true });
   const dead = await freePort();
+  const hash = await run(process.execPath, [CLI, 'hash-password'], { input: `${dave.password}\n` });
+  assert.equal(hash.code, 0, hash.stderr);
   gw = await startGateway({
+    extra: {
+      users: { list: [{ name: dave.name, password_hash: hash.stdout.trim() }] },
+      rate_limits: [{ limit: 'recipients', per: 'user', max: RECIPIENT_LIMIT, window: '1h', listeners: ['limited'] }],
+    },
     listeners: [
       { name: 'smtps', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
       { name: 'submission', protocol: 'smtp', tls: 'starttls', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
       { name: 'mx', protocol: 'smtp', tls: 'starttls', backend: `127.0.0.1:${postfix.port}`, auth: 'none', xclient: true },
       { name: 'sink', protocol: 'smtp', tls: 'starttls', backend: `127.0.0.1:${sink.port}`, auth: 'none', xclient: true, greet_delay: '1s' },
       { name: 'dead', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${dead}`, auth: 'required' },
+      { name: 'limited', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
+      // mailgate checks the password and Postfix gets no login and no XCLIENT: its session is not authenticated.
+      {
+        name: 'local',
+        protocol: 'smtp',
+        tls: 'implicit',
+        backend: `127.0.0.1:${postfix.port}`,
+        auth: 'required',
+        authentication: 'local',
+        backend_login: 'none',
+        xclient: false,
+      },
     ],
   });
 });
@@ -232,4 +259,216 @@ test('PIPELINING and BDAT/CHUNKING through the gateway: Postfix receives the chu
   const end = await gw.waitForLog((l) => l.msg === 'session end' && l.client === '127.0.0.5');
   assert.equal(end.messages, 1);
   assert.equal(end.recipients, 2);
+});
+
+// ---- after login: what only the gateway may say, and what no client may send (issue 17) ----
+
+/** An SMTPS session through the gateway, logged in with AUTH PLAIN (the EHLO reply before it is returned). */
+async function loggedIn(port: number, user: { name: string; password: string }, localAddress: string): Promise<LineClient> {
+  const c = await LineClient.connect(port, { tls: true, localAddress });
+  assert.match(await c.readLine(), /^220 /);
+  c.write('EHLO client.example\r\n');
+  await c.readUntil(/^250 /);
+  c.write(`AUTH PLAIN ${Buffer.from(`\0${user.name}\0${user.password}`).toString('base64')}\r\n`);
+  assert.match(await c.readLine(), /^235 /);
+  return c;
+}
+
+/** The gateway-only EHLO keywords; none may reach a client after login. */
+const GATEWAY_ONLY = /^250[ -](XCLIENT|XFORWARD|AUTH|STARTTLS|BINARYMIME)\b/i;
+
+test('Postfix itself checks XCLIENT against the client address in force, and XFORWARD once per connection', async () => {
+  // What the gateway's XCLIENT (protocols/smtp.ts) and its refusals after login (smtp-relay.ts) rely on,
+  // asked of the real Postfix, with 127.0.0.0/8 authorised for both.
+  const c = await LineClient.connect(postfix.port);
+  assert.match(await c.readLine(), /^220 /);
+  const say = async (line: string) => {
+    c.write(`${line}\r\n`);
+    return (await c.readUntil(/^\d{3} /)).join('\n');
+  };
+  assert.match(await say('EHLO gw.example'), /^250-XCLIENT /m);
+  assert.match(await say('XCLIENT ADDR=127.0.0.9 HELO=one.example'), /^220 /, 'the gateway (127.0.0.1) is authorised');
+  assert.match(await say('XCLIENT HELO=two.example'), /^220 /, '127.0.0.9, now in force, is authorised too');
+  assert.match(await say('XCLIENT ADDR=203.0.113.9'), /^220 /);
+  assert.match(await say('XCLIENT HELO=three.example'), /^550 5\.7\.0 Error: insufficient authorization/, '203.0.113.9 is not');
+  assert.match(await say('XFORWARD ADDR=7.7.7.7'), /^250 /, 'XFORWARD still is: decided by the connection');
+  c.write('QUIT\r\n');
+  c.close();
+});
+
+test('after login the client sees no XCLIENT/XFORWARD/AUTH/STARTTLS and its XCLIENT, XFORWARD, AUTH and STARTTLS never reach Postfix', async () => {
+  // The defect (issue 17, seen with this harness before the fix): the backend's EHLO reply reached the
+  // client with XCLIENT and XFORWARD, and `XCLIENT ADDR=6.6.6.6 LOGIN=ceo@example.org` reached Postfix,
+  // which answered 220 and took 6.6.6.6 and ceo@example.org as the client from then on. Postfix 3.7
+  // checks XCLIENT permission against the client address in force (the gateway's, or the one its own
+  // XCLIENT set), so it let the client in wherever that address is authorised, as the client's own
+  // 127.0.0.6 is here; XFORWARD permission is decided once per connection, by the gateway's address,
+  // so `XFORWARD ADDR=7.7.7.7` was accepted for every logged-in client (orig_client=7.7.7.7 in the log).
+  const marker = `gateway-only-${randomBytes(4).toString('hex')}`;
+  const c = await loggedIn(gw.ports.smtps!, alice, '127.0.0.6');
+  c.write('EHLO client.example\r\n');
+  const ehlo = await c.readUntil(/^250 /);
+  assert.ok(ehlo.length > 3 && ehlo.some((l) => /PIPELINING/.test(l)) && ehlo.some((l) => /CHUNKING/.test(l)), ehlo.join('\n'));
+  assert.deepEqual(ehlo.filter((l) => GATEWAY_ONLY.test(l)), [], 'no gateway-only keyword after login');
+  assert.match(ehlo.at(-1)!, /^250 /);
+  assert.ok(ehlo.slice(0, -1).every((l) => l.startsWith('250-')), ehlo.join('\n'));
+
+  c.write('XCLIENT ADDR=6.6.6.6 LOGIN=ceo@example.org\r\n');
+  assert.match(await c.readLine(), /^550 5\.7\.0 /);
+  c.write('XFORWARD ADDR=7.7.7.7\r\n');
+  assert.match(await c.readLine(), /^550 5\.7\.0 /);
+  // Pipelined: the gateway's own answers keep their place among Postfix's.
+  c.write('NOOP\r\nXCLIENT ADDR=6.6.6.6\r\nVRFY someone@e2e.test\r\nXFORWARD ADDR=7.7.7.7 NAME=evil.example\r\nNOOP\r\n');
+  for (const expect of [/^250 2\.0\.0 /, /^550 5\.7\.0 /, /^252 /, /^550 5\.7\.0 /, /^250 2\.0\.0 /]) assert.match(await c.readLine(), expect);
+  c.write(`AUTH PLAIN ${Buffer.from(`\0${bob.name}\0${bob.password}`).toString('base64')}\r\n`);
+  assert.match(await c.readLine(), /^503 5\.5\.1 .*already authenticated/i);
+  c.write('STARTTLS\r\n');
+  assert.match(await c.readLine(), /^5\d\d /);
+
+  c.write('MAIL FROM:<alice@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nDATA\r\n');
+  for (const expect of [/^250 /, /^250 /, /^354 /]) assert.match(await c.readLine(), expect);
+  c.write(`Subject: ${marker}\r\n\r\nhello\r\n.\r\nQUIT\r\n`);
+  assert.match(await c.readLine(), /^250 /);
+  assert.match(await c.readLine(), /^221 /);
+  await delivered(postfix, marker);
+  const raw = (await postfix.rawMessages()).find((m) => m.includes(marker))!.toString('latin1');
+  const received = raw.slice(0, raw.indexOf('\r\n\r\n'));
+  assert.match(received, /\[127\.0\.0\.6\]/, 'Postfix saw the real client');
+  assert.match(received, /Authenticated sender: alice/);
+  assert.doesNotMatch(received, /6\.6\.6\.6|7\.7\.7\.7|ceo@example\.org|evil\.example/);
+  const logs = await postfix.logs();
+  assert.doesNotMatch(logs, /6\.6\.6\.6|7\.7\.7\.7|ceo@example\.org|evil\.example|orig_client/);
+  const refused = await gw.waitForLog((l) => l.msg === 'refused after login' && l.client === '127.0.0.6');
+  assert.equal(refused.level, 'info');
+});
+
+test('AUTH after a local login is refused: a backend session without login is not logged in as someone else', async () => {
+  // On this listener mailgate checked dave's password and Postfix has no login (backend_login: none, no
+  // XCLIENT). Before the fix the client's AUTH went to Postfix, which logged it in as bob: the
+  // gateway's policy (rules, limits, counts) was for dave, the backend's permissions were bob's.
+  const marker = `local-auth-${randomBytes(4).toString('hex')}`;
+  const c = await loggedIn(gw.ports.local!, dave, '127.0.0.8');
+  c.write(`AUTH PLAIN ${Buffer.from(`\0${bob.name}\0${bob.password}`).toString('base64')}\r\n`);
+  assert.match(await c.readLine(), /^503 5\.5\.1 .*already authenticated/i);
+  c.write('MAIL FROM:<dave@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nRCPT TO:<dave@e2e.test>\r\nDATA\r\n');
+  assert.match(await c.readLine(), /^250 /);
+  assert.match(await c.readLine(), /^554 5\.7\.1 .*Relay access denied/, 'Postfix still treats the session as unauthenticated');
+  assert.match(await c.readLine(), /^250 /);
+  assert.match(await c.readLine(), /^354 /);
+  c.write(`Subject: ${marker}\r\n\r\nhello\r\n.\r\nQUIT\r\n`);
+  assert.match(await c.readLine(), /^250 /);
+  assert.match(await c.readLine(), /^221 /);
+  const raw = (await delivered(postfix, marker)).toString('latin1');
+  assert.doesNotMatch(raw, /Authenticated sender/);
+  assert.doesNotMatch(await postfix.logs(), /sasl_username=bob/);
+});
+
+/** What Postfix would take for six transactions: the client's, then five hidden behind bare-LF end-of-data lines. */
+function smuggled(marker: string): string {
+  const hidden = (i: number) => `MAIL FROM:<bob@e2e.test>\r\nRCPT TO:<victim${i}@e2e.test>\r\nDATA\r\nSubject: hidden ${i} ${marker}\r\n\r\nsmuggled ${i}\r\n`;
+  const ends = ['\n.\n', '\n.\r\n', '\n.\n', '\n.\r\n', '\n.\n'];
+  return `Subject: outer ${marker}\r\n\r\nhello\r\n${ends.map((end, i) => `${i === 0 ? 'tail' : ''}${end}${hidden(i + 1)}`).join('')}.\r\n`;
+}
+
+/**
+ * Waits for Postfix to log the end of the sessions from `client`, then returns its log lines for that
+ * client and how many messages from it were queued: a queue ID is given at the first accepted RCPT
+ * (`ID: client=...`), a message is queued only once cleanup and qmgr have it (`ID: from=<...>, size=`).
+ */
+async function queuedFrom(client: string, sessions: number): Promise<{ queued: number; log: string }> {
+  const ended = (l: string) => l.split('\n').filter((line) => line.includes(`disconnect from unknown[${client}]`)).length;
+  await eventually(() => postfix.logs(), (l) => ended(l) >= sessions, 10_000);
+  await new Promise((r) => setTimeout(r, 300)); // qmgr logs a message a moment after smtpd queued it
+  const logs = await postfix.logs();
+  assert.equal(ended(logs), sessions, logs);
+  const ids = [...logs.matchAll(/([0-9A-F]{6,}): client=unknown\[([^\]]+)\]/g)].filter((m) => m[2] === client).map((m) => m[1]!);
+  const mine = logs.split('\n').filter((line) => line.includes(`[${client}]`) || ids.some((id) => line.includes(`${id}:`)));
+  return { queued: ids.filter((id) => logs.includes(`${id}: from=<`)).length, log: mine.join('\n') };
+}
+
+test('SMTP smuggling: bare-LF end-of-data lines in DATA are refused with 521; Postfix queues nothing from that DATA', async () => {
+  // Before the fix the gateway passed this body on and counted one message; this Postfix (bare <LF> taken
+  // for a line end, as 3.7 does by default) queued six, past any message or recipient limit.
+  const marker = `smuggle-${randomBytes(4).toString('hex')}`;
+  const body = smuggled(marker);
+  assert.equal(body.match(/[^\r]\n\.\r?\n/g)?.length, 5, 'five hidden end-of-data lines');
+  const c = await loggedIn(gw.ports.smtps!, bob, '127.0.0.7');
+  c.write('MAIL FROM:<bob@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nDATA\r\n');
+  for (const expect of [/^250 /, /^250 /, /^354 /]) assert.match(await c.readLine(), expect);
+  c.write(body);
+  assert.match(await c.readLine(), /^521 5\.5\.2 mail\.e2e\.test Error: bare <LF> received$/);
+  assert.ok(await c.waitClosed(), 'the session ends');
+  const pf = await queuedFrom('127.0.0.7', 1);
+  assert.equal(pf.queued, 0, `Postfix queued nothing:\n${pf.log}`);
+  assert.match(pf.log, /lost connection after DATA .*from unknown\[127\.0\.0\.7\]/, 'Postfix was inside DATA when the gateway hung up');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual((await postfix.messages()).filter((m) => m.includes(marker)), []);
+  const end = await gw.waitForLog((l) => l.msg === 'session end' && l.client === '127.0.0.7');
+  assert.equal(end.reason, 'protocol-error');
+  assert.equal(end.messages, 0);
+
+  // The same client and user, a clean message on a new session: delivered.
+  const clean = `clean-${randomBytes(4).toString('hex')}`;
+  const again = await loggedIn(gw.ports.smtps!, bob, '127.0.0.7');
+  again.write('MAIL FROM:<bob@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nDATA\r\n');
+  for (const expect of [/^250 /, /^250 /, /^354 /]) assert.match(await again.readLine(), expect);
+  again.write(`Subject: ${clean}\r\n\r\n..leading dot\r\nhello\r\n.\r\nQUIT\r\n`);
+  assert.match(await again.readLine(), /^250 /);
+  assert.match(await again.readLine(), /^221 /);
+  assert.deepEqual(await delivered(postfix, clean), Buffer.from(`Subject: ${clean}\r\n\r\n.leading dot\r\nhello\r\n`));
+});
+
+test('a bare CR in DATA and a bare LF in a BDAT chunk are refused the same way; nothing is queued', async () => {
+  const marker = `bare-${randomBytes(4).toString('hex')}`;
+  const cr = await loggedIn(gw.ports.smtps!, bob, '127.0.0.9');
+  cr.write('MAIL FROM:<bob@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nDATA\r\n');
+  for (const expect of [/^250 /, /^250 /, /^354 /]) assert.match(await cr.readLine(), expect);
+  cr.write(`Subject: cr ${marker}\r\n\r\nhello\r.\rMAIL FROM:<bob@e2e.test>\r\n.\r\n`);
+  assert.match(await cr.readLine(), /^521 5\.5\.2 mail\.e2e\.test Error: bare <CR> received$/);
+  assert.ok(await cr.waitClosed());
+
+  const chunk = Buffer.from(`Subject: bdat ${marker}\r\n\r\none\ntwo\r\n`);
+  const bdat = await loggedIn(gw.ports.smtps!, bob, '127.0.0.9');
+  bdat.write(Buffer.concat([Buffer.from(`MAIL FROM:<bob@e2e.test>\r\nRCPT TO:<someone@elsewhere.example>\r\nBDAT ${chunk.length} LAST\r\n`), chunk]));
+  for (const expect of [/^250 /, /^250 /, /^521 5\.5\.2 mail\.e2e\.test Error: bare <LF> received$/]) assert.match(await bdat.readLine(), expect);
+  assert.ok(await bdat.waitClosed());
+  const pf = await queuedFrom('127.0.0.9', 2);
+  assert.equal(pf.queued, 0, `Postfix queued nothing:\n${pf.log}`);
+  assert.match(pf.log, /lost connection after DATA .*from unknown\[127\.0\.0\.9\]/);
+  assert.match(pf.log, /lost connection after BDAT .*from unknown\[127\.0\.0\.9\]/);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual((await postfix.messages()).filter((m) => m.includes(marker)), []);
+});
+
+test('the recipients limit answers 452 4.5.3 at the recipient that crosses it; the message goes to the others', async () => {
+  const marker = `rcpt-limit-${randomBytes(4).toString('hex')}`;
+  const c = await loggedIn(gw.ports.limited!, carol, '127.0.0.10');
+  const rcpts = Array.from({ length: RECIPIENT_LIMIT + 2 }, (_, i) => `r${i + 1}-${marker}@e2e.test`);
+  // Pipelined, as a client with many recipients sends them: the answers keep their order.
+  c.write(`MAIL FROM:<carol@e2e.test>\r\n${rcpts.map((r) => `RCPT TO:<${r}>\r\n`).join('')}DATA\r\n`);
+  assert.match(await c.readLine(), /^250 /);
+  for (let i = 0; i < rcpts.length; i++) {
+    assert.match(await c.readLine(), i < RECIPIENT_LIMIT ? /^250 2\.1\.5 / : /^452 4\.5\.3 Too many recipients/, `RCPT ${i + 1}`);
+  }
+  assert.match(await c.readLine(), /^354 /);
+  c.write(`Subject: ${marker}\r\n\r\nhello\r\n.\r\n`);
+  assert.match(await c.readLine(), /^250 /);
+  c.write('QUIT\r\n');
+  assert.match(await c.readLine(), /^221 /);
+  const mine = async () => (await postfix.envelopes()).filter((e) => e.to.some((t) => t.includes(marker)));
+  await eventually(mine, (e) => e.length >= RECIPIENT_LIMIT, 10_000);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual((await mine()).map((e) => e.to[0]).sort(), rcpts.slice(0, RECIPIENT_LIMIT).sort());
+  const end = await gw.waitForLog((l) => l.msg === 'session end' && l.client === '127.0.0.10');
+  assert.equal(end.recipients, RECIPIENT_LIMIT);
+  assert.equal(end.messages, 1);
+
+  // The window's count is used up: a new login is refused until it ends.
+  const again = await LineClient.connect(gw.ports.limited!, { tls: true, localAddress: '127.0.0.10' });
+  assert.match(await again.readLine(), /^220 /);
+  again.write('EHLO client.example\r\n');
+  await again.readUntil(/^250 /);
+  again.write(`AUTH PLAIN ${Buffer.from(`\0${carol.name}\0${carol.password}`).toString('base64')}\r\n`);
+  assert.match(await again.readLine(), /^454 4\.7\.0 /);
+  again.close();
 });

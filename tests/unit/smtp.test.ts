@@ -4,7 +4,7 @@ import type { Listener } from '../../src/config/load.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../src/config/schema.ts';
 import { MailgateError } from '../../src/core/errors.ts';
 import { readReply, SmtpAdapter, smtpProtocol, xtext } from '../../src/protocols/smtp.ts';
-import type { BackendCapabilities, BackendLink, SessionFacts, Step } from '../../src/protocols/types.ts';
+import type { BackendCapabilities, BackendLink, RelayHost, SessionFacts, Step } from '../../src/protocols/types.ts';
 
 // ---- fixtures ---------------------------------------------------------------
 
@@ -685,8 +685,61 @@ describe('SMTP helpers and probe', () => {
     await rejectsWithCode(smtpProtocol.probe(new FakePostfix({ greeting: ['421 busy'] }), 'gw'), 'BACKEND_PROTOCOL');
   });
 
-  it('wires an observer factory', () => {
+  it('is the smtp module', () => {
     assert.equal(smtpProtocol.protocol, 'smtp');
-    assert.equal(typeof smtpProtocol.createObserver, 'function');
+  });
+});
+
+// ---- the spliced session ------------------------------------------------------------
+
+/** A relay host that records what goes each way. */
+function relayHost(): RelayHost & { backend: string; client: string; units: string[] } {
+  const host = {
+    backend: '',
+    client: '',
+    units: [] as string[],
+    toBackend: (d: Buffer) => void (host.backend += d.toString('latin1')),
+    toClient: (d: Buffer | string) => void (host.client += typeof d === 'string' ? d : d.toString('latin1')),
+    count: (u: string) => {
+      host.units.push(u);
+      return 'go' as const;
+    },
+    refused: () => undefined,
+    closing: () => undefined,
+    close: () => undefined,
+  };
+  return host;
+}
+
+describe('SMTP after login: the relay', () => {
+  it('hands the spliced session to a relay that answers AUTH and XCLIENT itself and knows CHUNKING from the login', async () => {
+    const s = readyForAuth();
+    s.send(`AUTH PLAIN ${plain('alice', 'secret')}`);
+    assert.equal((await s.adapter.login(new FakePostfix(), { user: 'alice', password: 'secret', mechanism: 'PLAIN' }, undefined)).ok, true);
+    const host = relayHost();
+    const relay = s.adapter.relay(host);
+    relay.fromClient(Buffer.from(`AUTH PLAIN ${plain('bob', 'x')}\r\nXCLIENT ADDR=192.0.2.66 LOGIN=ceo\r\nRCPT TO:<b@example.com>\r\nBDAT 2 LAST\r\nhi`));
+    assert.equal(host.client, '503 5.5.1 Error: already authenticated\r\n550 5.7.0 Error: insufficient authorization\r\n');
+    assert.equal(host.backend, 'RCPT TO:<b@example.com>\r\nBDAT 2 LAST\r\nhi', 'the login EHLO offered CHUNKING');
+    assert.deepEqual(host.units, ['recipient']);
+    relay.fromBackend(Buffer.from('250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n'));
+    assert.deepEqual(host.units, ['recipient', 'message']);
+  });
+
+  it('refuses BDAT where the backend offered no CHUNKING, and words AUTH for an MX session without login', async () => {
+    const s = session({ auth: 'none' });
+    s.say('EHLO mx.sender.example');
+    s.send('MAIL FROM:<a@sender.example>');
+    await s.adapter.login(new FakePostfix({ ehlo: POSTFIX_EHLO.filter((k) => k !== 'CHUNKING') }), null, undefined);
+    const host = relayHost();
+    const relay = s.adapter.relay(host);
+    relay.fromClient(Buffer.from('AUTH PLAIN AGEAYg==\r\nBDAT 4 LAST\r\nRSETNOOP\r\n'));
+    assert.equal(host.client, '503 5.5.1 Error: authentication not enabled\r\n502 5.5.1 Error: command not implemented\r\n');
+    assert.equal(host.backend, 'NOOP\r\n', 'the refused chunk was dropped, not read as commands');
+  });
+
+  it('has no relay before the backend session took over', () => {
+    const s = readyForAuth();
+    assert.throws(() => s.adapter.relay(relayHost()));
   });
 });

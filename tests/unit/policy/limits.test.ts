@@ -104,19 +104,36 @@ test('SMTP messages per user: the message that reaches the limit ends the sessio
   const s = connect(config, 'smtps', '192.0.2.1');
   const alice = creds('alice', 'right');
   assert.equal((await engine.onAuth(login(s, alice), alice)).action, 'allow');
-  assert.deepEqual(await engine.onSmtpMessage(login(s, alice), 1), { action: 'allow' });
-  const second = await engine.onSmtpMessage(login(s, alice), 1);
-  assert.equal(second.action, 'tempfail');
-  assert.equal(second.action === 'tempfail' && second.reason, 'Message limit reached, try again later');
+  assert.deepEqual(await engine.onSmtpMessage(login(s, alice)), { action: 'allow' });
+  const second = await engine.onSmtpMessage(login(s, alice));
+  assert.equal(second?.action, 'tempfail');
+  assert.equal(second?.action === 'tempfail' && second.reason, 'Message limit reached, try again later');
   const again = await engine.onAuth(login(s, alice), alice);
   assert.equal(again.action, 'tempfail');
   assert.ok(again.action === 'tempfail' && again.retryAfterMs !== undefined && again.retryAfterMs <= 3_600_000);
   const bob = creds('bob', 'right');
   assert.equal((await engine.onAuth(login(s, bob), bob)).action, 'allow', 'another user has its own count');
-  assert.equal((await engine.onSmtpMessage(login(s, bob), 4)).action, 'tempfail', 'recipients per address: 2 + 4 > 5');
+  for (let i = 1; i <= 5; i++) assert.deepEqual(await engine.onSmtpRecipient(login(s, bob)), { action: 'allow' }, `recipient ${i} of 5 per address`);
+  const sixth = await engine.onSmtpRecipient(login(s, bob));
+  assert.equal(sixth?.action, 'tempfail', 'the recipient that crosses the limit is refused');
+  assert.equal(sixth?.action === 'tempfail' && sixth.reason, 'Too many recipients, try again later');
+  assert.equal((await engine.onAuth(login(s, bob), bob)).action, 'tempfail', 'the address used up its recipients: logins wait for the window');
   tick(3_600_001);
   assert.equal((await engine.onAuth(login(s, alice), alice)).action, 'allow');
-  assert.equal((await engine.onSmtpMessage(login(s, alice), 1)).action, 'allow');
+  assert.deepEqual(await engine.onSmtpMessage(login(s, alice)), { action: 'allow' });
+  assert.deepEqual(await engine.onSmtpRecipient(login(s, alice)), { action: 'allow' });
+});
+
+test('SMTP counts need no answer where no limit counts them (the relay does not wait)', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:\n  - { limit: messages, per: user, max: 2, window: 1h, listeners: [smtps] }\n${LOCAL}`);
+  const { engine } = await engineFor(config);
+  const s = connect(config, 'smtps', '192.0.2.1');
+  const mx = connect(config, 'mx', '192.0.2.1');
+  assert.equal(engine.onSmtpRecipient(login(s, creds('alice', 'right'))), undefined, 'no recipients limit');
+  assert.equal(engine.onSmtpMessage(login(mx, null)), undefined, 'a per-user limit on another listener, and no user');
+  assert.notEqual(engine.onSmtpMessage(login(s, creds('alice', 'right'))), undefined);
+  await engine.settled();
 });
 
 test('SMTP messages per address on a relay without AUTH: the first transaction is refused once the limit is reached', async (t) => {
@@ -125,7 +142,7 @@ test('SMTP messages per address on a relay without AUTH: the first transaction i
   const { engine } = await engineFor(config);
   const s = connect(config, 'mx', '192.0.2.9');
   assert.equal((await engine.onAuth(login(s, null), null)).action, 'allow');
-  assert.equal((await engine.onSmtpMessage(login(s, null), 3)).action, 'tempfail');
+  assert.equal((await engine.onSmtpMessage(login(s, null)))?.action, 'tempfail');
   assert.equal((await engine.onAuth(login(s, null), null)).action, 'tempfail');
   // IMAP logins are not touched by message limits.
   const i = connect(config, 'imaps', '192.0.2.9');
