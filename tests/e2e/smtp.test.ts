@@ -10,6 +10,7 @@ import { after, before, test } from 'node:test';
 import { LineClient, python, run } from './harness/clients.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startPostfix, startSmtpSink, userByName, type Postfix, type SmtpServer } from './harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let postfix: Postfix;
 let sink: SmtpServer;
@@ -55,14 +56,8 @@ function message(marker: string): Buffer {
   return Buffer.from(body, 'latin1');
 }
 
-async function delivered(server: SmtpServer, marker: string): Promise<Buffer> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    const hit = (await server.messages()).find((m) => m.includes(marker));
-    if (hit) return hit;
-    if (Date.now() > deadline) throw new Error(`message ${marker} did not arrive`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+function delivered(server: SmtpServer, marker: string): Promise<Buffer> {
+  return waitFor(`message ${marker} to arrive`, async () => (await server.messages()).find((m) => m.includes(marker)), { timeoutMs: 10_000, intervalMs: 50 });
 }
 
 test('swaks over SMTPS with AUTH PLAIN: the message reaches Postfix byte-exact', async () => {

@@ -19,8 +19,9 @@ import { banId, type Ban, type BanChange } from '../../../src/policy/bans.ts';
 import { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { SharedLimiter } from '../../../src/policy/counters.ts';
 import type { StoreConfig } from '../../../src/policy/state.ts';
-import { redisMissing, startRedis, type RedisServer } from '../../e2e/harness/redis.ts';
+import { redisMissing, startRedis, type RedisServer } from '../../helpers/redis.ts';
 import { configFrom, connect, memoryLog, silentLog } from '../policy/helpers.ts';
+import { waitFor } from '../../helpers/wait.ts';
 
 const MEMORY: StoreConfig = { type: 'memory', prefix: 'mailgate', timeout: 1000 };
 
@@ -449,14 +450,6 @@ test('cluster counters: one process listener for all limiters, and this process\
   assert.equal(process.listenerCount('message'), listeners, 'close detaches the limiters');
 });
 
-async function until(what: string, cond: () => Promise<boolean>, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await sleep(20);
-  }
-}
-
 // ---- the Redis store -------------------------------------------------------------------------------
 
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
@@ -479,7 +472,7 @@ test('with Redis, bans travel through Redis and session counts through the prima
   const c = await fakeCluster(t, 2, store);
   assert.deepEqual(c.authority.syncFor(c.w(1).link).bans, [], 'workers read bans from Redis, not from the sync');
   // The ban stores subscribe in the background: a ban published before worker 2 listens is not pushed to it.
-  await until('the primary and both workers subscribe to ban changes', async () => {
+  await waitFor('the primary and both workers subscribe to ban changes', async () => {
     const client = new Redis(redis!.url);
     try {
       const [, n] = (await client.pubsub('NUMSUB', `${store.prefix}:bans:events`)) as [string, number];
@@ -490,7 +483,7 @@ test('with Redis, bans travel through Redis and session counts through the prima
   });
   const b = ban('address', '192.0.2.16');
   await c.w(1).policy.state.bans.add(b, Date.now());
-  await until('worker 2 hears of the ban', async () => c.w(2).policy.state.bans.cached(b.id, Date.now()) !== undefined);
+  await waitFor('worker 2 hears of the ban', async () => c.w(2).policy.state.bans.cached(b.id, Date.now()) !== undefined);
   assert.equal(c.w(2).policy.state.bans.cached(b.id, Date.now())?.id, b.id, 'worker 2 heard of it from Redis');
   c.w(1).policy.state.connectionOpened('imaps', '192.0.2.17');
   await c.quiet();
@@ -562,7 +555,7 @@ test('real cluster: two workers count in the primary\'s memory, see each other\'
     assert.equal(seen.count, 5, 'the primary\'s own counter reads the same memory');
 
     await ask(a, { t: 'test.open', listener: 'imaps', address: '192.0.2.21' });
-    await until('the primary counts worker 1\'s session', async () => authority.state.openFrom('192.0.2.21') > 0);
+    await waitFor('the primary counts worker 1\'s session', async () => authority.state.openFrom('192.0.2.21') > 0);
     assert.equal(authority.state.openFrom('192.0.2.21'), 1, 'the primary\'s total');
     // The primary told worker 2 in the same turn it counted; this request follows on the same channel.
     assert.equal(await ask(b, { t: 'test.open-from', address: '192.0.2.21' }), 1);

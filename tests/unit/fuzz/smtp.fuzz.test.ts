@@ -9,7 +9,7 @@ import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { SmtpObserver } from '../../../src/protocols/smtp-observer.ts';
 import { SmtpAdapter } from '../../../src/protocols/smtp.ts';
-import { facts, listener } from '../helpers.ts';
+import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, nastyBytes, params, split } from './helpers.ts';
 import { smtpStream as stream } from './streams.ts';
 

@@ -9,7 +9,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../../../src/config/load.ts';
 import type { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { PolicyState } from '../../../src/policy/state.ts';
-import { redisMissing, startRedis, type RedisServer } from '../../e2e/harness/redis.ts';
+import { redisMissing, startRedis, type RedisServer } from '../../helpers/redis.ts';
+import { waitFor } from '../../helpers/wait.ts';
 import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog } from './helpers.ts';
 
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
@@ -63,14 +64,6 @@ async function attempt(engine: PolicyEngine, config: Config, ip: string, passwor
   return engine.onAuth(login(c, cr), cr);
 }
 
-async function until(what: string, cond: () => boolean, ms = 3_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await sleep(20);
-  }
-}
-
 test('failed logins on two gateways add up to one ban that both enforce, and it expires in Redis', async () => {
   const { config, a, b } = await gateways('t1');
   assert.equal((await attempt(a, config, '192.0.2.1', 'wrong')).action, 'deny');
@@ -90,11 +83,11 @@ test('an address ban made on one gateway refuses connections on the other before
     await a.onAuth(login(c, cr), cr);
   }
   assert.equal(a.onConnect(connect(config, 'imaps', '192.0.2.9')).action, 'tempfail');
-  await until('gateway B hears of the ban', () => b.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'tempfail');
+  await waitFor('gateway B hears of the ban', () => b.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'tempfail');
   assert.ok(b.bans.list().some((x) => x.ip === '192.0.2.9' && x.source === 'auto'));
   // Lifting it on B lifts it on A.
   assert.equal(b.bans.unban('192.0.2.9'), true);
-  await until('gateway A hears of the unban', () => a.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'allow');
+  await waitFor('gateway A hears of the unban', () => a.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'allow');
 });
 
 test('manual bans are shared and listed by both gateways', async () => {
