@@ -53,8 +53,6 @@ export interface RefreshedMessage extends Message {
   req: number;
 }
 
-export type RegistryMessage = EventsMessage | UpdateMessage | KillMessage | RefreshMessage | RefreshedMessage;
-
 /** Events or updates per IPC message: one message per turn, but never one unbounded string to serialise. */
 const MAX_BATCH = 1000;
 /** Exited workers remembered, so that a message still in the channel cannot bring one of their sessions back. */

@@ -106,4 +106,3 @@ export const acmeSchema = z.strictObject({
   request_timeout: duration.default(30_000),
 });
 
-export type AcmeConfig = z.output<typeof acmeSchema>;

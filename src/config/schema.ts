@@ -201,7 +201,6 @@ export const configSchema = z
     ...policySections,
   });
 
-export type RawConfig = z.input<typeof configSchema>;
 export type ParsedConfig = z.output<typeof configSchema>;
 export type ListenerConfig = z.output<typeof listenerSchema>;
 export type Timeouts = typeof DEFAULT_TIMEOUTS;

@@ -188,8 +188,6 @@ export type ControlEvent =
   | { type: 'cert'; at: number; cert: CertStatus }
   | ({ type: 'reload'; at: number } & ReloadOutcome);
 
-export type ControlEventType = ControlEvent['type'];
-
 // ---- messages ------------------------------------------------------------------
 
 export interface Hello {

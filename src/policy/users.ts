@@ -78,16 +78,12 @@ export class UserDirectory {
     const ok = await verifyPassword(password, found?.hash ?? this.dummy);
     return found && ok ? found : undefined;
   }
-
-  /** The hash unknown users are checked against (tests assert its shape). */
-  get dummyHash(): PasswordHash {
-    return this.dummy;
-  }
 }
 
 const EMPTY: ReadonlySet<string> = new Set();
 
-function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
+/** The kind and cost most users' hashes have: unknown users are checked against a dummy hash like it. */
+export function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
   const counts = new Map<string, { n: number; h: PasswordHash }>();
   for (const h of hashes) {
     const key = h.kind === 'bcrypt' ? `bcrypt:${h.cost}` : `scrypt:${h.ln}:${h.r}:${h.p}:${h.hash.length}`;

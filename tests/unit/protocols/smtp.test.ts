@@ -457,7 +457,6 @@ describe('SMTP housekeeping commands and bounds', () => {
     const a = session().adapter;
     assert.equal(a.refusal('denied', 'no\r\nway'), '554 5.7.1 noway\r\n');
     assert.equal(a.refusal('tempfail'), '421 4.3.0 gw.example.org Service temporarily unavailable, try again later\r\n');
-    assert.equal(a.refusal('backend-unavailable', 'backend down'), '421 4.3.0 gw.example.org backend down\r\n');
     assert.equal(a.refusal('idle-timeout'), '421 4.4.2 Idle timeout\r\n');
     assert.equal(a.refusal('line-too-long'), '500 5.5.6 Line too long\r\n');
     assert.equal(a.refusal('too-many-auth-failures'), '421 4.7.0 Too many failed authentications\r\n');
