@@ -45,8 +45,8 @@ export async function main(argv: string[]): Promise<number> {
     return hashPasswordVerb(rest);
   }
   if (verb === 'certs') {
-    // certs [renew [NAME...]]: positional arguments, parsed by the ACME part (src/acme/cli.ts).
-    const { certsVerb } = await import('./acme/cli.ts');
+    // certs [renew [NAME...]]: positional arguments, parsed by the verb itself (src/control/certs-verb.ts).
+    const { certsVerb } = await import('./control/certs-verb.ts');
     return certsVerb(rest);
   }
   let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
@@ -76,13 +76,17 @@ export async function main(argv: string[]): Promise<number> {
       return check(file);
     case 'run':
       return run(file);
-    case 'top':
+    case 'top': {
+      // The dashboard, a client of the control socket (src/tui/top.ts).
+      const { topVerb } = await import('./tui/top.ts');
+      return topVerb({ config: file, socket: values.socket });
+    }
     case 'status':
     case 'reload': {
       // Clients of the control socket (src/control/cli-verbs.ts).
       const verbs = await import('./control/cli-verbs.ts');
       const opts = { config: file, socket: values.socket, json: values.json };
-      return verb === 'top' ? verbs.topVerb(opts) : verb === 'status' ? verbs.statusVerb(opts) : verbs.reloadVerb(opts);
+      return verb === 'status' ? verbs.statusVerb(opts) : verbs.reloadVerb(opts);
     }
     default:
       process.stderr.write(`mailgate: unknown command "${verb}"\n${USAGE}`);

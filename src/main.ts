@@ -3,10 +3,10 @@
  * listeners; reload on demand; stop with a drain. Nothing else wires parts
  * together.
  */
-import { registerAcmeCommands } from './acme/control.ts';
 import { AcmeManager } from './acme/manager.ts';
 import { CapabilityCache } from './backend/capabilities.ts';
 import { loadConfigFile, type Config, type Listener } from './config/load.ts';
+import { registerAcmeCommands } from './control/acme.ts';
 import { startControlPlane, type ControlPlane } from './control/index.ts';
 import type { BanAdmin } from './control/target.ts';
 import { errorMessage } from './core/errors.ts';

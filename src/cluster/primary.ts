@@ -15,9 +15,9 @@
  *   restarted with backoff when one dies, drained together at stop.
  */
 import cluster, { type Worker } from 'node:cluster';
-import { registerAcmeCommands } from '../acme/control.ts';
 import { AcmeManager } from '../acme/manager.ts';
 import { loadConfigFile, type Config } from '../config/load.ts';
+import { registerAcmeCommands } from '../control/acme.ts';
 import { startControlPlane, type ControlPlane } from '../control/index.ts';
 import type { WorkerStatus } from '../control/protocol.ts';
 import type { BanAdmin } from '../control/target.ts';

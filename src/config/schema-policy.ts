@@ -7,8 +7,8 @@
 import { z } from 'zod';
 import { parseDuration } from '../core/duration.ts';
 import { parseHostPort, type HostPort } from '../net/address.ts';
-import { parseCidr, type Cidr } from '../policy/cidr.ts';
-import { parseHash } from '../policy/passwords.ts';
+import { parseCidr, type Cidr } from '../net/cidr.ts';
+import { parseHash } from '../core/password-hash.ts';
 
 const duration = z.union([z.number(), z.string()]).transform((v, ctx) => {
   const ms = parseDuration(v);

@@ -26,7 +26,7 @@ import type { Logger } from '../core/log.ts';
 import { normalizeIp, type HostPort } from '../net/address.ts';
 import type { Credentials } from '../protocols/types.ts';
 import { banId, type Ban, type BanKind } from './bans.ts';
-import { AddressSet, parseCidr } from './cidr.ts';
+import { AddressSet, parseCidr } from '../net/cidr.ts';
 import type { WindowCounter } from './counters.ts';
 import { canonicalUser } from './names.ts';
 import { BackendSecrets, Router } from './routes.ts';

@@ -10,7 +10,8 @@ import { parseYamlFile } from '../config/load.ts';
 import { usersFileSchema, type PolicySections, type UserEntry } from '../config/schema-policy.ts';
 import { MailgateError } from '../core/errors.ts';
 import { canonicalUser, nameMatcher } from './names.ts';
-import { dummyHashLike, parseHash, verifyPassword, type PasswordHash } from './passwords.ts';
+import { parseHash, type PasswordHash } from '../core/password-hash.ts';
+import { dummyHashLike, verifyPassword } from './passwords.ts';
 
 export interface LocalUser {
   /** As configured. */

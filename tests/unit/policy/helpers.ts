@@ -4,7 +4,8 @@ import { Writable } from 'node:stream';
 import { parseConfig, type Config, type Listener } from '../../../src/config/load.ts';
 import { createLogger, type Logger } from '../../../src/core/log.ts';
 import { PolicyEngine, type AuthFacts, type ConnectFacts } from '../../../src/policy/engine.ts';
-import { formatScrypt, passwordBytes } from '../../../src/policy/passwords.ts';
+import { formatScrypt } from '../../../src/core/password-hash.ts';
+import { passwordBytes } from '../../../src/policy/passwords.ts';
 import { PolicyState } from '../../../src/policy/state.ts';
 import type { Credentials } from '../../../src/protocols/types.ts';
 

@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import bcrypt from 'bcryptjs';
 import { ConfigError } from '../../../src/core/errors.ts';
-import { dummyHashLike, hashPassword, parseHash, verifyPassword, type PasswordHash } from '../../../src/policy/passwords.ts';
+import { parseHash, type PasswordHash } from '../../../src/core/password-hash.ts';
+import { dummyHashLike, hashPassword, verifyPassword } from '../../../src/policy/passwords.ts';
 import { mostCommonHash, readUsersFile, UserDirectory } from '../../../src/policy/users.ts';
 import { cheapScrypt, configFrom } from './helpers.ts';
 

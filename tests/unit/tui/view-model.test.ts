@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { EventBatch, ListenerCounters, SessionInfo, Snapshot, StatusInfo } from '../../../src/control/protocol.ts';
 import { renderFrame, visibleLength, type Chrome } from '../../../src/tui/render.ts';
-import { DashboardModel, humanBytes, humanDuration, sanitize } from '../../../src/tui/view-model.ts';
+import { humanBytes, humanDuration } from '../../../src/core/human.ts';
+import { DashboardModel, sanitize } from '../../../src/tui/view-model.ts';
 
 const T0 = 1_800_000_000_000;
 

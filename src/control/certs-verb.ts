@@ -9,12 +9,12 @@
  *                  waits for the outcome. Exit 1 when one failed.
  */
 import { parseArgs } from 'node:util';
-import { ControlClient, ControlRequestError } from '../control/client.ts';
-import type { CertStatus as ServedCert } from '../control/protocol.ts';
-import { target } from '../control/cli-verbs.ts';
+import type { CertStatus, RenewResult } from '../acme/manager.ts';
 import { errorMessage } from '../core/errors.ts';
-import { ACME_COMMANDS } from './control.ts';
-import type { CertStatus, RenewResult } from './manager.ts';
+import { ACME_COMMANDS } from './acme.ts';
+import { target } from './cli-verbs.ts';
+import { ControlClient, ControlRequestError } from './client.ts';
+import type { CertStatus as ServedCert } from './protocol.ts';
 
 const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--json]
 

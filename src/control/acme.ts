@@ -5,9 +5,9 @@
  * and a `cert` event to subscribers after each renewal attempt.
  */
 import { z } from 'zod';
-import { CommandError, certStatus, type ControlServer } from '../control/server.ts';
+import { CommandError, certStatus, type ControlServer } from './server.ts';
 import type { CertStore } from '../tls/cert-store.ts';
-import type { AcmeManager } from './manager.ts';
+import type { AcmeManager } from '../acme/manager.ts';
 
 export const ACME_COMMANDS = { status: 'certs.acme', renew: 'certs.renew' } as const;
 
