@@ -1,6 +1,6 @@
 /**
  * The gateway's runtime window: counters, the control socket and the metrics
- * endpoint, started and stopped together by the Gateway (main.ts).
+ * endpoint, started and stopped together by the runtime (src/main.ts).
  */
 import type { Logger } from '../core/log.ts';
 import { renderMetrics, MetricsServer } from './metrics.ts';

@@ -29,6 +29,7 @@ import { banId, type Ban, type BanKind } from './bans.ts';
 import { AddressSet, parseCidr } from '../net/cidr.ts';
 import type { WindowCounter } from './counters.ts';
 import { canonicalUser } from './names.ts';
+import type { PolicyFiles } from './files.ts';
 import { BackendSecrets, Router } from './routes.ts';
 import { RuleSet, type RuleFacts } from './rules.ts';
 import type { PolicyState } from './state.ts';
@@ -153,11 +154,6 @@ export interface PolicyAdmin {
   open(query: { address?: string; user?: string }): { address: number | null; user: number | null };
 }
 
-export interface EngineOptions {
-  /** Users to use instead of reading `users` from the config (tests). */
-  users?: UserDirectory;
-}
-
 export class PolicyEngine implements Policy {
   private readonly state: PolicyState;
   private readonly log: Logger;
@@ -170,16 +166,14 @@ export class PolicyEngine implements Policy {
   private readonly limits: CompiledLimit[];
   private readonly failures: { address: WindowCounter; pair: WindowCounter; user: WindowCounter };
 
-  constructor(config: Config, state: PolicyState, log: Logger, opts: EngineOptions = {}) {
+  /** `files`: what the config's users and password files hold (src/policy/files.ts). Throws for a bad user entry. */
+  constructor(config: Config, files: PolicyFiles, state: PolicyState, log: Logger) {
     this.state = state;
     this.log = log.child({ part: 'policy' });
     this.rules = new RuleSet(config.access.rules, config.access.default);
-    this.users = opts.users ?? UserDirectory.fromConfig(config.users, config.baseDir);
+    this.users = UserDirectory.fromConfig(config.users, files);
     this.router = new Router(config.routes);
-    this.secrets = new BackendSecrets(
-      [...config.listeners.map((l) => ('backend_login' in l ? l.backend_login : undefined)), ...config.routes.map((r) => r.backend_login)],
-      config.baseDir,
-    );
+    this.secrets = new BackendSecrets(files, config.baseDir);
     this.bf = config.brute_force;
     this.exempt = new AddressSet(config.brute_force.exempt);
     const protocolOf = new Map(config.listeners.map((l) => [l.name, l.protocol as string]));
@@ -194,11 +188,6 @@ export class PolicyEngine implements Policy {
         this.log.warn({ listener: l.name }, 'authentication is local but no users are configured: every login will fail');
       }
     }
-  }
-
-  /** Builds the engine for a config; throws ConfigError/MailgateError for a bad users or password file. */
-  static fromConfig(config: Config, state: PolicyState, log: Logger): PolicyEngine {
-    return new PolicyEngine(config, state, log);
   }
 
   /** Finishes the store work started by synchronous hooks (tests). */

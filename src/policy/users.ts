@@ -1,16 +1,14 @@
 /**
  * Local users: names, password hashes and groups from the config's
- * `users.list` and the optional separate `users.file`. Verification costs the
- * same whether or not the user exists: an unknown name is checked against a
- * dummy hash of the most common kind and cost.
+ * `users.list` and the optional separate `users.file` (read by files.ts).
+ * Verification costs the same whether or not the user exists: an unknown
+ * name is checked against a dummy hash of the most common kind and cost.
  */
-import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
-import { parseYamlFile } from '../config/load.ts';
-import { usersFileSchema, type PolicySections, type UserEntry } from '../config/schema-policy.ts';
+import type { PolicySections, UserEntry } from '../config/schema-policy.ts';
 import { MailgateError } from '../core/errors.ts';
-import { canonicalUser, nameMatcher } from './names.ts';
 import { parseHash, type PasswordHash } from '../core/password-hash.ts';
+import type { PolicyFiles } from './files.ts';
+import { canonicalUser, nameMatcher } from './names.ts';
 import { dummyHashLike, verifyPassword } from './passwords.ts';
 
 export interface LocalUser {
@@ -18,17 +16,6 @@ export interface LocalUser {
   readonly name: string;
   readonly hash: PasswordHash;
   readonly groups: ReadonlySet<string>;
-}
-
-/** Reads and validates a users file; problems name the file, line and key like the main config. */
-export function readUsersFile(file: string): UserEntry[] {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    throw new MailgateError('CONFIG_READ', `${file}: ${(err as Error).message}`, { cause: err });
-  }
-  return parseYamlFile(usersFileSchema, text, file, []).data;
 }
 
 export class UserDirectory {
@@ -49,10 +36,9 @@ export class UserDirectory {
     this.dummy = dummyHashLike(mostCommonHash([...this.users.values()].map((u) => u.hash)));
   }
 
-  /** The users of a config: `users.list` plus `users.file` (resolved against the config's folder). */
-  static fromConfig(section: PolicySections['users'], baseDir: string): UserDirectory {
-    const fromFile = section.file ? readUsersFile(resolve(baseDir, section.file)) : [];
-    return new UserDirectory([...section.list, ...fromFile], section.groups);
+  /** The users of a config: `users.list` plus what its `users.file` holds (src/policy/files.ts). */
+  static fromConfig(section: PolicySections['users'], files: PolicyFiles): UserDirectory {
+    return new UserDirectory([...section.list, ...files.users], section.groups);
   }
 
   get size(): number {

@@ -4,7 +4,8 @@
  * nginx: sessions land on both workers and the control socket sees them all;
  * a kill reaches the worker that owns the session; a ban, a brute-force count
  * and a concurrent-session limit hold across workers; a reload reaches every
- * worker; a TLS session ticket from one worker resumes on the other; a dead
+ * worker, with the copy of the config the primary read (never the file as it
+ * is later); a TLS session ticket from one worker resumes on the other; a dead
  * worker is replaced; the workers stop with the primary, and without it.
  */
 import assert from 'node:assert/strict';
@@ -240,6 +241,41 @@ out(t.recv(200).decode('latin1').split('\r\n')[0])
       [port, gw.certFile],
     );
     assert.match(greeting, /^\+OK/);
+  }
+});
+
+test('the workers run the primary\'s copy of the config: a file edited after the primary read it reaches no worker, at a reload or at a restart', async () => {
+  const edited = await startGateway({
+    workers: 2,
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+  });
+  const pop3 = (name: string) => ({ name, protocol: 'pop3', tls: 'implicit', backend: `127.0.0.1:${dovecot.pop3Port}`, listen: '127.0.0.1:0' });
+  const addListener = (name: string) => edited.rewrite((c) => (c.listeners as Record<string, unknown>[]).push(pop3(name)));
+  const workersOf = async () => (JSON.parse((await run(process.execPath, [CLI, 'status', '-c', edited.configFile, '--json'])).stdout) as { workers: { index: number; pid: number }[] }).workers;
+  const up = async (name: string) => (await edited.logs()).filter((l) => l.msg === 'listener up' && l.listener === name).map((l) => Number(l.worker));
+  try {
+    // The workers are held still, so the reload reaches them only after the file changed again.
+    const before = await workersOf();
+    for (const w of before) process.kill(w.pid, 'SIGSTOP');
+    try {
+      await addListener('pop3-primary');
+      edited.signal('SIGHUP');
+      await edited.waitForLog((l) => l.msg === 'configuration checked; serving it');
+      await addListener('pop3-file');
+    } finally {
+      for (const w of before) process.kill(w.pid, 'SIGCONT');
+    }
+    const reloaded = await edited.waitForLog((l) => l.msg === 'configuration reloaded' && l.worker === undefined);
+    assert.deepEqual(reloaded.started, ['pop3-primary']);
+    assert.deepEqual((await up('pop3-primary')).sort(), [1, 2], 'both workers serve the copy the primary read');
+    // A worker started now (the file says pop3-file) gets the primary's copy too.
+    const victim = before[0]!;
+    process.kill(victim.pid, 'SIGKILL');
+    await edited.waitForLog((l) => l.msg === 'worker restarted');
+    await waitFor('the new worker to serve pop3-primary', async () => (await up('pop3-primary')).filter((w) => w === victim.index).length === 2);
+    assert.deepEqual(await up('pop3-file'), [], 'no worker read the file');
+  } finally {
+    await edited.stop();
   }
 });
 

@@ -16,11 +16,10 @@ import { createWorkerPolicyState, PolicyAuthority, type PolicySync, type WorkerP
 import { errorCode } from '../../../src/core/errors.ts';
 import type { Logger } from '../../../src/core/log.ts';
 import { banId, type Ban, type BanChange } from '../../../src/policy/bans.ts';
-import { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { SharedLimiter } from '../../../src/policy/counters.ts';
 import type { StoreConfig } from '../../../src/policy/state.ts';
 import { redisMissing, startRedis, type RedisServer } from '../../helpers/redis.ts';
-import { configFrom, connect, memoryLog, silentLog } from '../policy/helpers.ts';
+import { configFrom, connect, engineOn, memoryLog, silentLog } from '../policy/helpers.ts';
 import { waitFor } from '../../helpers/wait.ts';
 
 const MEMORY: StoreConfig = { type: 'memory', prefix: 'mailgate', timeout: 1000 };
@@ -167,7 +166,7 @@ test('an unban in one worker lifts the ban in every view', async (t) => {
 
 test('an admin\'s ban in the primary (control socket) reaches every worker, ranges included', async (t) => {
   const c = await fakeCluster(t);
-  const engine = new PolicyEngine(configFrom(''), c.authority.state, silentLog);
+  const engine = engineOn(configFrom(''), c.authority.state);
   await engine.admin.addBan({ kind: 'range', address: '198.51.100.0/24', durationMs: 60_000, reason: 'admin' });
   await c.quiet();
   for (const i of [1, 2]) {
@@ -183,7 +182,7 @@ test('an admin\'s ban in the primary (control socket) reaches every worker, rang
 test('a worker refuses a connection before the greeting once another worker banned the address', async (t) => {
   const c = await fakeCluster(t);
   const config = configFrom('');
-  const engine = new PolicyEngine(config, c.w(2).policy.state, silentLog);
+  const engine = engineOn(config, c.w(2).policy.state);
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.9')).action, 'allow');
   await c.w(1).policy.state.bans.add(ban('address', '192.0.2.9'), Date.now());
   await c.quiet();
@@ -262,8 +261,8 @@ test('logins count per user across workers; a login moved or ended frees its slo
 test('a concurrent-sessions limit holds across workers', async (t) => {
   const c = await fakeCluster(t);
   const config = configFrom('rate_limits:\n  - { limit: concurrent, per: address, max: 2 }');
-  const e1 = new PolicyEngine(config, c.w(1).policy.state, silentLog);
-  const e2 = new PolicyEngine(config, c.w(2).policy.state, silentLog);
+  const e1 = engineOn(config, c.w(1).policy.state);
+  const e2 = engineOn(config, c.w(2).policy.state);
   const first = connect(config, 'imaps', '192.0.2.3');
   assert.equal(e1.onConnect(first).action, 'allow');
   await c.quiet();

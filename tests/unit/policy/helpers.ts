@@ -4,6 +4,7 @@ import { Writable } from 'node:stream';
 import { parseConfig, type Config, type Listener } from '../../../src/config/load.ts';
 import { createLogger, type Logger } from '../../../src/core/log.ts';
 import { PolicyEngine, type AuthFacts, type ConnectFacts } from '../../../src/policy/engine.ts';
+import { readPolicyFiles } from '../../../src/policy/files.ts';
 import { formatScrypt } from '../../../src/core/password-hash.ts';
 import { passwordBytes } from '../../../src/policy/passwords.ts';
 import { PolicyState } from '../../../src/policy/state.ts';
@@ -41,7 +42,12 @@ export const silentLog = createLogger('silent');
 export async function engineFor(config: Config, opts: { state?: PolicyState; clock?: () => number; log?: Logger } = {}): Promise<{ engine: PolicyEngine; state: PolicyState }> {
   const log = opts.log ?? silentLog;
   const state = opts.state ?? (await PolicyState.create({ store: config.policy_store, log, ...(opts.clock ? { clock: opts.clock } : {}) }));
-  return { engine: new PolicyEngine(config, state, log), state };
+  return { engine: engineOn(config, state, log), state };
+}
+
+/** An engine for `config` on a given state (a reload, another worker), with the config's policy files read. */
+export function engineOn(config: Config, state: PolicyState, log: Logger = silentLog): PolicyEngine {
+  return new PolicyEngine(config, readPolicyFiles(config), state, log);
 }
 
 export function listenerOf(config: Config, name: string): Listener {

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { PolicyEngine } from '../../../src/policy/engine.ts';
-import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog, silentLog } from './helpers.ts';
+import { cheapScrypt, configFrom, connect, creds, engineFor, engineOn, login, memoryLog } from './helpers.ts';
 
 const T0 = 1_700_000_000_000;
 
@@ -276,7 +276,7 @@ test('bans survive a reload: a new engine on the same state keeps bans, counts a
 
   // Reload with different rules and thresholds (same windows): bans and counts carry over.
   const next = configFrom(BF + `rate_limits:\n  - { limit: concurrent, per: address, max: 1 }\naccess:\n  rules: [{ action: allow }]\n` + LOCAL);
-  const reloaded = new PolicyEngine(next, state, silentLog);
+  const reloaded = engineOn(next, state);
   assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.1')).action, 'tempfail', 'the address ban survived');
   assert.equal((await fail(reloaded, next, '192.0.2.2', 'alice')).action, 'deny');
   assert.equal((await good(reloaded, next, '192.0.2.2', 'alice')).action, 'tempfail', 'the third failure across the reload made the pair ban');

@@ -7,7 +7,8 @@ import bcrypt from 'bcryptjs';
 import { ConfigError } from '../../../src/core/errors.ts';
 import { parseHash, type PasswordHash } from '../../../src/core/password-hash.ts';
 import { dummyHashLike, hashPassword, verifyPassword } from '../../../src/policy/passwords.ts';
-import { mostCommonHash, readUsersFile, UserDirectory } from '../../../src/policy/users.ts';
+import { readPolicyFiles, readUsersFile } from '../../../src/policy/files.ts';
+import { mostCommonHash, UserDirectory } from '../../../src/policy/users.ts';
 import { cheapScrypt, configFrom } from './helpers.ts';
 
 function parsed(text: string): PasswordHash {
@@ -139,7 +140,7 @@ users:
   groups:
     staff: ["*@staff.example.org"]
 `, join(dir, 'mailgate.yaml'));
-    const users = UserDirectory.fromConfig(config.users, config.baseDir);
+    const users = UserDirectory.fromConfig(config.users, readPolicyFiles(config));
     assert.equal(users.size, 2);
     assert.deepEqual([...users.groupsOf('BOB@example.org')], ['migrated']);
     assert.deepEqual([...users.groupsOf('carol@staff.example.org')], ['staff'], 'group patterns cover users mailgate does not know');
@@ -150,7 +151,7 @@ users:
     );
     writeFileSync(join(dir, 'dup.yaml'), `- { name: alice, password_hash: "${good}" }\n`);
     const dupConfig = configFrom(`users:\n  file: dup.yaml\n  list:\n    - { name: alice, password_hash: "${good}" }\n`, join(dir, 'mailgate.yaml'));
-    assert.throws(() => UserDirectory.fromConfig(dupConfig.users, dupConfig.baseDir), /defined twice/);
+    assert.throws(() => UserDirectory.fromConfig(dupConfig.users, readPolicyFiles(dupConfig)), /defined twice/);
     assert.throws(() => readUsersFile(join(dir, 'missing.yaml')), (e: unknown) => e instanceof Error && 'code' in e && e.code === 'CONFIG_READ');
   } finally {
     rmSync(dir, { recursive: true, force: true });

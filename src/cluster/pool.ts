@@ -1,38 +1,35 @@
 /**
- * The primary of a multi-process gateway (`workers` > 1). It serves no
- * client; it owns what must exist once:
+ * The workers, seen from the primary (`workers` > 1): the gateway's serving
+ * part (src/serving.ts) run in N processes. The runtime (src/main.ts) owns
+ * what exists once; this pool
  *
- * - the configuration: it reads and checks the file, then tells every
- *   worker to reload, and reports success only when all have;
- * - certificates: built here (files, self-signed, ACME) and sent to the
- *   workers as PEM whenever they change, with the session ticket keys it
- *   rotates, so a ticket from one worker resumes on another;
- * - policy state: bans, counters and session counts across workers
- *   (policy-link.ts);
- * - the control socket and metrics, over a registry that mirrors every
- *   worker's sessions (registry-link.ts); `kill` goes to the right worker;
- * - the workers themselves: started with the ports settled (ports.ts),
- *   restarted with backoff when one dies, drained together at stop.
+ * - starts each worker (src/worker.ts) with its settings as data: the config
+ *   the runtime read and checked (this worker's ports and share of the
+ *   limits, ports.ts) and what the config's policy files hold;
+ * - sends the runtime's certificates, ticket keys and HTTP-01 answers to every
+ *   worker whenever they change;
+ * - fans a reload out to every worker and reports when all have answered;
+ * - keeps the policy state of all of them (policy-link.ts) and mirrors their
+ *   sessions into the runtime's registry (registry-link.ts); `kill` goes to
+ *   the worker that owns the session;
+ * - restarts a worker that dies or stops answering, with backoff, and drains
+ *   them all at stop.
  */
 import cluster, { type Worker } from 'node:cluster';
-import { AcmeManager } from '../acme/manager.ts';
-import { loadConfigFile, type Config } from '../config/load.ts';
-import { registerAcmeCommands } from '../control/acme.ts';
-import { startControlPlane, type ControlPlane } from '../control/index.ts';
+import type { Config } from '../config/load.ts';
 import type { WorkerStatus } from '../control/protocol.ts';
-import type { BanAdmin } from '../control/target.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { Daemon, ReloadResult } from '../main.ts';
-import { PolicyEngine } from '../policy/engine.ts';
-import { SessionRegistry } from '../session/registry.ts';
-import { buildCertStore } from '../tls/bootstrap.ts';
-import type { CertInfo, CertStore } from '../tls/cert-store.ts';
-import { TicketKeys } from '../tls/ticket-keys.ts';
+import type { ReloadResult } from '../listeners/types.ts';
+import type { PolicyFiles } from '../policy/files.ts';
+import type { PolicyState } from '../policy/state.ts';
+import type { SessionRegistry } from '../session/registry.ts';
+import type { CertStore } from '../tls/cert-store.ts';
+import type { TicketKeys } from '../tls/ticket-keys.ts';
 import { envelope, unwrap, type Message, type WorkerLink } from './link.ts';
-import { isFromWorker, type FromWorker, type PortPlan, type ToWorker, type WorkerPlan } from './messages.ts';
+import { isFromWorker, type FromWorker, type PortPlan, type ToWorker, type WorkerPlan, type WorkerSettings } from './messages.ts';
 import { PolicyAuthority } from './policy-link.ts';
-import { planPorts } from './ports.ts';
+import { planPorts, workerConfig } from './ports.ts';
 import { RegistryMirror } from './registry-link.ts';
 
 /** A worker must say ready (or why not) within this. */
@@ -62,115 +59,90 @@ interface Slot extends WorkerLink {
   exited: Promise<void>;
 }
 
-export class ClusterPrimary implements Daemon {
-  readonly registry = new SessionRegistry();
-  readonly startedAt = Date.now();
-  private config: Config;
+/** The HTTP-01 answers the workers must give (acme/http01.ts). */
+export interface ChallengeAnswers {
+  pending(): [string, string][];
+  onChange(listener: (pending: [string, string][]) => void): () => void;
+}
+
+export interface PoolParts {
+  /** How many workers. */
+  count: number;
+  /** The runtime's registry: every worker's sessions are mirrored into it. */
+  registry: SessionRegistry;
+  /** The runtime's certificates and session ticket keys: sent to every worker as they change. */
+  certs: CertStore;
+  ticketKeys: TicketKeys;
+  http01: ChallengeAnswers;
+  log: Logger;
+}
+
+export class WorkerPool {
+  /** The primary's policy state: the authority for every worker's (policy-link.ts). */
+  readonly policyState: PolicyState;
+  private readonly parts: PoolParts;
   private readonly log: Logger;
-  private readonly certs: CertStore;
-  private readonly count: number;
   private readonly slots: Slot[] = [];
   private readonly mirror: RegistryMirror;
-  private readonly ticketKeys: TicketKeys;
   private readonly authority: PolicyAuthority;
-  /** The engine's admin side answers the control socket's bans; workers run their own engines. */
-  private engine: PolicyEngine;
-  private controlPlane: ControlPlane | undefined;
-  private acme: AcmeManager | undefined;
-  private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
-  private offAcmeTokens: (() => void) | undefined;
-  private ports: PortPlan = {};
-  private boundAddresses: Record<string, readonly string[]> = {};
-  private reloading: Promise<unknown> = Promise.resolve();
-  private readonly reloadListeners = new Set<(result: ReloadResult) => void>();
-  private stopping: Promise<void> | undefined;
-  private nextReloadId = 1;
   /** The policy store as started; a reload that changes it takes effect at the next restart. */
   private readonly store: Config['policy_store'];
+  /** What workers serve now (a restarted worker gets these too), and the ports they bind. */
+  private config: Config;
+  private files: PolicyFiles;
+  private ports: PortPlan = {};
+  /** The ports of a reload being prepared (prepare), taken by reload. */
+  private preparedPorts: { config: Config; ports: PortPlan } | undefined;
+  private boundAddresses: Record<string, readonly string[]> = {};
+  private readonly unsubscribe: (() => void)[] = [];
+  private stopping: Promise<void> | undefined;
+  private nextReloadId = 1;
   private certsQueued = false;
   private heartbeat: NodeJS.Timeout | undefined;
   private pingSeq = 0;
 
-  private constructor(config: Config, certs: CertStore, count: number, log: Logger, authority: PolicyAuthority, ticketKeys: TicketKeys) {
-    this.ticketKeys = ticketKeys;
+  private constructor(config: Config, files: PolicyFiles, parts: PoolParts, authority: PolicyAuthority) {
     this.config = config;
-    this.certs = certs;
-    this.count = count;
-    this.log = log;
+    this.files = files;
+    this.parts = parts;
+    this.log = parts.log;
     this.authority = authority;
-    this.engine = PolicyEngine.fromConfig(config, authority.state, log);
-    this.mirror = new RegistryMirror(this.registry);
+    this.policyState = authority.state;
+    this.mirror = new RegistryMirror(parts.registry);
     this.store = config.policy_store;
   }
 
-  static async start(config: Config, log: Logger, count: number): Promise<ClusterPrimary> {
-    for (const w of config.warnings) log.warn({ file: config.file }, w);
-    const ticketKeys = new TicketKeys();
-    let certs: CertStore;
-    try {
-      certs = await buildCertStore(config, log, ticketKeys.current);
-    } catch (err) {
-      ticketKeys.stop();
-      throw err;
-    }
-    let primary: ClusterPrimary | undefined;
-    const authority = await PolicyAuthority.create({ store: config.policy_store, log, workers: () => primary?.live() ?? [] });
-    let p: ClusterPrimary;
-    try {
-      p = new ClusterPrimary(config, certs, count, log, authority, ticketKeys);
-    } catch (err) {
-      ticketKeys.stop();
-      await authority.close();
-      throw err;
-    }
-    primary = p;
-    try {
-      p.ticketKeys.onRotate((keys) => {
-        certs.setTicketKeys(keys);
-        p.broadcast({ t: 'ticket-keys', ticketKeys: keys.toString('base64') });
-      });
+  /** The policy authority is ready; no worker runs yet (start). */
+  static async create(config: Config, files: PolicyFiles, parts: PoolParts): Promise<WorkerPool> {
+    let pool: WorkerPool | undefined;
+    const authority = await PolicyAuthority.create({ store: config.policy_store, log: parts.log, workers: () => pool?.live() ?? [] });
+    pool = new WorkerPool(config, files, parts, authority);
+    return pool;
+  }
+
+  /** Settles the ports, then starts every worker and resolves when all serve. */
+  async start(): Promise<void> {
+    const { certs, ticketKeys, http01 } = this.parts;
+    this.unsubscribe.push(
+      ticketKeys.onRotate((keys) => this.broadcast({ t: 'ticket-keys', ticketKeys: keys.toString('base64') })),
       certs.onAnyChange((c) => {
-        if (c.kind !== 'ticket-keys') p.queueCerts();
-      });
-      p.controlPlane = await startControlPlane(p, log);
-      p.acme = AcmeManager.fromConfig(config, certs, log);
-      const control = p.controlPlane.control;
-      if (control) p.watchAcme = registerAcmeCommands(control, () => p.acme, certs);
-      p.followAcme();
-      p.ports = await planPorts(config.listeners);
-      cluster.on('message', (worker, raw) => p.onMessage(worker, raw));
-      for (let i = 1; i <= count; i++) p.slots.push(p.newSlot(i));
-      await Promise.all(p.slots.map((s) => p.spawn(s)));
-      p.startHeartbeat();
-      await p.acme?.start();
-    } catch (err) {
-      await p.stop(0);
-      throw err;
-    }
-    log.info({ file: config.file, listeners: config.listeners.length, workers: count }, 'mailgate ready');
-    return p;
+        if (c.kind !== 'ticket-keys') this.queueCerts();
+      }),
+      http01.onChange((tokens) => this.broadcast({ t: 'tokens', tokens })),
+    );
+    this.ports = await planPorts(this.config.listeners);
+    const onMessage = (worker: Worker, raw: unknown) => this.onMessage(worker, raw);
+    cluster.on('message', onMessage);
+    this.unsubscribe.push(() => cluster.off('message', onMessage));
+    for (let i = 1; i <= this.parts.count; i++) this.slots.push(this.newSlot(i));
+    await Promise.all(this.slots.map((s) => this.spawn(s)));
+    this.startHeartbeat();
   }
 
-  // ---- what the control socket reads (ControlTarget) ------------------------------
-
-  get currentConfig(): Config {
-    return this.config;
-  }
-
-  get certificates(): CertStore {
-    return this.certs;
-  }
-
-  get bans(): BanAdmin {
-    return this.engine.bans;
-  }
+  // ---- what the control socket reads ------------------------------------------------
 
   addresses(): Record<string, readonly string[]> {
     return this.boundAddresses;
-  }
-
-  certRenewal(info: CertInfo): { failing: boolean; lastError: string | null; nextAttemptAt: number | null } | null {
-    return this.acme?.renewalFor(info) ?? null;
   }
 
   /** Mirrored sessions up to date before a dashboard's snapshot (registry-link.ts). */
@@ -181,11 +153,6 @@ export class ClusterPrimary implements Daemon {
   /** Worker processes now: index, pid, state (status command, tests). */
   workers(): WorkerStatus[] {
     return this.slots.map((s) => ({ index: s.index, pid: s.pid, state: s.state, restarts: s.restarts }));
-  }
-
-  onReload(listener: (result: ReloadResult) => void): () => void {
-    this.reloadListeners.add(listener);
-    return () => this.reloadListeners.delete(listener);
   }
 
   // ---- workers ---------------------------------------------------------------------
@@ -217,8 +184,10 @@ export class ClusterPrimary implements Daemon {
     return this.slots.filter((s) => s.state === 'ready' || s.state === 'starting');
   }
 
-  private plan(): WorkerPlan {
-    return { ports: this.ports, workers: this.count };
+  /** What a worker serves now: the runtime's config with its ports and share of the limits, and the policy files. */
+  private settings(): WorkerSettings {
+    const plan: WorkerPlan = { ports: this.ports, workers: this.parts.count };
+    return { config: workerConfig(this.config, plan), files: this.files };
   }
 
   /** Starts the slot's process and resolves when it is serving; rejects with its reason otherwise. */
@@ -265,13 +234,14 @@ export class ClusterPrimary implements Daemon {
       worker.once('exit', onEarlyExit);
     });
     worker.once('online', () => {
+      const { certs, ticketKeys, http01 } = this.parts;
       slot.send({
         t: 'start',
         index: slot.index,
-        plan: this.plan(),
-        certs: this.certs.snapshot(),
-        ticketKeys: this.ticketKeys.current.toString('base64'),
-        tokens: [...(this.acme?.pendingTokens() ?? [])],
+        settings: this.settings(),
+        certs: certs.snapshot(),
+        ticketKeys: ticketKeys.current.toString('base64'),
+        tokens: http01.pending(),
         policy: this.authority.syncFor(slot),
         store: this.store,
       });
@@ -363,67 +333,43 @@ export class ClusterPrimary implements Daemon {
   private sendCerts(): void {
     if (!this.certsQueued) return;
     this.certsQueued = false;
-    this.broadcast({ t: 'certs', certs: this.certs.snapshot() });
-  }
-
-  private followAcme(): void {
-    this.watchAcme?.(this.acme);
-    this.offAcmeTokens?.();
-    this.offAcmeTokens = this.acme?.onTokens((tokens) => this.broadcast({ t: 'tokens', tokens: [...tokens] }));
+    this.broadcast({ t: 'certs', certs: this.parts.certs.snapshot() });
   }
 
   // ---- reload and stop --------------------------------------------------------------
 
-  reload(): Promise<ReloadResult> {
-    const run = this.reloading.then(() => this.reloadOnce());
-    this.reloading = run.catch(() => undefined);
-    return run.then((result) => {
-      for (const l of this.reloadListeners) l(result);
-      return result;
-    });
+  /**
+   * Settles the ports of a config about to be reloaded (a port another
+   * program holds refuses the reload here, before anything changes).
+   */
+  async prepare(next: Config): Promise<void> {
+    this.preparedPorts = { config: next, ports: await planPorts(next.listeners, { plan: this.ports, listeners: this.config.listeners }) };
   }
 
-  private async reloadOnce(): Promise<ReloadResult> {
-    const refused = (error: string): ReloadResult => {
-      this.log.error({ file: this.config.file, err: error }, 'reload refused, keeping the running configuration');
-      return { ok: false, error, started: [], stopped: [], updated: [] };
-    };
-    let next: Config;
-    let engine: PolicyEngine;
-    let certs: CertStore;
-    let ports: PortPlan;
-    try {
-      next = loadConfigFile(this.config.file);
-      engine = PolicyEngine.fromConfig(next, this.authority.state, this.log);
-      AcmeManager.check(next, this.log);
-      certs = await buildCertStore(next, this.log, this.certs.currentTicketKeys);
-      ports = await planPorts(next.listeners, { plan: this.ports, listeners: this.config.listeners });
-    } catch (err) {
-      return refused(errorMessage(err));
-    }
-    for (const w of next.warnings) this.log.warn({ file: next.file }, w);
-    if (JSON.stringify(next.policy_store) !== JSON.stringify(this.store)) this.log.warn({ running: this.store.type, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
-    if (next.workers !== this.config.workers) this.log.warn({ running: this.count, configured: next.workers }, 'workers changes take effect at the next restart');
-    this.engine = engine;
-    // Certificates first (same channel, so they arrive before the reload), once: replaceWith queued them.
-    this.certs.replaceWith(certs);
+  /**
+   * Every worker takes the checked config (after prepare); resolves when all
+   * have answered, with their result. The certificates the runtime replaced
+   * for it go out first, on the same channel.
+   */
+  async reload(next: Config, files: PolicyFiles): Promise<ReloadResult & { workers: number }> {
+    const prepared = this.preparedPorts?.config === next ? this.preparedPorts.ports : await planPorts(next.listeners, { plan: this.ports, listeners: this.config.listeners });
+    this.preparedPorts = undefined;
     this.sendCerts();
-    this.ports = ports;
+    this.ports = prepared;
     this.config = next;
+    this.files = files;
     const id = this.nextReloadId++;
-    const results = await Promise.all(this.live().map((s) => this.askReload(s, id)));
-    await this.reloadAcme(next);
+    const settings = this.settings();
+    const results = await Promise.all(this.live().map((s) => this.askReload(s, id, settings)));
     const failed = results.filter((r) => !r.ok);
     const first = results[0] ?? { ok: true, started: [], stopped: [], updated: [] };
-    const result: ReloadResult = failed.length
-      ? { ...first, ok: false, error: failed.map((r) => r.error ?? 'failed').join('; ') }
-      : { ok: true, started: first.started, stopped: first.stopped, updated: first.updated };
-    if (result.ok) this.log.info({ file: next.file, workers: results.length, started: result.started, stopped: result.stopped, updated: result.updated }, 'configuration reloaded');
-    else this.log.error({ err: result.error }, 'reload failed in a worker');
-    return result;
+    if (failed.length === 0) return { ok: true, started: first.started, stopped: first.stopped, updated: first.updated, workers: results.length };
+    const error = failed.map((r) => r.error ?? 'failed').join('; ');
+    this.log.error({ err: error }, 'reload failed in a worker');
+    return { ...first, ok: false, error, workers: results.length };
   }
 
-  private askReload(slot: Slot, id: number): Promise<ReloadResult> {
+  private askReload(slot: Slot, id: number, settings: WorkerSettings): Promise<ReloadResult> {
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
         slot.waiters.delete(id);
@@ -433,27 +379,17 @@ export class ClusterPrimary implements Daemon {
         clearTimeout(timer);
         resolve(r);
       });
-      slot.send({ t: 'reload', id, plan: this.plan() });
+      slot.send({ t: 'reload', id, settings });
     });
   }
 
-  private async reloadAcme(next: Config): Promise<void> {
-    const before = this.acme;
-    const { acme, created } = await AcmeManager.afterReload(before, next, this.certs, this.log);
-    this.acme = acme;
-    if (acme === before) return;
-    this.followAcme();
-    if (created) await acme?.start();
-  }
-
-  stop(drainMs = this.config.shutdownDrain): Promise<void> {
+  /** Every worker drains for up to `drainMs`, then ends what is left; past that it is killed. Safe to call twice. */
+  stop(drainMs: number): Promise<void> {
     this.stopping ??= this.doStop(drainMs);
     return this.stopping;
   }
 
   private async doStop(drainMs: number): Promise<void> {
-    this.log.info({ sessions: this.registry.size, drainMs, workers: this.live().length }, 'shutting down');
-    await this.acme?.stop();
     clearTimeout(this.heartbeat);
     for (const s of this.slots) clearTimeout(s.restartTimer);
     const running = this.slots.filter((s) => s.worker);
@@ -474,10 +410,7 @@ export class ClusterPrimary implements Daemon {
         clearTimeout(timer);
       }),
     );
-    this.offAcmeTokens?.();
-    this.ticketKeys.stop();
-    await this.controlPlane?.close();
+    for (const u of this.unsubscribe.splice(0)) u();
     await this.authority.close();
-    this.log.info('stopped');
   }
 }
