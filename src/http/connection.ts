@@ -14,7 +14,8 @@ import { normalizeIp } from '../net/address.ts';
 import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { ConnectFacts, Policy, Verdict } from '../policy/engine.ts';
 import type { CloseReason } from '../protocols/types.ts';
-import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry } from '../session/registry.ts';
+import { newSessionRecord, type SessionRecord } from '../session/record.ts';
+import type { SessionControl, SessionRegistry } from '../session/registry.ts';
 import { BackendAgent } from './backend-agent.ts';
 
 type HttpListener = Listener & { protocol: 'http' };

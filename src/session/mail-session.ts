@@ -28,7 +28,8 @@ import type {
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
-import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry, type SessionState } from './registry.ts';
+import { newSessionRecord, type SessionRecord, type SessionState } from './record.ts';
+import type { SessionControl, SessionRegistry } from './registry.ts';
 
 export interface MailSessionDeps {
   hostname: string;

@@ -5,75 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { CloseReason } from '../protocols/types.ts';
-
-export type SessionState = 'handshake' | 'preauth' | 'starttls' | 'authenticating' | 'relaying' | 'closing' | 'closed';
-
-export interface SessionRecord {
-  readonly id: string;
-  readonly listener: string;
-  readonly protocol: 'imap' | 'pop3' | 'smtp' | 'http';
-  readonly clientIp: string;
-  readonly clientPort: number;
-  readonly startedAt: number;
-  state: SessionState;
-  lastActivity: number;
-  user: string | null;
-  backend: string | null;
-  tlsVersion: string | null;
-  tlsCipher: string | null;
-  bytesIn: number;
-  bytesOut: number;
-  /** SMTP only: messages and recipients seen after authentication. */
-  messages: number;
-  recipients: number;
-  closeReason: CloseReason | null;
-}
-
-/** A record as a session opens: who and where, nothing moved yet. */
-export function newSessionRecord(
-  opened: Pick<SessionRecord, 'id' | 'listener' | 'protocol' | 'clientIp' | 'clientPort' | 'state'>,
-  now = Date.now(),
-): SessionRecord {
-  return {
-    ...opened,
-    startedAt: now,
-    lastActivity: now,
-    user: null,
-    backend: null,
-    tlsVersion: null,
-    tlsCipher: null,
-    bytesIn: 0,
-    bytesOut: 0,
-    messages: 0,
-    recipients: 0,
-    closeReason: null,
-  };
-}
-
-/** The fields of a record that change while the session lives; the rest is fixed when it opens. */
-export const LIVE_FIELDS = ['state', 'lastActivity', 'bytesIn', 'bytesOut', 'user', 'backend', 'tlsVersion', 'tlsCipher', 'messages', 'recipients'] as const;
-export type LiveField = (typeof LIVE_FIELDS)[number];
-export type LiveFields = Pick<SessionRecord, LiveField>;
-
-/** A copy of the live fields, to tell later what changed (control socket updates, a worker's reports). */
-export function liveFields(r: LiveFields): LiveFields {
-  return {
-    state: r.state,
-    lastActivity: r.lastActivity,
-    bytesIn: r.bytesIn,
-    bytesOut: r.bytesOut,
-    user: r.user,
-    backend: r.backend,
-    tlsVersion: r.tlsVersion,
-    tlsCipher: r.tlsCipher,
-    messages: r.messages,
-    recipients: r.recipients,
-  };
-}
-
-export function sameLiveFields(a: LiveFields, b: LiveFields): boolean {
-  return LIVE_FIELDS.every((f) => a[f] === b[f]);
-}
+import type { SessionRecord } from './record.ts';
 
 /** What the registry can ask of a live session. */
 export interface SessionControl {

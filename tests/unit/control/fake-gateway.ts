@@ -7,7 +7,8 @@ import { createLogger } from '../../../src/core/log.ts';
 import type { Ban, ReloadOutcome } from '../../../src/control/protocol.ts';
 import type { BanAdmin, ControlTarget } from '../../../src/control/target.ts';
 import type { CloseReason } from '../../../src/protocols/types.ts';
-import { newSessionRecord, SessionRegistry, type SessionControl, type SessionRecord } from '../../../src/session/registry.ts';
+import { newSessionRecord, type SessionRecord } from '../../../src/session/record.ts';
+import { SessionRegistry, type SessionControl } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 
 export const silentLog = createLogger('silent');

@@ -118,6 +118,27 @@ test('hello, snapshot, then events that follow what the sessions did', async () 
   await server.close();
 });
 
+test('a session opened before its TLS handshake gets its TLS version and cipher in an update once the handshake is done', async () => {
+  const t = fakeTarget();
+  const { server, socketPath } = await start(t);
+  const c = await ControlClient.connect(socketPath);
+  const got = collect(c);
+  await c.subscribe();
+  const s = new FakeSession(t.registry, { state: 'handshake', tlsVersion: null, tlsCipher: null }).open();
+  const opened = await waitFor('the opened event', () => got.events.find((e) => e.type === 'opened' && e.session.id === s.record.id));
+  assert.deepEqual(opened.type === 'opened' && [opened.session.tlsVersion, opened.session.tlsCipher], [null, null]);
+  s.record.state = 'preauth';
+  s.record.tlsVersion = 'TLSv1.3';
+  s.record.tlsCipher = 'TLS_AES_128_GCM_SHA256';
+  const update = await waitFor('the update with the cipher', () => got.events.find((e) => e.type === 'update' && e.id === s.record.id));
+  assert.deepEqual(update.type === 'update' && [update.state, update.tlsVersion, update.tlsCipher], ['preauth', 'TLSv1.3', 'TLS_AES_128_GCM_SHA256']);
+  // A change of the cipher alone is a change too.
+  s.record.tlsCipher = 'TLS_CHACHA20_POLY1305_SHA256';
+  await waitFor('an update with the new cipher', () => got.events.find((e) => e.type === 'update' && e.id === s.record.id && e.tlsCipher === 'TLS_CHACHA20_POLY1305_SHA256'));
+  c.close();
+  await server.close();
+});
+
 test('refusals, failed logins, reloads and certificate changes become events', async () => {
   const t = fakeTarget();
   const { server, socketPath } = await start(t);

@@ -20,7 +20,8 @@ import { createLogger } from '../../../src/core/log.ts';
 import { hostWithoutPort, httpsRedirectLocation, isPlainOriginForm, isWebSocketUpgrade, logPath, stripHopByHop } from '../../../src/http/headers.ts';
 import { startHttpListener, type HttpListener, type HttpListenerHandle } from '../../../src/listeners/http-listener.ts';
 import { PassthroughPolicy, type Policy, type Verdict } from '../../../src/policy/engine.ts';
-import { SessionRegistry, type SessionRecord } from '../../../src/session/registry.ts';
+import type { SessionRecord } from '../../../src/session/record.ts';
+import { SessionRegistry } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 import { waitFor } from '../../helpers/wait.ts';
 

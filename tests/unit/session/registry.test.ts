@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { CloseReason } from '../../../src/protocols/types.ts';
-import { newSessionRecord, SessionRegistry, type SessionControl } from '../../../src/session/registry.ts';
+import { newSessionRecord } from '../../../src/session/record.ts';
+import { SessionRegistry, type SessionControl } from '../../../src/session/registry.ts';
 
 function session(registry: SessionRegistry, listener: string): SessionControl {
   const record = newSessionRecord({ id: registry.nextId(), listener, protocol: 'imap', clientIp: '127.0.0.1', clientPort: 1, state: 'preauth' });

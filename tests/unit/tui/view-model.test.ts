@@ -76,6 +76,17 @@ function batch(at: number, events: EventBatch['events'], c: ListenerCounters[] =
   return { type: 'events', seq: 2, at, events, dropped: 0, counters: c };
 }
 
+test('a row opened before its TLS handshake shows the version and cipher from the update that follows it', () => {
+  const m = new DashboardModel();
+  const s = session(1, { state: 'handshake', tlsVersion: null, tlsCipher: null, user: null });
+  m.applySnapshot(snapshot([]), T0);
+  m.applyBatch(batch(T0 + 10, [{ type: 'opened', at: T0, session: s }]), T0 + 10);
+  assert.deepEqual(m.rows().map((r) => [r.tlsVersion, r.tlsCipher]), [[null, null]]);
+  const { id: _id, listener: _l, protocol: _p, clientIp: _c, clientPort: _cp, startedAt: _s, ...live } = s;
+  m.applyBatch(batch(T0 + 1000, [{ type: 'update', id: s.id, ...live, state: 'preauth', tlsVersion: 'TLSv1.3', tlsCipher: 'TLS_AES_128_GCM_SHA256' }]), T0 + 1000);
+  assert.deepEqual(m.rows().map((r) => [r.state, r.tlsVersion, r.tlsCipher]), [['preauth', 'TLSv1.3', 'TLS_AES_128_GCM_SHA256']]);
+});
+
 test('sorting by each key, reversing, and a stable order for ties', () => {
   const m = new DashboardModel();
   m.applySnapshot(snapshot([session(3), session(1, { user: 'zed' }), session(2, { user: null, state: 'preauth' })]), T0);
