@@ -17,6 +17,7 @@ import { workerCount } from './cluster/count.ts';
 import { WorkerPool } from './cluster/pool.ts';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { registerAcmeCommands } from './control/acme.ts';
+import { PolicyAdmin } from './control/bans.ts';
 import { startControlPlane, type ControlPlane } from './control/index.ts';
 import type { WorkerStatus } from './control/protocol.ts';
 import type { BanAdmin } from './control/target.ts';
@@ -24,7 +25,7 @@ import { errorMessage } from './core/errors.ts';
 import { createLogger, type Logger } from './core/log.ts';
 import { SdNotify } from './core/sd-notify.ts';
 import type { ReloadResult } from './listeners/types.ts';
-import { PolicyEngine } from './policy/engine.ts';
+import { checkPolicy } from './policy/engine.ts';
 import { readPolicyFiles, type PolicyFiles } from './policy/files.ts';
 import { PolicyState } from './policy/state.ts';
 import { Serving, type ServingParts } from './serving.ts';
@@ -69,8 +70,8 @@ export class Runtime {
   private readonly side: ServingSide;
   /** The policy store and worker count as started: a reload that changes them takes effect at the next restart. */
   private readonly started: Pick<Config, 'policy_store' | 'workers'>;
-  /** The control socket's view of bans (policy state). */
-  private banView: BanAdmin;
+  /** The control socket's view of bans (an adapter over the policy state, control/bans.ts). */
+  private readonly banView: BanAdmin;
   private controlPlane: ControlPlane | undefined;
   private acme: AcmeManager | undefined;
   private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
@@ -78,7 +79,7 @@ export class Runtime {
   private readonly reloadListeners = new Set<(result: ReloadResult) => void>();
   private stopping: Promise<void> | undefined;
 
-  private constructor(config: Config, files: PolicyFiles, parts: RuntimeParts, log: Logger) {
+  private constructor(config: Config, parts: RuntimeParts, log: Logger) {
     this.config = config;
     this.registry = parts.registry;
     this.certs = parts.certs;
@@ -89,7 +90,7 @@ export class Runtime {
     this.started = { policy_store: config.policy_store, workers: config.workers };
     this.refresh = this.side.refresh?.bind(this.side);
     this.workers = this.side.workers?.bind(this.side);
-    this.banView = new PolicyEngine(config, files, this.side.policyState, log).bans;
+    this.banView = new PolicyAdmin(this.side.policyState, config.brute_force, log).banList();
   }
 
   /**
@@ -100,6 +101,7 @@ export class Runtime {
   static async start(config: Config, log: Logger): Promise<Runtime> {
     for (const w of config.warnings) log.warn({ file: config.file }, w);
     const files = readPolicyFiles(config);
+    checkPolicy(config, files);
     const count = workerCount(config);
     const registry = new SessionRegistry();
     const http01 = new Http01Answers();
@@ -116,7 +118,7 @@ export class Runtime {
       ticketKeys.stop();
       throw err;
     }
-    const rt = new Runtime(config, files, { registry, certs, ticketKeys, http01, side }, log);
+    const rt = new Runtime(config, { registry, certs, ticketKeys, http01, side }, log);
     try {
       ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
       rt.controlPlane = await startControlPlane(rt, log);
@@ -181,13 +183,12 @@ export class Runtime {
   private async reloadOnce(): Promise<ReloadResult> {
     let next: Config;
     let files: PolicyFiles;
-    let banView: BanAdmin;
     let certs: CertStore;
     try {
       next = loadConfigFile(this.config.file);
       files = readPolicyFiles(next);
-      // Rules, users and limits for new sessions; bans and counts stay (same policy state).
-      banView = new PolicyEngine(next, files, this.side.policyState, this.log).bans;
+      // Rules, users and limits for new sessions (the serving side builds them); bans and counts stay (same policy state).
+      checkPolicy(next, files);
       AcmeManager.check(next, this.log);
       certs = await loadCertificates(next, this.log, this.certs.currentTicketKeys);
       await this.side.prepare(next);
@@ -203,7 +204,6 @@ export class Runtime {
       this.log.warn({ running: this.started.policy_store.type, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
     }
     if (next.workers !== this.started.workers) this.log.warn({ running: workerCount(this.started), configured: next.workers }, 'workers changes take effect at the next restart');
-    this.banView = banView;
     this.certs.replaceWith(certs);
     const previous = this.config;
     this.config = next;

@@ -296,7 +296,7 @@ export class RegistryMirror {
         return;
       }
       case 'refused':
-        this.registry.refused(event.p.listener, event.p.clientIp, event.p.reason, event.p.at);
+        this.registry.refused(event.p.listener, event.p.clientIp, event.p.code, event.p.reason, event.p.at);
         return;
       case 'authFailed':
         this.registry.authFailed(event.p, event.p.user, event.p.at);

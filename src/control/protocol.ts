@@ -152,7 +152,8 @@ export type ControlEvent =
       bytesOut: number;
       durationMs: number;
     }
-  | { type: 'refused'; at: number; listener: string; clientIp: string; reason: string }
+  /** `code`: why, as metrics count it; `reason`: what the client was told. */
+  | { type: 'refused'; at: number; listener: string; clientIp: string; code?: string; reason: string }
   | { type: 'auth-failed'; at: number; id: string; listener: string; clientIp: string; user: string | null }
   | { type: 'banned'; at: number; ban: Ban; killed: number }
   | { type: 'unbanned'; at: number; ip: string }

@@ -253,7 +253,7 @@ export class ControlServer {
           durationMs: r.durationMs,
         });
       }),
-      registry.on('refused', (e) => this.publish({ type: 'refused', at: e.at, listener: e.listener, clientIp: e.clientIp, reason: e.reason })),
+      registry.on('refused', (e) => this.publish({ type: 'refused', at: e.at, listener: e.listener, clientIp: e.clientIp, code: e.code, reason: e.reason })),
       registry.on('authFailed', (e) =>
         this.publish({ type: 'auth-failed', at: e.at, id: e.id, listener: e.listener, clientIp: e.clientIp, user: e.user }),
       ),

@@ -37,6 +37,7 @@ export interface ListenerTotals {
   accepted: number;
   authOk: number;
   authFail: number;
+  /** By code (a policy verdict's, or max_connections), never by the text the client saw. */
   refusedByReason: Map<string, number>;
   closedByReason: Map<string, number>;
   /** Bytes of sessions that have ended (live ones are added from the registry). */
@@ -71,7 +72,7 @@ export class GatewayStats {
         this.for(e.listener).authFail++;
       }),
       registry.on('refused', (e) => {
-        bump(this.for(e.listener).refusedByReason, e.reason);
+        bump(this.for(e.listener).refusedByReason, e.code);
       }),
       registry.on('backendConnected', (e) => {
         const t = this.for(e.listener);

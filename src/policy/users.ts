@@ -5,8 +5,9 @@
  * name is checked against a dummy hash of the most common kind and cost.
  */
 import type { PolicySections, UserEntry } from '../config/schema-policy.ts';
-import { MailgateError } from '../core/errors.ts';
+import { errorCode, MailgateError } from '../core/errors.ts';
 import { parseHash, type PasswordHash } from '../core/password-hash.ts';
+import type { Credentials } from '../protocols/types.ts';
 import type { PolicyFiles } from './files.ts';
 import { canonicalUser, nameMatcher } from './names.ts';
 import { dummyHashLike, verifyPassword } from './passwords.ts';
@@ -57,6 +58,21 @@ export class UserDirectory {
     const all = new Set(own);
     for (const [g, match] of this.groupMatchers) if (match(user)) all.add(g);
     return all;
+  }
+
+  /**
+   * The password step of a local login: whose login this is, or why not.
+   * Acting as another user (a PLAIN authorization id) is not something local
+   * users can do; `busy` when too many verifications wait already.
+   */
+  async check(credentials: Credentials): Promise<LocalUser | 'other-user' | 'wrong-password' | 'busy'> {
+    if (credentials.authzid && canonicalUser(credentials.authzid) !== canonicalUser(credentials.user)) return 'other-user';
+    try {
+      return (await this.verify(credentials.user, credentials.password)) ?? 'wrong-password';
+    } catch (err) {
+      if (errorCode(err) === 'AUTH_BUSY') return 'busy';
+      throw err;
+    }
   }
 
   /** The user when the password is right; an unknown user costs one dummy verification. */

@@ -121,10 +121,10 @@ export class MailSession implements SessionControl {
     const verdict = this.deps.policy.onConnect(this.connectFacts);
     if (verdict.action !== 'allow') {
       const why: Refusal = verdict.action === 'deny' ? 'denied' : 'tempfail';
-      this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.reason);
-      this.log.info({ reason: verdict.reason }, 'connection refused by policy');
+      this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.code, verdict.text);
+      this.log.info({ reason: verdict.text, code: verdict.code }, 'connection refused by policy');
       // Deny before greeting: the client hears the refusal and nothing else (after TLS on implicit ports).
-      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.reason));
+      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.text));
       if (this.listener.tls === 'implicit') this.startTls(refuse);
       else refuse();
       return;
@@ -338,9 +338,9 @@ export class MailSession implements SessionControl {
     const decision = await this.deps.policy.onAuth(facts, credentials);
     if (this.closed) return;
     if (decision.action !== 'allow') {
-      this.log.info({ user: facts.user, reason: decision.reason }, 'login refused by policy');
-      this.deps.registry.refused(l.name, this.record.clientIp, decision.reason);
-      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.reason));
+      this.log.info({ user: facts.user, reason: decision.text, code: decision.code }, 'login refused by policy');
+      this.deps.registry.refused(l.name, this.record.clientIp, decision.code, decision.text);
+      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text));
       return;
     }
     const backendName = formatHostPort(decision.backend);
@@ -502,8 +502,8 @@ export class MailSession implements SessionControl {
     policy.onSmtpMessage({ ...facts, now: Date.now() }, recipients).then(
       (verdict) => {
         if (verdict.action === 'allow' || this.closed || this.limit) return;
-        this.log.info({ user: facts.user, reason: verdict.reason }, 'message limit reached, ending the session');
-        this.limit = { reason: verdict.reason, phase: 'pending', tail: '' };
+        this.log.info({ user: facts.user, reason: verdict.text, code: verdict.code }, 'message limit reached, ending the session');
+        this.limit = { reason: verdict.text, phase: 'pending', tail: '' };
         this.limitStep();
       },
       (err: unknown) => this.internalError('message limit', err),

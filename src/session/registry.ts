@@ -19,7 +19,8 @@ export interface RegistryEvents {
   opened: SessionRecord;
   authenticated: SessionRecord;
   closed: SessionRecord & { durationMs: number };
-  refused: { listener: string; clientIp: string; reason: string; at: number };
+  /** `code`: why, for metrics (a policy verdict's code, or max_connections); `reason`: the text the client was given. */
+  refused: { listener: string; clientIp: string; code: string; reason: string; at: number };
   /** A login the backend (or local auth) rejected; for the control socket and metrics. */
   authFailed: { id: string; listener: string; clientIp: string; user: string | null; at: number };
   /** A backend connection was opened for a session, after `ms` (metrics: backend connect latency). */
@@ -65,8 +66,8 @@ export class SessionRegistry {
   }
 
   // `at` is given when the event happened elsewhere (a worker's, replayed by the cluster mirror).
-  refused(listener: string, clientIp: string, reason: string, at = Date.now()): void {
-    this.emit('refused', { listener, clientIp, reason, at });
+  refused(listener: string, clientIp: string, code: string, reason = code, at = Date.now()): void {
+    this.emit('refused', { listener, clientIp, code, reason, at });
   }
 
   authFailed(record: Pick<SessionRecord, 'id' | 'listener' | 'clientIp'>, user: string | null, at = Date.now()): void {

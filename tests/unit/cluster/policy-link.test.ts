@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
 import { RateLimiterMemory } from 'rate-limiter-flexible';
+import { PolicyAdmin } from '../../../src/control/bans.ts';
 import { envelope, unwrap, type Message, type PrimaryLink, type WorkerLink } from '../../../src/cluster/link.ts';
 import { createWorkerPolicyState, PolicyAuthority, type PolicySync, type WorkerPolicy } from '../../../src/cluster/policy-link.ts';
 import { errorCode } from '../../../src/core/errors.ts';
@@ -166,15 +167,16 @@ test('an unban in one worker lifts the ban in every view', async (t) => {
 
 test('an admin\'s ban in the primary (control socket) reaches every worker, ranges included', async (t) => {
   const c = await fakeCluster(t);
-  const engine = engineOn(configFrom(''), c.authority.state);
-  await engine.admin.addBan({ kind: 'range', address: '198.51.100.0/24', durationMs: 60_000, reason: 'admin' });
+  const config = configFrom('');
+  const admin = new PolicyAdmin(c.authority.state, config.brute_force, silentLog);
+  await admin.addBan({ kind: 'range', address: '198.51.100.0/24', durationMs: 60_000, reason: 'admin' });
   await c.quiet();
   for (const i of [1, 2]) {
     assert.equal(c.w(i).policy.state.bans.rangeBanFor('198.51.100.9', Date.now())?.reason, 'admin', `worker ${i}`);
     assert.equal(c.w(i).changes.length, 1, `worker ${i}'s onChange`);
   }
-  assert.equal(engine.bans.unban('198.51.100.0/24'), true);
-  await engine.settled();
+  assert.equal(admin.banList().unban('198.51.100.0/24'), true);
+  await c.authority.state.settled();
   await c.quiet();
   for (const i of [1, 2]) assert.equal(c.w(i).policy.state.bans.rangeBanFor('198.51.100.9', Date.now()), undefined, `worker ${i} after unban`);
 });
@@ -268,7 +270,7 @@ test('a concurrent-sessions limit holds across workers', async (t) => {
   await c.quiet();
   assert.equal(e2.onConnect(connect(config, 'imaps', '192.0.2.3')).action, 'allow');
   await c.quiet();
-  assert.deepEqual(e1.onConnect(connect(config, 'pop3s', '192.0.2.3')), { action: 'tempfail', reason: 'Too many connections from your address' });
+  assert.deepEqual(e1.onConnect(connect(config, 'pop3s', '192.0.2.3')), { action: 'tempfail', code: 'concurrent-address', text: 'Too many connections from your address' });
   e1.onDisconnect(first);
   await c.quiet();
   assert.equal(e2.onConnect(connect(config, 'imaps', '192.0.2.3')).action, 'allow', 'the slot freed in worker 1 counts in worker 2');

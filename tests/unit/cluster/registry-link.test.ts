@@ -324,7 +324,7 @@ test('refused, authFailed and backendConnected keep their payloads, including wh
   w.registry.on('refused', (e) => sent.push(e));
   w.registry.on('authFailed', (e) => sent.push(e));
   w.registry.on('backendConnected', (e) => sent.push(e));
-  w.registry.refused('pop3s', '198.51.100.9', 'banned', 1_000);
+  w.registry.refused('pop3s', '198.51.100.9', 'banned', 'Too many failed logins, try again later', 1_000);
   w.registry.authFailed(s.record, 'mallory', 2_000);
   w.registry.backendConnected(s.record, '127.0.0.1:110', 3.25, 3_000);
   await waitFor('three events on the primary', () => got.length === 3);

@@ -54,6 +54,7 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   new FakeSession(t.registry, { listener: 'pop3s', protocol: 'pop3' }).open();
   t.registry.refused('imaps', '203.0.113.1', 'max_connections');
   t.registry.refused('imaps', '203.0.113.1', 'max_connections');
+  t.registry.refused('imaps', '203.0.113.2', 'concurrent-address', 'Too many connections from your address');
   await t.reload();
 
   const text = renderMetrics(t, stats, { controlClients: () => 2, controlDropped: () => 1 });
@@ -69,6 +70,8 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   assert.equal(v('mailgate_auth_total{listener="imaps",result="ok"}'), 2);
   assert.equal(v('mailgate_auth_total{listener="imaps",result="fail"}'), 1);
   assert.equal(v('mailgate_refused_total{listener="imaps",reason="max_connections"}'), 2);
+  assert.equal(v('mailgate_refused_total{listener="imaps",reason="concurrent-address"}'), 1, 'a policy refusal is labelled by its code');
+  assert.doesNotMatch(text, /Too many connections/, 'never by the text the client saw');
   assert.equal(v('mailgate_sessions_closed_total{listener="imaps",reason="client-quit"}'), 1);
   assert.equal(v('mailgate_tls_handshake_errors_total{listener="imaps",kind="failed"}'), 1);
   assert.equal(v('mailgate_bytes_total{listener="imaps",direction="in"}'), 150, 'closed and live sessions');

@@ -480,18 +480,18 @@ test('Authorization, Cookie and query strings never reach the logs', async (t) =
 
 test('policy deny answers 403, tempfail 429 with Retry-After, and both are reported as refused', async (t) => {
   const backend = await startBackend(t);
-  let verdict: Verdict = { action: 'deny', reason: 'blocked network' };
+  let verdict: Verdict = { action: 'deny', code: 'access-denied', text: 'blocked network' };
   let disconnects = 0;
   const policy: Policy = {
     onConnect: () => verdict,
-    onAuth: async () => ({ action: 'deny', reason: 'unused' }),
+    onAuth: async () => ({ action: 'deny', code: 'access-denied', text: 'unused' }),
     onAuthResult: () => undefined,
     onDisconnect: () => void disconnects++,
   };
   const gw = await startGateway(t, httpListener(backend.port), policy);
   const denied = await curl(['-k', ...gw.resolve, gw.url('/')]);
   assert.equal(denied.status, 403);
-  verdict = { action: 'tempfail', reason: 'rate', retryAfterMs: 30_000 };
+  verdict = { action: 'tempfail', code: 'request-rate', text: 'rate', retryAfterMs: 30_000 };
   const limited = await curl(['-k', ...gw.resolve, gw.url('/')]);
   assert.equal(limited.status, 429);
   assert.equal(limited.headers['retry-after'], '30');

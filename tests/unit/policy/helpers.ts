@@ -2,6 +2,7 @@
 import { scryptSync } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { parseConfig, type Config, type Listener } from '../../../src/config/load.ts';
+import { PolicyAdmin } from '../../../src/control/bans.ts';
 import { createLogger, type Logger } from '../../../src/core/log.ts';
 import { PolicyEngine, type AuthFacts, type ConnectFacts } from '../../../src/policy/engine.ts';
 import { readPolicyFiles } from '../../../src/policy/files.ts';
@@ -39,10 +40,14 @@ export function memoryLog(): { log: Logger; lines: Record<string, unknown>[] } {
 
 export const silentLog = createLogger('silent');
 
-export async function engineFor(config: Config, opts: { state?: PolicyState; clock?: () => number; log?: Logger } = {}): Promise<{ engine: PolicyEngine; state: PolicyState }> {
+/** An engine on a fresh (or given) state, and the admin view of that state (control/bans.ts). */
+export async function engineFor(
+  config: Config,
+  opts: { state?: PolicyState; clock?: () => number; log?: Logger } = {},
+): Promise<{ engine: PolicyEngine; state: PolicyState; admin: PolicyAdmin }> {
   const log = opts.log ?? silentLog;
   const state = opts.state ?? (await PolicyState.create({ store: config.policy_store, log, ...(opts.clock ? { clock: opts.clock } : {}) }));
-  return { engine: engineOn(config, state, log), state };
+  return { engine: engineOn(config, state, log), state, admin: new PolicyAdmin(state, config.brute_force, log) };
 }
 
 /** An engine for `config` on a given state (a reload, another worker), with the config's policy files read. */
