@@ -358,7 +358,8 @@ test('GatewayStats on the primary counts what every worker accepted, authenticat
   assert.equal(pop3s!.accepted, 1);
   assert.equal(pop3s!.sessions, 1);
   assert.equal(stats.for('imaps').closedByReason.get('client-quit'), 1);
-  assert.equal(stats.for('imaps').backendConnect.count, 2);
+  const connects = (await stats.backendConnectSeconds.get()).values.find((v) => v.metricName === 'mailgate_backend_connect_seconds_count' && v.labels.listener === 'imaps');
+  assert.equal(connects?.value, 2);
   mirror.workerGone(b.link);
   const after = stats.counters(['imaps', 'pop3s']);
   assert.equal(after[0]!.sessions, 1);
