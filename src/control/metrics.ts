@@ -135,34 +135,24 @@ export class GatewayMetrics {
   }
 
   /** A gauge whose values are set from the runtime at each scrape. */
-  private gauge(name: string, help: string, labelNames: string[], read: (set: (labels: Labels, value: number) => void) => void): void {
-    const registry = this.registry;
-    new Gauge({
-      name,
-      help,
-      labelNames,
-      registers: [registry],
-      collect() {
-        this.reset();
-        read((labels, value) => this.set(labels, value));
-      },
-    });
+  private gauge(name: string, help: string, labelNames: string[], read: Reader): void {
+    new Gauge({ name, help, labelNames, registers: [this.registry], collect: readEachScrape(read, (m, labels, v) => (m as Gauge).set(labels, v)) });
   }
 
   /** A counter whose (absolute, monotonic) values are read from the runtime's counters at each scrape. */
-  private counter(name: string, help: string, labelNames: string[], read: (add: (labels: Labels, value: number) => void) => void): void {
-    const registry = this.registry;
-    new Counter({
-      name,
-      help,
-      labelNames,
-      registers: [registry],
-      collect() {
-        this.reset();
-        read((labels, value) => this.inc(labels, value));
-      },
-    });
+  private counter(name: string, help: string, labelNames: string[], read: Reader): void {
+    new Counter({ name, help, labelNames, registers: [this.registry], collect: readEachScrape(read, (m, labels, v) => (m as Counter).inc(labels, v)) });
   }
+}
+
+type Reader = (put: (labels: Labels, value: number) => void) => void;
+
+/** A collect() hook: the metric forgets its values and takes what `read` says now. */
+function readEachScrape(read: Reader, put: (metric: Gauge | Counter, labels: Labels, value: number) => void) {
+  return function (this: Gauge | Counter): void {
+    this.reset();
+    read((labels, value) => put(this, labels, value));
+  };
 }
 
 export class MetricsServer {
