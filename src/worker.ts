@@ -21,6 +21,7 @@ import { RegistryForwarder } from './cluster/registry-link.ts';
 import { errorMessage } from './core/errors.ts';
 import { createLogger, type Logger } from './core/log.ts';
 import type { ReloadResult } from './listeners/types.ts';
+import { assertNever } from './protocols/types.ts';
 import { Serving } from './serving.ts';
 import { SessionRegistry } from './session/registry.ts';
 import { CertStore } from './tls/cert-store.ts';
@@ -62,151 +63,157 @@ export async function runWorker(): Promise<number> {
     wlog.flush();
     process.exit(70);
   });
-  const code = await serve(start, config, wlog, send);
+  const code = await new WorkerProcess(start, config, wlog, send).run();
   wlog.flush();
   return code;
 }
 
-/** Builds the serving part from the start message and follows the primary's messages until it says stop. */
-async function serve(start: Start, initial: Config, log: Logger, send: (msg: FromWorker | Message) => void): Promise<number> {
-  const link: PrimaryLink = { send };
-  let policy: WorkerPolicy | undefined;
-  let forwarder: RegistryForwarder | undefined;
-  const tokens = new Map<string, string>(start.tokens);
-  try {
-    const certs = new CertStore(initial.tls.min_version);
-    certs.setTicketKeys(Buffer.from(start.ticketKeys, 'base64'));
-    certs.load(start.certs);
-    const p = await createWorkerPolicyState({ store: start.store, log, link, initial: start.policy });
-    policy = p;
-    const registry = new SessionRegistry();
+/** One worker's life: its serving part built from the start message, then what the primary says, until it says stop. */
+class WorkerProcess {
+  private readonly start: Start;
+  private readonly log: Logger;
+  private readonly send: (msg: FromWorker | Message) => void;
+  private readonly registry = new SessionRegistry();
+  private readonly certs: CertStore;
+  /** Pending HTTP-01 answers (token → key authorization), as the primary sends them. */
+  private readonly tokens: Map<string, string>;
+  private config: Config;
+  private policy: WorkerPolicy | undefined;
+  private forwarder: RegistryForwarder | undefined;
+  /** Reload and stop need the serving part; everything else applies at once, even while it starts. */
+  private readonly serving: Promise<Serving>;
+  private servingStarted!: (s: Serving) => void;
+  private stopping: Promise<void> | undefined;
+  private readonly done: Promise<void>;
+  private stopped!: () => void;
+
+  constructor(start: Start, config: Config, log: Logger, send: (msg: FromWorker | Message) => void) {
+    this.start = start;
+    this.config = config;
+    this.log = log;
+    this.send = send;
+    this.tokens = new Map(start.tokens);
+    this.certs = new CertStore(config.tls.min_version);
+    this.serving = new Promise((resolve) => (this.servingStarted = resolve));
+    this.done = new Promise((resolve) => (this.stopped = resolve));
+  }
+
+  /** Serves until stopped: 0, or 1 when the start failed (the primary hears why). */
+  async run(): Promise<number> {
+    try {
+      const serving = await this.build();
+      this.servingStarted(serving);
+      // Someone signalled this worker alone: finish like a stop; the primary starts a new one.
+      process.once('SIGTERM', () => {
+        this.log.info('SIGTERM: this worker stops; the primary replaces it');
+        void this.stop(this.config.shutdownDrain);
+      });
+      this.log.info({ file: this.config.file, listeners: this.config.listeners.length }, 'worker ready');
+      this.send({ t: 'ready', addresses: serving.addresses() });
+      await this.done;
+      return 0;
+    } catch (err) {
+      this.log.error({ err: errorMessage(err) }, 'worker start failed');
+      this.send({ t: 'start-failed', error: errorMessage(err) });
+      this.forwarder?.close();
+      await this.policy?.close();
+      return 1;
+    }
+  }
+
+  /** Certificates, policy state and the registry's forwarder from the start message, the router, then the serving part. */
+  private async build(): Promise<Serving> {
+    const { start, log } = this;
+    const link: PrimaryLink = { send: this.send };
+    this.certs.setTicketKeys(Buffer.from(start.ticketKeys, 'base64'));
+    this.certs.load(start.certs);
+    const policy = await createWorkerPolicyState({ store: start.store, log, link, initial: start.policy });
+    this.policy = policy;
     // Events go out every 20 ms rather than every turn: one IPC message for many sessions under load; the dashboard flushes every 200 ms anyway.
-    const fwd = new RegistryForwarder(registry, link, { flushMs: 20 });
-    forwarder = fwd;
-    // Reload and stop need the serving part; everything else applies at once, even while it starts.
-    let servingStarted!: (s: Serving) => void;
-    const servingReady = new Promise<Serving>((resolve) => (servingStarted = resolve));
-    let current = initial;
-    let stopping: Promise<void> | undefined;
-    let stopped!: () => void;
-    const done = new Promise<void>((resolve) => (stopped = resolve));
-    const stop = (drainMs: number) => {
-      stopping ??= (async () => {
-        try {
-          log.info({ sessions: registry.size, drainMs }, 'shutting down');
-          await (await servingReady).stop(drainMs);
-          fwd.close();
-          await p.close();
-          log.info('stopped');
-          send({ t: 'stopped' });
-        } finally {
-          stopped();
-        }
-      })();
-      return stopping;
-    };
-    const parts: Parts = {
-      certs,
-      tokens,
-      reload: async (settings) => {
-        const serving = await servingReady;
-        const next = freezeConfig(settings.config);
-        const result = await serving.reload(next, settings.files);
-        current = next;
-        if (result.ok) log.info({ file: next.file, started: result.started, stopped: result.stopped, updated: result.updated }, 'configuration reloaded');
-        return result;
-      },
-      stop,
-      send,
-      log,
-    };
+    const forwarder = new RegistryForwarder(this.registry, link, { flushMs: 20 });
+    this.forwarder = forwarder;
     process.on('message', (raw) => {
       const msg = unwrap(raw);
-      if (!msg) return;
-      if (p.handle(msg) || fwd.handle(msg)) return;
-      if (!isToWorker(msg)) {
-        log.warn({ type: msg.t }, 'unknown message from the primary');
-        return;
-      }
-      void onMessage(msg, parts);
+      if (!msg || policy.handle(msg) || forwarder.handle(msg)) return;
+      if (isToWorker(msg)) void this.apply(msg);
+      else log.warn({ type: msg.t }, 'unknown message from the primary');
     });
     // Policy messages sent before this router existed were lost: ask for the current state again.
-    p.resync();
+    policy.resync();
     process.on('disconnect', () => {
       log.warn('the primary is gone; stopping');
-      void stop(ORPHAN_DRAIN_MS);
+      void this.stop(ORPHAN_DRAIN_MS);
     });
-    const serving = await Serving.start(initial, start.settings.files, {
-      registry,
-      certs,
-      policyState: p.state,
-      http01: (token) => tokens.get(token),
+    return Serving.start(this.config, start.settings.files, {
+      registry: this.registry,
+      certs: this.certs,
+      policyState: policy.state,
+      http01: (token) => this.tokens.get(token),
       sharedPorts: true,
       log,
     });
-    servingStarted(serving);
-    // Someone signalled this worker alone: finish like a stop; the primary starts a new one.
-    process.once('SIGTERM', () => {
-      log.info('SIGTERM: this worker stops; the primary replaces it');
-      void stop(current.shutdownDrain);
-    });
-    log.info({ file: initial.file, listeners: initial.listeners.length }, 'worker ready');
-    send({ t: 'ready', addresses: serving.addresses() });
-    await done;
-    return 0;
-  } catch (err) {
-    log.error({ err: errorMessage(err) }, 'worker start failed');
-    send({ t: 'start-failed', error: errorMessage(err) });
-    forwarder?.close();
-    await policy?.close();
-    return 1;
   }
-}
 
-interface Parts {
-  certs: CertStore;
-  tokens: Map<string, string>;
-  reload(settings: WorkerSettings): Promise<ReloadResult>;
-  stop(drainMs: number): Promise<void>;
-  send(msg: FromWorker): void;
-  log: Logger;
-}
-
-async function onMessage(msg: ToWorker, parts: Parts): Promise<void> {
-  try {
-    switch (msg.t) {
-      case 'certs':
-        parts.certs.load(msg.certs);
-        return;
-      case 'ticket-keys':
-        parts.certs.setTicketKeys(Buffer.from(msg.ticketKeys, 'base64'));
-        return;
-      case 'tokens':
-        parts.tokens.clear();
-        for (const [k, v] of msg.tokens) parts.tokens.set(k, v);
-        return;
-      case 'reload': {
-        let result: ReloadResult;
-        try {
-          result = await parts.reload(msg.settings);
-        } catch (err) {
-          result = { ok: false, error: errorMessage(err), started: [], stopped: [], updated: [] };
-        }
-        parts.send({ t: 'reloaded', id: msg.id, result });
-        return;
+  private async apply(msg: ToWorker): Promise<void> {
+    try {
+      switch (msg.t) {
+        case 'certs':
+          this.certs.load(msg.certs);
+          return;
+        case 'ticket-keys':
+          this.certs.setTicketKeys(Buffer.from(msg.ticketKeys, 'base64'));
+          return;
+        case 'tokens':
+          this.tokens.clear();
+          for (const [k, v] of msg.tokens) this.tokens.set(k, v);
+          return;
+        case 'reload':
+          this.send({ t: 'reloaded', id: msg.id, result: await this.reload(msg.settings) });
+          return;
+        case 'stop':
+          await this.stop(msg.drainMs);
+          return;
+        case 'ping':
+          this.send({ t: 'pong', seq: msg.seq });
+          return;
+        case 'start':
+          this.log.warn('a second start message; ignored');
+          return;
+        default:
+          assertNever(msg);
       }
-      case 'stop':
-        await parts.stop(msg.drainMs);
-        return;
-      case 'ping':
-        parts.send({ t: 'pong', seq: msg.seq });
-        return;
-      case 'start':
-        parts.log.warn('a second start message; ignored');
-        return;
+    } catch (err) {
+      this.log.error({ type: msg.t, err: errorMessage(err) }, 'could not apply a message from the primary');
     }
-  } catch (err) {
-    parts.log.error({ type: msg.t, err: errorMessage(err) }, 'could not apply a message from the primary');
+  }
+
+  /** The primary's copy of the config, as data: never the file. */
+  private async reload(settings: WorkerSettings): Promise<ReloadResult> {
+    try {
+      const next = freezeConfig(settings.config);
+      const result = await (await this.serving).reload(next, settings.files);
+      this.config = next;
+      if (result.ok) this.log.info({ file: next.file, started: result.started, stopped: result.stopped, updated: result.updated }, 'configuration reloaded');
+      return result;
+    } catch (err) {
+      return { ok: false, error: errorMessage(err), started: [], stopped: [], updated: [] };
+    }
+  }
+
+  private stop(drainMs: number): Promise<void> {
+    this.stopping ??= (async () => {
+      try {
+        this.log.info({ sessions: this.registry.size, drainMs }, 'shutting down');
+        await (await this.serving).stop(drainMs);
+        this.forwarder?.close();
+        await this.policy?.close();
+        this.log.info('stopped');
+        this.send({ t: 'stopped' });
+      } finally {
+        this.stopped();
+      }
+    })();
+    return this.stopping;
   }
 }
 
