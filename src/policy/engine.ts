@@ -106,6 +106,7 @@ export class PolicyEngine implements Policy {
     this.users = UserDirectory.fromConfig(config.users, files);
     this.router = new Router(config.routes);
     this.secrets = new BackendSecrets(files, config.baseDir);
+    state.prepare(this.rules.limits.filter((c) => c.spec.window !== undefined).map(windowOf), this.rules.bruteForce);
     for (const l of config.listeners) {
       if (isLocal(l) && this.users.size === 0) {
         this.log.warn({ listener: l.name }, 'authentication is local but no users are configured: every login will fail');

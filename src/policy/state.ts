@@ -227,6 +227,17 @@ export class PolicyState {
 
   // ---- window limits -----------------------------------------------------------------
 
+  /**
+   * Makes the counters of a config's limits and brute-force thresholds now,
+   * not at their first hit: in a cluster worker each one first greets the
+   * primary (rate-limiter-flexible's init), which would delay the first
+   * counts, and with them the block a limit reached sets.
+   */
+  prepare(limits: readonly WindowLimit[], bf: BruteForce): void {
+    for (const l of limits) this.counters.counter(l.name, l.windowMs);
+    this.failureCounters(bf.settings);
+  }
+
   /** Counts `n` hits of a limit's key; when the count reaches the maximum, the key is blocked here until the window ends. */
   async hit(limit: WindowLimit, key: string, n = 1): Promise<Count> {
     const res = await this.counters.counter(limit.name, limit.windowMs).hit(key, n);
