@@ -1,6 +1,6 @@
 /**
  * The real backends the bench measures against, started like the e2e harness
- * starts them (tests/e2e/harness/proc.ts: temp folders, own process groups,
+ * starts them (tests/helpers/proc.ts: temp folders, own process groups,
  * readiness probes, nothing left behind) but sized for load instead of for
  * assertions:
  *
@@ -31,7 +31,7 @@ import {
   systemUser,
   waitUntilReady,
   type ManagedProcess,
-} from '../tests/e2e/harness/proc.ts';
+} from '../tests/helpers/proc.ts';
 
 export const HOST = '127.0.0.1';
 export const BENCH_PASSWORD = 'bench-pass';

@@ -19,7 +19,7 @@ import { connect } from 'node:net';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
-import { describeFiles, freePort, makeTempDir, removeTempDir, sleep, spawnServer, waitUntilReady, type ManagedProcess } from '../tests/e2e/harness/proc.ts';
+import { describeFiles, freePort, makeTempDir, removeTempDir, sleep, spawnServer, waitUntilReady, type ManagedProcess } from '../tests/helpers/proc.ts';
 import { HOST, NOFILE, stopper } from './backends.ts';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));

@@ -12,7 +12,7 @@ import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { makeTempDir, removeTempDir } from '../tests/e2e/harness/proc.ts';
+import { makeTempDir, removeTempDir } from '../tests/helpers/proc.ts';
 import { startBenchDovecot, startBenchNginx, startBenchPostfix, startBenchSmtpSink, type Backend } from './backends.ts';
 import { REPO_ROOT, SNI, startHaproxy, startMailgate, startNginxProxy, type Proxy } from './proxies.ts';
 import { buildRows, renderSaturation, renderTable, rowDefs, saturation, type Samples } from './report.ts';

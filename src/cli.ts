@@ -7,9 +7,6 @@ import { parseArgs } from 'node:util';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { formatDuration } from './core/duration.ts';
 import { ConfigError, errorMessage, MailgateError } from './core/errors.ts';
-import { createLogger } from './core/log.ts';
-import { SdNotify } from './core/sd-notify.ts';
-import type { Daemon } from './main.ts';
 import { formatHostPort } from './net/address.ts';
 import { workerCount } from './cluster/count.ts';
 import { policySummary } from './policy/cli.ts';
@@ -45,8 +42,8 @@ export async function main(argv: string[]): Promise<number> {
     return hashPasswordVerb(rest);
   }
   if (verb === 'certs') {
-    // certs [renew [NAME...]]: positional arguments, parsed by the ACME part (src/acme/cli.ts).
-    const { certsVerb } = await import('./acme/cli.ts');
+    // certs [renew [NAME...]]: positional arguments, parsed by the verb itself (src/control/certs-verb.ts).
+    const { certsVerb } = await import('./control/certs-verb.ts');
     return certsVerb(rest);
   }
   let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
@@ -76,13 +73,17 @@ export async function main(argv: string[]): Promise<number> {
       return check(file);
     case 'run':
       return run(file);
-    case 'top':
+    case 'top': {
+      // The dashboard, a client of the control socket (src/tui/top.ts).
+      const { topVerb } = await import('./tui/top.ts');
+      return topVerb({ config: file, socket: values.socket });
+    }
     case 'status':
     case 'reload': {
       // Clients of the control socket (src/control/cli-verbs.ts).
       const verbs = await import('./control/cli-verbs.ts');
       const opts = { config: file, socket: values.socket, json: values.json };
-      return verb === 'top' ? verbs.topVerb(opts) : verb === 'status' ? verbs.statusVerb(opts) : verbs.reloadVerb(opts);
+      return verb === 'status' ? verbs.statusVerb(opts) : verbs.reloadVerb(opts);
     }
     default:
       process.stderr.write(`mailgate: unknown command "${verb}"\n${USAGE}`);
@@ -148,92 +149,18 @@ function check(file: string): number {
   return 0;
 }
 
+/** The gateway (src/main.ts), or, in a process the gateway forked, one of its workers (src/worker.ts). */
 async function run(file: string): Promise<number> {
+  // A worker reads no file: its config comes from the primary.
+  if (cluster.isWorker) {
+    const { runWorker } = await import('./worker.ts');
+    return runWorker();
+  }
   const config = readConfig(file);
   if (typeof config === 'number') return config;
-  const log = createLogger(process.env.MAILGATE_LOG_LEVEL ?? config.log.level);
-  if (cluster.isWorker) return runAsWorker(file, log);
-  // systemd readiness (Type=notify): READY=1 only once every listener is bound; a no-op without $NOTIFY_SOCKET.
-  const notify = new SdNotify({ onError: (err) => log.warn({ err: err.message }, 'systemd notification failed') });
-  const workers = workerCount(config);
-  let gateway: Daemon;
-  try {
-    // Loaded here so that `check` does not pull in the whole daemon.
-    if (workers > 1) {
-      // `ps` tells the roles apart (workers name themselves in runAsWorker).
-      process.title = `mailgate: primary (${workers} workers)`;
-      const { ClusterPrimary } = await import('./cluster/primary.ts');
-      gateway = await ClusterPrimary.start(config, log, workers);
-    } else {
-      const { Gateway } = await import('./main.ts');
-      gateway = await Gateway.start(config, log);
-    }
-  } catch (err) {
-    log.fatal({ err: errorMessage(err) }, 'start failed');
-    log.flush();
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  }
-  process.on('uncaughtException', (err) => {
-    // A bug, not client input (that is handled where it is read): log it and let the supervisor restart us.
-    log.fatal({ err: errorMessage(err), stack: err.stack }, 'uncaught exception');
-    log.flush();
-    process.exit(70);
-  });
-  // Every reload (SIGHUP or the control socket) ends with READY=1 and the status it left.
-  gateway.onReload((r) => void notify.ready(r.ok ? servingStatus(gateway) : `reload failed, see the log: ${r.error ?? ''}`));
-  process.on('SIGHUP', () => {
-    log.info('SIGHUP: reloading');
-    void notify.reloading('reloading configuration');
-    gateway.reload().catch((err: unknown) => {
-      log.error({ err: errorMessage(err) }, 'reload failed');
-      void notify.ready('reload failed, see the log');
-    });
-  });
-  return new Promise<number>((resolve) => {
-    const stop = (signal: string) => {
-      log.info({ signal }, 'stopping');
-      void notify.stopping(`draining ${gateway.registry.size} sessions`);
-      gateway.stop().then(
-        () => resolve(0),
-        (err: unknown) => {
-          log.error({ err: errorMessage(err) }, 'stop failed');
-          resolve(1);
-        },
-      );
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-    // After the signal handlers: systemd may send SIGHUP or SIGTERM as soon as it sees READY=1.
-    // Logs are written in batches; the start-up lines go out before the service counts as up.
-    log.flush();
-    void notify.ready(servingStatus(gateway));
-  }).then(async (code) => {
-    await notify.flush();
-    log.flush();
-    return code;
-  });
-}
-
-/** A worker of a cluster primary (src/cluster/worker.ts): the primary reloads and stops it, not signals. */
-async function runAsWorker(file: string, log: ReturnType<typeof createLogger>): Promise<number> {
-  process.title = `mailgate: worker ${process.env.MAILGATE_WORKER ?? '?'}`;
-  process.on('SIGINT', () => undefined);
-  process.on('SIGHUP', () => undefined);
-  process.on('uncaughtException', (err) => {
-    log.fatal({ worker: process.env.MAILGATE_WORKER, err: errorMessage(err), stack: err.stack }, 'uncaught exception in a worker');
-    log.flush();
-    process.exit(70);
-  });
-  const { runWorker } = await import('./cluster/worker.ts');
-  const code = await runWorker(file, log);
-  log.flush();
-  return code;
-}
-
-function servingStatus(gateway: Daemon): string {
-  const names = Object.keys(gateway.addresses());
-  return `serving ${names.length} listeners: ${names.join(', ')}`;
+  // Loaded here so that `check` does not pull in the whole daemon.
+  const { runGateway } = await import('./main.ts');
+  return runGateway(config);
 }
 
 main(process.argv.slice(2)).then(

@@ -1,143 +1,139 @@
 /**
- * The composition root: load the config, build the parts, start the
- * listeners; reload on demand; stop with a drain. Nothing else wires parts
- * together.
+ * The one place the gateway is assembled. The runtime composed here owns
+ * what exists once per gateway: the config (read and checked here, at start
+ * and at every reload), certificates and session ticket keys, ACME, the
+ * policy state, the control socket and metrics. Listeners and sessions are
+ * the serving part (src/serving.ts): in this process with `workers: 1`, or in
+ * worker processes (src/cluster/pool.ts starts them, src/worker.ts is where
+ * each one starts), which get the checked config as data.
+ *
+ * `runGateway` is the process around it: signals, systemd readiness, the
+ * last word on an uncaught exception.
  */
-import { registerAcmeCommands } from './acme/control.ts';
+import { Http01Answers } from './acme/http01.ts';
 import { AcmeManager } from './acme/manager.ts';
-import { CapabilityCache } from './backend/capabilities.ts';
-import { loadConfigFile, type Config, type Listener } from './config/load.ts';
+import { loadStoredAcmeCertificates } from './acme/stored.ts';
+import { workerCount } from './cluster/count.ts';
+import { WorkerPool } from './cluster/pool.ts';
+import { loadConfigFile, type Config } from './config/load.ts';
+import { registerAcmeCommands } from './control/acme.ts';
+import { PolicyAdmin } from './control/bans.ts';
 import { startControlPlane, type ControlPlane } from './control/index.ts';
+import type { WorkerStatus } from './control/protocol.ts';
 import type { BanAdmin } from './control/target.ts';
 import { errorMessage } from './core/errors.ts';
-import type { Logger } from './core/log.ts';
-import { startHttpListener } from './listeners/http-listener.ts';
-import { startMailListener } from './listeners/mail-listener.ts';
-import type { ListenerDeps, ListenerHandle } from './listeners/types.ts';
-import { PassthroughPolicy, PolicyEngine, type Policy } from './policy/engine.ts';
+import { createLogger, type Logger } from './core/log.ts';
+import { SdNotify } from './core/sd-notify.ts';
+import type { ReloadResult } from './listeners/types.ts';
+import { checkPolicy } from './policy/engine.ts';
+import { readPolicyFiles, type PolicyFiles } from './policy/files.ts';
 import { PolicyState } from './policy/state.ts';
-import { imapProtocol } from './protocols/imap.ts';
-import { pop3Protocol } from './protocols/pop3.ts';
-import { smtpProtocol } from './protocols/smtp.ts';
-import type { ProtocolModule } from './protocols/types.ts';
+import { Serving, type ServingParts } from './serving.ts';
 import { SessionRegistry } from './session/registry.ts';
 import { buildCertStore } from './tls/bootstrap.ts';
 import type { CertInfo, CertStore } from './tls/cert-store.ts';
 import { TicketKeys } from './tls/ticket-keys.ts';
 
-const MODULES: Record<'imap' | 'pop3' | 'smtp', ProtocolModule> = {
-  imap: imapProtocol,
-  pop3: pop3Protocol,
-  smtp: smtpProtocol,
-};
-
-interface Running {
-  listener: Listener;
-  handle: ListenerHandle;
+/** Where listeners and sessions run: in this process (InProcess), or in worker processes (WorkerPool). */
+interface ServingSide {
+  /** The policy state the runtime answers the control socket from. */
+  readonly policyState: PolicyState;
+  start(): Promise<void>;
+  addresses(): Record<string, readonly string[]>;
+  /** Checks what only the serving side can (the workers' ports) before a reload changes anything. */
+  prepare(next: Config): Promise<void>;
+  reload(next: Config, files: PolicyFiles): Promise<ReloadResult & { workers?: number }>;
+  stop(drainMs: number): Promise<void>;
+  /** Worker processes only: mirrored sessions brought up to date, and the workers' states. */
+  refresh?(): Promise<void>;
+  workers?(): WorkerStatus[];
 }
 
-export interface ReloadResult {
-  ok: boolean;
-  error?: string;
-  started: string[];
-  stopped: string[];
-  updated: string[];
-}
-
-/**
- * What a worker process gets from its primary instead of building it
- * (src/cluster/worker.ts): certificates (and ticket keys) pushed by the
- * primary, policy state shared through it, HTTP-01 answers from its ACME.
- * A worker has no control socket and runs no ACME of its own.
- */
-export interface WorkerParts {
-  /** Made before the gateway so that the primary's mirror sees the very first session. */
+interface RuntimeParts {
   registry: SessionRegistry;
   certs: CertStore;
-  policyState: PolicyState;
-  http01: (token: string) => string | undefined;
+  ticketKeys: TicketKeys;
+  http01: Http01Answers;
+  side: ServingSide;
 }
 
-/** What the CLI runs: one Gateway, or a cluster primary with its workers. */
-export interface Daemon {
+export class Runtime {
   readonly registry: SessionRegistry;
-  addresses(): Record<string, readonly string[]>;
-  reload(): Promise<ReloadResult>;
-  onReload(listener: (result: ReloadResult) => void): () => void;
-  stop(drainMs?: number): Promise<void>;
-}
-
-export class Gateway implements Daemon {
-  readonly registry: SessionRegistry;
+  readonly startedAt = Date.now();
+  readonly refresh: (() => Promise<void>) | undefined;
+  readonly workers: (() => WorkerStatus[]) | undefined;
   private config: Config;
   private readonly log: Logger;
-  private certs: CertStore;
-  private policy: Policy;
-  /** Counters, bans and open-session counts: kept across reloads, so bans survive them (src/policy/state.ts). */
-  private policyState: PolicyState | undefined;
-  private readonly capabilities: CapabilityCache;
-  private readonly running = new Map<string, Running>();
-  private stopping: Promise<void> | undefined;
-  private reloading: Promise<void> = Promise.resolve();
-  readonly startedAt = Date.now();
-  /** Counters, control socket and metrics (src/control). */
+  private readonly certs: CertStore;
+  private readonly ticketKeys: TicketKeys;
+  private readonly http01: Http01Answers;
+  private readonly side: ServingSide;
+  /** The policy store and worker count as started: a reload that changes them takes effect at the next restart. */
+  private readonly started: Pick<Config, 'policy_store' | 'workers'>;
+  /** The control socket's view of bans (an adapter over the policy state, control/bans.ts). */
+  private readonly banView: BanAdmin;
   private controlPlane: ControlPlane | undefined;
-  private readonly reloadListeners = new Set<(result: ReloadResult) => void>();
-  /** ACME certificates (src/acme), when the config has an `acme:` section. */
   private acme: AcmeManager | undefined;
   private watchAcme: ((acme: AcmeManager | undefined) => void) | undefined;
-  /** Set in a worker process; undefined when this process is the whole gateway. */
-  private readonly worker: WorkerParts | undefined;
-  /** Session ticket keys, rotated here when this process is the whole gateway. */
-  private ticketKeys: TicketKeys | undefined;
+  private reloading: Promise<unknown> = Promise.resolve();
+  private readonly reloadListeners = new Set<(result: ReloadResult) => void>();
+  private stopping: Promise<void> | undefined;
 
-  private constructor(config: Config, certs: CertStore, log: Logger, worker?: WorkerParts) {
+  private constructor(config: Config, parts: RuntimeParts, log: Logger) {
     this.config = config;
-    this.certs = certs;
+    this.registry = parts.registry;
+    this.certs = parts.certs;
+    this.ticketKeys = parts.ticketKeys;
+    this.http01 = parts.http01;
+    this.side = parts.side;
     this.log = log;
-    this.worker = worker;
-    this.registry = worker?.registry ?? new SessionRegistry();
-    this.policy = new PassthroughPolicy();
-    this.capabilities = new CapabilityCache(config.hostname, log);
+    this.started = { policy_store: config.policy_store, workers: config.workers };
+    this.refresh = this.side.refresh?.bind(this.side);
+    this.workers = this.side.workers?.bind(this.side);
+    this.banView = new PolicyAdmin(this.side.policyState, config.brute_force, log).banList();
   }
 
-  /** The whole gateway in this process, or (with `worker`) one worker of a cluster. */
-  static async start(config: Config, log: Logger, worker?: WorkerParts): Promise<Gateway> {
-    if (!worker) for (const w of config.warnings) log.warn({ file: config.file }, w);
-    // A worker's certificates and ticket keys come from its primary; here they are this process's own.
-    const ticketKeys = worker ? undefined : new TicketKeys();
+  /**
+   * Reads the policy files, builds the certificates and the policy state,
+   * opens the control socket, starts ACME and the serving side. A partial
+   * start is undone before the error goes up.
+   */
+  static async start(config: Config, log: Logger): Promise<Runtime> {
+    for (const w of config.warnings) log.warn({ file: config.file }, w);
+    const files = readPolicyFiles(config);
+    checkPolicy(config, files);
+    const count = workerCount(config);
+    const registry = new SessionRegistry();
+    const http01 = new Http01Answers();
+    const ticketKeys = new TicketKeys();
     let certs: CertStore;
+    let side: ServingSide;
     try {
-      certs = worker ? worker.certs : await buildCertStore(config, log, ticketKeys?.current);
+      certs = await loadCertificates(config, log, ticketKeys.current);
+      side =
+        count > 1
+          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, log })
+          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, log });
     } catch (err) {
-      ticketKeys?.stop();
+      ticketKeys.stop();
       throw err;
     }
-    const gw = new Gateway(config, certs, log, worker);
-    gw.ticketKeys = ticketKeys;
+    const rt = new Runtime(config, { registry, certs, ticketKeys, http01, side }, log);
     try {
-      if (worker) {
-        gw.policyState = worker.policyState;
-      } else {
-        ticketKeys?.onRotate((keys) => certs.setTicketKeys(keys));
-        gw.policyState = await PolicyState.create({ store: config.policy_store, log });
-      }
-      gw.policy = PolicyEngine.fromConfig(config, gw.policyState, log);
-      if (!worker) {
-        gw.controlPlane = await startControlPlane(gw, log);
-        gw.acme = AcmeManager.fromConfig(config, certs, log);
-        const control = gw.controlPlane.control;
-        if (control) gw.watchAcme = registerAcmeCommands(control, () => gw.acme, certs);
-        gw.watchAcme?.(gw.acme);
-      }
-      for (const l of config.listeners) await gw.startListener(l);
-      await gw.acme?.start();
+      ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
+      rt.controlPlane = await startControlPlane(rt, log);
+      rt.acme = AcmeManager.fromConfig(config, certs, log);
+      const control = rt.controlPlane.control;
+      if (control) rt.watchAcme = registerAcmeCommands(control, () => rt.acme, certs);
+      rt.followAcme();
+      await side.start();
+      await rt.acme?.start();
     } catch (err) {
-      await gw.stop(0);
+      await rt.stop(0);
       throw err;
     }
-    log.info({ file: config.file, listeners: config.listeners.length }, worker ? 'worker ready' : 'mailgate ready');
-    return gw;
+    log.info({ file: config.file, listeners: config.listeners.length, ...(count > 1 ? { workers: count } : {}) }, 'mailgate ready');
+    return rt;
   }
 
   get currentConfig(): Config {
@@ -148,67 +144,17 @@ export class Gateway implements Daemon {
     return this.certs;
   }
 
-  /** Bound addresses per listener name (real ports when 0 was configured). */
+  get bans(): BanAdmin {
+    return this.banView;
+  }
+
   addresses(): Record<string, readonly string[]> {
-    return Object.fromEntries([...this.running].map(([name, r]) => [name, r.handle.addresses]));
-  }
-
-  private deps(): ListenerDeps {
-    return {
-      hostname: this.config.hostname,
-      certs: this.certs,
-      registry: this.registry,
-      policy: () => this.policy,
-      log: this.log,
-      minVersion: this.config.tls.min_version,
-      sharedPorts: this.worker !== undefined,
-    };
-  }
-
-  private async startListener(l: Listener): Promise<void> {
-    const handle =
-      l.protocol === 'http'
-        ? await startHttpListener(l, this.deps())
-        : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
-    this.running.set(l.name, { listener: l, handle });
-    this.acme?.attachListener(l, handle);
-    if (this.worker && l.protocol === 'http' && l.tls === 'none') {
-      (handle as ListenerHandle & { setChallengeResponder?: (r: (token: string) => string | undefined) => void }).setChallengeResponder?.(this.worker.http01);
-    }
+    return this.side.addresses();
   }
 
   /** Renewal state of a served certificate for the control socket; null when ACME does not manage it. */
   certRenewal(info: CertInfo): { failing: boolean; lastError: string | null; nextAttemptAt: number | null } | null {
     return this.acme?.renewalFor(info) ?? null;
-  }
-
-  /** Reload: ACME starts, follows the new settings, or stops, after the listeners are in place. */
-  private async reloadAcme(next: Config): Promise<void> {
-    const { acme, created } = await AcmeManager.afterReload(this.acme, next, this.certs, this.log);
-    this.acme = acme;
-    if (!created || !acme) return;
-    this.watchAcme?.(acme);
-    for (const r of this.running.values()) acme.attachListener(r.listener, r.handle);
-    await acme.start();
-  }
-
-  /**
-   * Re-reads the config file. An invalid file changes nothing. Listeners whose
-   * protocol and addresses are unchanged keep their sockets and take the new
-   * settings for new sessions; others are started or stopped. Live sessions
-   * are never touched.
-   */
-  /** Reloads run one after another: two SIGHUPs in a row must not start the same new listener twice. */
-  reload(next?: Config): Promise<ReloadResult> {
-    const run = this.reloading.then(() => this.reloadOnce(next));
-    this.reloading = run.then(
-      () => undefined,
-      () => undefined,
-    );
-    return run.then((result) => {
-      for (const l of this.reloadListeners) l(result);
-      return result;
-    });
   }
 
   /** Called after every reload (SIGHUP or the control socket) with its result. */
@@ -217,69 +163,71 @@ export class Gateway implements Daemon {
     return () => this.reloadListeners.delete(listener);
   }
 
-  /** The policy engine's ban list for the control socket, when the engine exposes one as `bans`. */
-  get bans(): BanAdmin | undefined {
-    return (this.policy as Policy & { bans?: BanAdmin }).bans;
+  /** Reloads run one after another: two SIGHUPs in a row must not start the same new listener twice. */
+  reload(): Promise<ReloadResult> {
+    const run = this.reloading.then(() => this.reloadOnce());
+    this.reloading = run.catch(() => undefined);
+    return run.then((result) => {
+      for (const l of this.reloadListeners) l(result);
+      return result;
+    });
   }
 
-  /** `given`: a worker reloads the config its primary read and checked (same file, same moment). */
-  private async reloadOnce(given?: Config): Promise<ReloadResult> {
-    const result: ReloadResult = { ok: false, started: [], stopped: [], updated: [] };
+  /**
+   * Re-reads the config file and checks everything it names before anything
+   * changes: an invalid file, an unreadable users or password file, an ACME
+   * section that cannot work, a certificate that cannot be written, a port
+   * another program holds: the reload is refused and nothing changes. Then
+   * the serving side takes the new config; live sessions are never touched.
+   */
+  private async reloadOnce(): Promise<ReloadResult> {
     let next: Config;
-    let certs: CertStore | undefined;
-    let policy: Policy | undefined;
+    let files: PolicyFiles;
+    let certs: CertStore;
     try {
-      next = given ?? loadConfigFile(this.config.file);
-      // Rules, users and limits for new sessions; bans and counts stay (same PolicyState). A bad users file refuses the reload.
-      if (this.policyState) policy = PolicyEngine.fromConfig(next, this.policyState, this.log);
-      // A worker's certificates come from its primary, which has built them by now.
-      if (!this.worker) {
-        AcmeManager.check(next, this.log);
-        certs = await buildCertStore(next, this.log, this.certs.currentTicketKeys);
-      }
+      next = loadConfigFile(this.config.file);
+      files = readPolicyFiles(next);
+      // Rules, users and limits for new sessions (the serving side builds them); bans and counts stay (same policy state).
+      checkPolicy(next, files);
+      AcmeManager.check(next, this.log);
+      certs = await loadCertificates(next, this.log, this.certs.currentTicketKeys);
+      await this.side.prepare(next);
     } catch (err) {
-      result.error = errorMessage(err);
-      this.log.error({ file: this.config.file, err: result.error }, 'reload refused, keeping the running configuration');
-      return result;
+      const error = errorMessage(err);
+      this.log.error({ file: this.config.file, err: error }, 'reload refused, keeping the running configuration');
+      return { ok: false, error, started: [], stopped: [], updated: [] };
     }
-    if (!this.worker) for (const w of next.warnings) this.log.warn({ file: next.file }, w);
-    if (policy) this.policy = policy;
-    if (this.policyState && next.policy_store.type !== this.policyState.storeType) {
-      this.log.warn({ running: this.policyState.storeType, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
+    // From here on the serving side gets this copy as data: what the file says later is the next reload's.
+    this.log.debug({ file: next.file }, 'configuration checked; serving it');
+    for (const w of next.warnings) this.log.warn({ file: next.file }, w);
+    if (JSON.stringify(next.policy_store) !== JSON.stringify(this.started.policy_store)) {
+      this.log.warn({ running: this.started.policy_store.type, configured: next.policy_store.type }, 'policy_store changes take effect at the next restart');
     }
-    if (certs) this.certs.replaceWith(certs);
-    this.capabilities.clear();
-    const prev = this.config;
-    this.config = { ...next, tls: next.tls };
-    const wanted = new Map(next.listeners.map((l) => [l.name, l]));
-    for (const [name, r] of [...this.running]) {
-      const n = wanted.get(name);
-      if (n && sameBinding(r.listener, n)) {
-        r.handle.update(n);
-        r.listener = n;
-        result.updated.push(name);
-      } else {
-        await r.handle.close();
-        this.running.delete(name);
-        result.stopped.push(name);
-      }
+    if (next.workers !== this.started.workers) this.log.warn({ running: workerCount(this.started), configured: next.workers }, 'workers changes take effect at the next restart');
+    this.certs.replaceWith(certs);
+    const previous = this.config;
+    this.config = next;
+    const { workers, ...result } = await this.side.reload(next, files);
+    await this.reloadAcme(next);
+    if (result.ok) {
+      this.log.info({ file: next.file, previous: previous.file, ...result, ...(workers === undefined ? {} : { workers }) }, 'configuration reloaded');
     }
-    try {
-      for (const l of next.listeners) {
-        if (!this.running.has(l.name)) {
-          await this.startListener(l);
-          result.started.push(l.name);
-        }
-      }
-    } catch (err) {
-      result.error = errorMessage(err);
-      this.log.error({ err: result.error }, 'reload could not start a listener; the others run with the new configuration');
-      return result;
-    }
-    if (!this.worker) await this.reloadAcme(next);
-    result.ok = true;
-    this.log.info({ file: next.file, previous: prev.file, ...result }, 'configuration reloaded');
     return result;
+  }
+
+  /** ACME starts, follows the new settings, or stops, after the serving side took the new config. */
+  private async reloadAcme(next: Config): Promise<void> {
+    const before = this.acme;
+    const { acme, created } = await AcmeManager.afterReload(before, next, this.certs, this.log);
+    this.acme = acme;
+    if (acme === before) return;
+    this.followAcme();
+    if (created) await acme?.start();
+  }
+
+  private followAcme(): void {
+    this.watchAcme?.(this.acme);
+    this.http01.follow(this.acme);
   }
 
   /**
@@ -292,31 +240,127 @@ export class Gateway implements Daemon {
   }
 
   private async doStop(drainMs: number): Promise<void> {
-    this.log.info({ sessions: this.registry.size, drainMs }, 'shutting down');
+    const workers = this.side.workers?.().filter((w) => w.state === 'ready' || w.state === 'starting').length;
+    this.log.info({ sessions: this.registry.size, drainMs, ...(workers === undefined ? {} : { workers }) }, 'shutting down');
     await this.acme?.stop();
-    await Promise.all([...this.running.values()].map((r) => r.handle.close()));
-    this.registry.drainAll();
-    const deadline = Date.now() + drainMs;
-    while (this.registry.size > 0 && Date.now() < deadline) await sleep(Math.min(100, deadline - Date.now()));
-    if (this.registry.size > 0) {
-      this.log.info({ sessions: this.registry.size }, 'drain deadline reached, closing remaining sessions');
-      this.registry.killAll('shutdown');
-      const hard = Date.now() + 3000;
-      while (this.registry.size > 0 && Date.now() < hard) await sleep(50);
-    }
+    await this.side.stop(drainMs);
+    this.http01.close();
+    this.ticketKeys.stop();
     await this.controlPlane?.close();
-    // A worker's policy state belongs to its worker runtime, which closes it after this.
-    if (!this.worker) await this.policyState?.close();
-    this.ticketKeys?.stop();
     this.log.info('stopped');
   }
 }
 
-function sameBinding(a: Listener, b: Listener): boolean {
-  if (a.protocol !== b.protocol || a.tls !== b.tls || a.listen.length !== b.listen.length) return false;
-  return a.listen.every((x, i) => x.host === b.listen[i]?.host && x.port === b.listen[i]?.port);
+/** The serving part in this process, on the runtime's registry and a policy state of its own store. */
+class InProcess implements ServingSide {
+  readonly policyState: PolicyState;
+  private readonly config: Config;
+  private readonly files: PolicyFiles;
+  private readonly parts: ServingParts;
+  private serving: Serving | undefined;
+
+  private constructor(config: Config, files: PolicyFiles, parts: ServingParts) {
+    this.config = config;
+    this.files = files;
+    this.parts = parts;
+    this.policyState = parts.policyState;
+  }
+
+  static async create(config: Config, files: PolicyFiles, parts: Omit<ServingParts, 'policyState'>): Promise<InProcess> {
+    const policyState = await PolicyState.create({ store: config.policy_store, log: parts.log });
+    return new InProcess(config, files, { ...parts, policyState });
+  }
+
+  async start(): Promise<void> {
+    this.serving = await Serving.start(this.config, this.files, this.parts);
+  }
+
+  addresses(): Record<string, readonly string[]> {
+    return this.serving?.addresses() ?? {};
+  }
+
+  async prepare(): Promise<void> {}
+
+  reload(next: Config, files: PolicyFiles): Promise<ReloadResult> {
+    if (!this.serving) throw new Error('reload before the serving part started');
+    return this.serving.reload(next, files);
+  }
+
+  async stop(drainMs: number): Promise<void> {
+    await this.serving?.stop(drainMs);
+    await this.policyState.close();
+  }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
+/** The certificates a config asks for: files or a self-signed one (tls/), and what ACME obtained earlier. */
+async function loadCertificates(config: Config, log: Logger, ticketKeys: Buffer | undefined): Promise<CertStore> {
+  const store = await buildCertStore(config, log, ticketKeys);
+  // The self-signed one stays the fallback until ACME's certificates exist.
+  await loadStoredAcmeCertificates(config, store, log);
+  return store;
+}
+
+/**
+ * `mailgate run`: the gateway in this process until SIGTERM or SIGINT, with
+ * SIGHUP reloading and systemd told of each step. The exit code.
+ */
+export async function runGateway(config: Config): Promise<number> {
+  const log = createLogger(process.env.MAILGATE_LOG_LEVEL ?? config.log.level);
+  // systemd readiness (Type=notify): READY=1 only once every listener is bound; a no-op without $NOTIFY_SOCKET.
+  const notify = new SdNotify({ onError: (err) => log.warn({ err: err.message }, 'systemd notification failed') });
+  const workers = workerCount(config);
+  // `ps` tells the roles apart (workers name themselves in src/worker.ts).
+  if (workers > 1) process.title = `mailgate: primary (${workers} workers)`;
+  let gateway: Runtime;
+  try {
+    gateway = await Runtime.start(config, log);
+  } catch (err) {
+    log.fatal({ err: errorMessage(err) }, 'start failed');
+    log.flush();
+    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
+    return 1;
+  }
+  process.on('uncaughtException', (err) => {
+    // A bug, not client input (that is handled where it is read): log it and let the supervisor restart us.
+    log.fatal({ err: errorMessage(err), stack: err.stack }, 'uncaught exception');
+    log.flush();
+    process.exit(70);
+  });
+  // Every reload (SIGHUP or the control socket) ends with READY=1 and the status it left.
+  gateway.onReload((r) => void notify.ready(r.ok ? servingStatus(gateway) : `reload failed, see the log: ${r.error ?? ''}`));
+  process.on('SIGHUP', () => {
+    log.info('SIGHUP: reloading');
+    void notify.reloading('reloading configuration');
+    gateway.reload().catch((err: unknown) => {
+      log.error({ err: errorMessage(err) }, 'reload failed');
+      void notify.ready('reload failed, see the log');
+    });
+  });
+  const code = await new Promise<number>((resolve) => {
+    const stop = (signal: string) => {
+      log.info({ signal }, 'stopping');
+      void notify.stopping(`draining ${gateway.registry.size} sessions`);
+      gateway.stop().then(
+        () => resolve(0),
+        (err: unknown) => {
+          log.error({ err: errorMessage(err) }, 'stop failed');
+          resolve(1);
+        },
+      );
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+    // After the signal handlers: systemd may send SIGHUP or SIGTERM as soon as it sees READY=1.
+    // Logs are written in batches; the start-up lines go out before the service counts as up.
+    log.flush();
+    void notify.ready(servingStatus(gateway));
+  });
+  await notify.flush();
+  log.flush();
+  return code;
+}
+
+function servingStatus(gateway: Runtime): string {
+  const names = Object.keys(gateway.addresses());
+  return `serving ${names.length} listeners: ${names.join(', ')}`;
 }

@@ -4,7 +4,7 @@
  * challenge, and the ARI renewalInfo request acme-client 5.x lacks.
  *
  * acme-client is used through its documented low-level methods plus three
- * adjustments made in this one file:
+ * adjustments (what they reach of the library is in library.ts):
  *  - its axios instance (process-wide) gets our deadline, an https agent that
  *    also trusts `ca_bundle`, no retries of its own (the renewal scheduler
  *    owns retrying, with backoff and Retry-After, so nothing sleeps for hours
@@ -16,13 +16,23 @@
  *    trust apply.
  */
 import { Agent as HttpsAgent } from 'node:https';
-import { createRequire } from 'node:module';
 import { rootCertificates } from 'node:tls';
 import acme from 'acme-client';
 import type { Authorization, Order } from 'acme-client';
 import { errorCode, errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { parseRenewalInfo, parseRetryAfter, type RenewalInfo } from './ari.ts';
+import {
+  acmeHttpDefaults,
+  acmeNodeHttpAdapter,
+  clientHttp,
+  createOrder,
+  wrapApiRequest,
+  type AxiosConfigLike,
+  type AxiosResponseLike,
+  type ClientHttp,
+  type Directory,
+} from './library.ts';
 import type { AcmeStorage } from './storage.ts';
 
 export type ChallengeType = 'tls-alpn-01' | 'http-01';
@@ -47,25 +57,6 @@ export class AcmeError extends MailgateError {
 
 // ---- the process-wide axios instance of acme-client ------------------------------
 
-interface AxiosResponseLike {
-  status: number;
-  headers: Record<string, unknown>;
-  data: unknown;
-}
-interface AxiosConfigLike {
-  url?: string;
-  method?: string;
-}
-type Adapter = (config: AxiosConfigLike) => Promise<AxiosResponseLike>;
-interface AcmeAxios {
-  defaults: {
-    adapter?: unknown;
-    timeout?: number;
-    httpsAgent?: HttpsAgent;
-    acmeSettings?: { retryMaxAttempts: number; retryDefaultDelay: number };
-  };
-}
-
 let adapterInstalled = false;
 
 /**
@@ -74,13 +65,11 @@ let adapterInstalled = false;
  * previous agent's idle sockets are closed.
  */
 export function configureAcmeHttp(opts: { timeoutMs: number; extraCaPem?: string }): void {
-  const ax = acme.axios as unknown as AcmeAxios;
+  const defaults = acmeHttpDefaults();
   if (!adapterInstalled) {
     adapterInstalled = true;
-    // The axios acme-client itself loads (its own dependency), to wrap its node http adapter.
-    const axiosOfAcme = createRequire(createRequire(import.meta.url).resolve('acme-client'))('axios') as { getAdapter(name: string): Adapter };
-    const http = axiosOfAcme.getAdapter('http');
-    ax.defaults.adapter = async (config: AxiosConfigLike): Promise<AxiosResponseLike> => {
+    const http = acmeNodeHttpAdapter();
+    defaults.adapter = async (config: AxiosConfigLike): Promise<AxiosResponseLike> => {
       try {
         return await http(config);
       } catch (err) {
@@ -92,11 +81,11 @@ export function configureAcmeHttp(opts: { timeoutMs: number; extraCaPem?: string
         throw new AcmeError(`${what}: ${timeout ? 'no answer in time' : errorMessage(err)}`, { cause: err });
       }
     };
-    if (ax.defaults.acmeSettings) ax.defaults.acmeSettings.retryMaxAttempts = 0;
+    defaults.acmeSettings.retryMaxAttempts = 0;
   }
-  ax.defaults.timeout = opts.timeoutMs;
-  const previous = ax.defaults.httpsAgent;
-  ax.defaults.httpsAgent = new HttpsAgent({
+  defaults.timeout = opts.timeoutMs;
+  const previous = defaults.httpsAgent;
+  defaults.httpsAgent = new HttpsAgent({
     keepAlive: true,
     maxSockets: 4,
     ...(opts.extraCaPem ? { ca: [...rootCertificates, opts.extraCaPem] } : {}),
@@ -106,27 +95,10 @@ export function configureAcmeHttp(opts: { timeoutMs: number; extraCaPem?: string
 
 /** Closes kept-alive connections to the CA (gateway stop). */
 export function closeAcmeHttp(): void {
-  (acme.axios as unknown as AcmeAxios).defaults.httpsAgent?.destroy();
+  acmeHttpDefaults().httpsAgent?.destroy();
 }
 
 // ---- one client per account --------------------------------------------------------
-
-interface HttpLike {
-  request(url: string, method: string, opts?: object): Promise<AxiosResponseLike>;
-  getDirectory(): Promise<Directory>;
-}
-type ApiRequest = (url: string, payload?: unknown, validStatusCodes?: number[], opts?: object) => Promise<AxiosResponseLike>;
-interface Internals {
-  http: HttpLike;
-  api: { apiRequest: ApiRequest };
-}
-
-export interface Directory {
-  newOrder?: string;
-  renewalInfo?: string;
-  meta?: { termsOfService?: string; profiles?: Record<string, unknown> };
-  [key: string]: unknown;
-}
 
 /** How a challenge is answered: each returns the undo. */
 export interface ChallengeHooks {
@@ -177,7 +149,7 @@ export class AcmeAccount {
 
   /** The directory (cached by acme-client for a day). */
   async directory(): Promise<Directory> {
-    return (await this.internals()).http.getDirectory();
+    return (await this.unsignedHttp()).getDirectory();
   }
 
   /**
@@ -185,7 +157,7 @@ export class AcmeAccount {
    * ARI. Retry-After (ms) says when to ask again.
    */
   async renewalInfo(certId: string): Promise<{ info: RenewalInfo; retryAfterMs: number | undefined } | undefined> {
-    const { http } = await this.internals();
+    const http = await this.unsignedHttp();
     const dir = await http.getDirectory();
     if (typeof dir.renewalInfo !== 'string') return undefined;
     const url = `${dir.renewalInfo.replace(/\/+$/, '')}/${certId}`;
@@ -216,7 +188,7 @@ export class AcmeAccount {
     const client = await this.ensureClient();
     const { name } = req;
     const dir = await this.directory();
-    const payload: Record<string, unknown> = { identifiers: [{ type: 'dns', value: name }] };
+    const payload: Parameters<typeof createOrder>[1] = { identifiers: [{ type: 'dns', value: name }] };
     let profile = req.profile;
     if (profile) {
       const offered = dir.meta?.profiles;
@@ -235,14 +207,14 @@ export class AcmeAccount {
     req.checkpoint();
     let order: Order;
     try {
-      order = await client.createOrder(payload as unknown as Parameters<acme.Client['createOrder']>[0]);
+      order = await createOrder(client, payload);
     } catch (err) {
       // RFC 9773 §5: the certificate was replaced already (by another gateway, or an order we lost track of).
       if (!(err instanceof AcmeError && err.problem === 'alreadyReplaced' && replaced)) throw err;
       req.log.info({ replaces: replaced }, 'the CA says that certificate was replaced already; ordering without "replaces"');
       delete payload.replaces;
       replaced = undefined;
-      order = await client.createOrder(payload as unknown as Parameters<acme.Client['createOrder']>[0]);
+      order = await createOrder(client, payload);
     }
     req.log.info({ order: order.url, challenge: req.challenge, ...(replaced ? { replaces: replaced } : {}), ...(profile ? { profile } : {}) }, 'order created');
 
@@ -331,13 +303,13 @@ export class AcmeAccount {
     return this.client;
   }
 
-  /** A client before the account exists, for the directory and renewalInfo (unsigned requests). */
-  private async internals(): Promise<Internals> {
+  /** The client's HTTP side (a client is made before the account exists), for the directory and renewalInfo. */
+  private async unsignedHttp(): Promise<ClientHttp> {
     if (!this.client) {
       const key = (await this.opts.storage.readAccountKey()) ?? (await acme.crypto.createPrivateEcdsaKey('P-256')).toString();
       this.client = this.newClient(key, undefined);
     }
-    return this.client as unknown as Internals;
+    return clientHttp(this.client);
   }
 
   private newClient(accountKey: string, accountUrl: string | undefined): acme.Client {
@@ -350,13 +322,12 @@ export class AcmeAccount {
       backoffMin: poll.minMs,
       backoffMax: poll.maxMs,
     });
-    const api = (client as unknown as Internals).api;
-    const original = api.apiRequest.bind(api);
-    api.apiRequest = async (url, payload = null, validStatusCodes = [], opts) => {
+    // A refused request becomes an AcmeError with the problem type, status and Retry-After.
+    wrapApiRequest(client, (original) => async (url, payload = null, validStatusCodes = [], opts) => {
       const resp = await original(url, payload, [], opts);
       if (validStatusCodes.length > 0 && !validStatusCodes.includes(resp.status)) throw problemError(resp, `POST ${url}`);
       return resp;
-    };
+    });
     return client;
   }
 }

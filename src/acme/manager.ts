@@ -20,7 +20,6 @@ import { X509Certificate } from 'node:crypto';
 import type { Config, Listener } from '../config/load.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { ListenerHandle } from '../listeners/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { certNames } from '../tls/cert-store.ts';
 import { ariCertId, ariPollDelay, pickRenewalTime, sameWindow, type RenewalWindow } from './ari.ts';
@@ -173,7 +172,7 @@ export class AcmeManager {
   /** For plain http listeners: `/.well-known/acme-challenge/<token>`. */
   readonly http01Responder = (token: string): string | undefined => this.tokens.get(token);
 
-  /** Told of every change of the pending HTTP-01 answers: a cluster primary hands them to its workers. */
+  /** Told of every change of the pending HTTP-01 answers (http01.ts follows them for the serving part). */
   onTokens(listener: (tokens: ReadonlyMap<string, string>) => void): () => void {
     this.tokenListeners.add(listener);
     return () => this.tokenListeners.delete(listener);
@@ -186,13 +185,6 @@ export class AcmeManager {
 
   private tokensChanged(): void {
     for (const l of this.tokenListeners) l(this.tokens);
-  }
-
-  /** Gives a started listener what it needs to answer challenges (HTTP-01 on plain http listeners). */
-  attachListener(listener: Listener, handle: ListenerHandle): void {
-    if (listener.protocol !== 'http' || listener.tls !== 'none') return;
-    const h = handle as ListenerHandle & { setChallengeResponder?: (r: ((token: string) => string | undefined) | undefined) => void };
-    h.setChallengeResponder?.(this.http01Responder);
   }
 
   /** Loads what storage holds and starts every name's schedule. */

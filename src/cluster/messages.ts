@@ -3,9 +3,11 @@
  * without a part prefix; see link.ts). Policy and registry messages are
  * defined by their parts (policy-link.ts, registry-link.ts).
  */
-import type { CertSnapshot } from '../tls/cert-store.ts';
-import type { ReloadResult } from '../main.ts';
+import type { Config } from '../config/load.ts';
+import type { ReloadResult } from '../listeners/types.ts';
+import type { PolicyFiles } from '../policy/files.ts';
 import type { StoreConfig } from '../policy/state.ts';
+import type { CertSnapshot } from '../tls/cert-store.ts';
 import type { PolicySync } from './policy-link.ts';
 
 /** Concrete ports per listener name, in `listen:` order: what every worker binds (port 0 resolved once, by the primary). */
@@ -17,11 +19,21 @@ export interface WorkerPlan {
   workers: number;
 }
 
+/**
+ * The config a worker serves, as data: the primary's parsed and checked copy
+ * (with this worker's ports and share of the limits, ports.ts) and what its
+ * policy files hold. A worker reads no file.
+ */
+export interface WorkerSettings {
+  config: Config;
+  files: PolicyFiles;
+}
+
 export type ToWorker =
   | {
       t: 'start';
       index: number;
-      plan: WorkerPlan;
+      settings: WorkerSettings;
       certs: CertSnapshot;
       /** base64 of the 48-byte session ticket keys. */
       ticketKeys: string;
@@ -35,7 +47,7 @@ export type ToWorker =
   | { t: 'certs'; certs: CertSnapshot }
   | { t: 'ticket-keys'; ticketKeys: string }
   | { t: 'tokens'; tokens: [string, string][] }
-  | { t: 'reload'; id: number; plan: WorkerPlan }
+  | { t: 'reload'; id: number; settings: WorkerSettings }
   | { t: 'stop'; drainMs: number }
   /** Heartbeat: answered from the worker's event loop, so a stuck loop goes unanswered. */
   | { t: 'ping'; seq: number };

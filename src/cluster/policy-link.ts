@@ -21,13 +21,12 @@
  *
  * Every message here has a `t` starting with `policy.` (see link.ts).
  */
-import cluster from 'node:cluster';
-import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, type RateLimiterAbstract } from 'rate-limiter-flexible';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { ViewedBanStore, type Ban, type BanChange } from '../policy/bans.ts';
 import type { SharedLimiter } from '../policy/counters.ts';
 import { bump, PolicyState, storeKind, type SessionKind, type SharedSessions, type StoreConfig } from '../policy/state.ts';
+import { masterLimiter, WorkerLimiters } from './limiters.ts';
 import type { Message, PrimaryLink, WorkerLink } from './link.ts';
 
 /**
@@ -40,9 +39,6 @@ const REPORT_MS = 20;
 
 /** How long a worker waits for the primary (ban changes, counters) before it fails or falls back. */
 const PRIMARY_TIMEOUT_MS = 1000;
-
-/** rate-limiter-flexible's IPC messages carry this `channel` (lib/RateLimiterCluster.js). */
-const LIMITER_CHANNEL = 'rate_limiter_flexible';
 
 // ---- messages ---------------------------------------------------------------------------
 
@@ -397,58 +393,6 @@ export class ClusterBanStore extends ViewedBanStore {
   }
 }
 
-/**
- * rate-limiter-flexible's worker limiters: each adds its own process
- * 'message' listener and lifts the process's listener limit for good
- * (setMaxListeners(0)), which would hide real leaks. Here their listeners
- * hang off one dispatcher, the limit is put back, and close() detaches
- * them (a 'message' listener keeps the IPC channel, and so the process, up).
- */
-class WorkerLimiters {
-  private readonly timeoutMs: number;
-  private readonly listeners: ((msg: unknown) => void)[] = [];
-  private attached = false;
-  private readonly dispatch = (msg: unknown): void => {
-    // Only the library's messages; ours travel in an envelope without `channel`.
-    if (typeof msg !== 'object' || msg === null || (msg as { channel?: unknown }).channel !== LIMITER_CHANNEL) return;
-    for (const l of this.listeners) l(msg);
-  };
-
-  constructor(timeoutMs: number) {
-    // Here rather than at the first counter: a worker without the channel fails at start.
-    if (typeof process.send !== 'function') {
-      throw new MailgateError('POLICY_STORE', 'policy link: cluster counters need the IPC channel to the primary (this process is not a cluster worker)');
-    }
-    this.timeoutMs = timeoutMs;
-  }
-
-  readonly make: SharedLimiter = (opts) => {
-    const before = new Set(process.listeners('message'));
-    const max = process.getMaxListeners();
-    const limiter = new RateLimiterCluster({ ...opts, timeoutMs: this.timeoutMs });
-    process.setMaxListeners(max);
-    const added = process.listeners('message').filter((l) => !before.has(l));
-    const [listener] = added;
-    if (added.length !== 1 || listener === undefined) {
-      throw new MailgateError('POLICY_STORE', `policy link: RateLimiterCluster added ${added.length} process 'message' listeners, expected 1 (has rate-limiter-flexible changed?)`);
-    }
-    process.off('message', listener);
-    this.listeners.push(listener as (msg: unknown) => void);
-    if (!this.attached) {
-      process.on('message', this.dispatch);
-      this.attached = true;
-    }
-    return limiter;
-  };
-
-  /** The limiters stop hearing the primary: later hits time out and count in this process's memory. */
-  close(): void {
-    if (this.attached) process.off('message', this.dispatch);
-    this.attached = false;
-    this.listeners.length = 0;
-  }
-}
-
 // ---- primary side -------------------------------------------------------------------------------
 
 type Counts = Record<SessionKind, Map<string, Map<string, number>>>;
@@ -545,25 +489,6 @@ class SessionTally implements SharedSessions {
 
 function isEmpty(keys: Keys): boolean {
   return keys.open.size === 0 && keys.login.size === 0;
-}
-
-/**
- * The master keeps one memory limiter per key prefix (its `_rateLimiters`,
- * not public API): the primary's own counters are those same limiters, so
- * what the control socket reads (`inspect`) includes every worker's hits.
- */
-function masterLimiter(): SharedLimiter {
-  const max = cluster.getMaxListeners();
-  // One per process (the library keeps a singleton); it listens on cluster 'message' for good.
-  const master = new RateLimiterClusterMaster() as unknown as { _rateLimiters?: unknown };
-  // The library lifts the limit for its one listener; keep it for everyone else's.
-  cluster.setMaxListeners(max);
-  const limiters = master._rateLimiters;
-  if (typeof limiters !== 'object' || limiters === null) {
-    throw new MailgateError('POLICY_STORE', 'policy link: RateLimiterClusterMaster has no _rateLimiters (has rate-limiter-flexible changed?)');
-  }
-  const byPrefix = limiters as Record<string, RateLimiterAbstract | undefined>;
-  return (opts) => (byPrefix[opts.keyPrefix] ??= new RateLimiterMemory(opts));
 }
 
 export interface PolicyAuthorityOptions {

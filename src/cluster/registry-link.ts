@@ -12,18 +12,16 @@
  *   worker (`registry.kill`); when a worker exits, its sessions end there.
  */
 import type { CloseReason } from '../protocols/types.ts';
-import { LIVE_FIELDS, liveFields, type LiveField, type LiveFields, type RegistryEvents, type SessionControl, type SessionRecord, type SessionRegistry } from '../session/registry.ts';
+import { LIVE_FIELDS, liveFields, type LiveField, type LiveFields, type SessionRecord } from '../session/record.ts';
+import type { RegistryEvents, SessionControl, SessionRegistry } from '../session/registry.ts';
 import type { Message, PrimaryLink, WorkerLink } from './link.ts';
 
-const MUTABLE = LIVE_FIELDS;
-type MutableField = LiveField;
-type Mutable = LiveFields;
 
 /** One registry event, as it happened on a worker. */
 export type RegistryEvent = { [K in keyof RegistryEvents]: { e: K; p: RegistryEvents[K] } }[keyof RegistryEvents];
 
 /** The fields of one live session that changed since the last update. */
-export type SessionUpdate = { id: string } & Partial<Mutable>;
+export type SessionChanges = { id: string } & Partial<LiveFields>;
 
 export interface EventsMessage extends Message {
   t: 'registry.events';
@@ -32,7 +30,7 @@ export interface EventsMessage extends Message {
 
 export interface UpdateMessage extends Message {
   t: 'registry.update';
-  sessions: SessionUpdate[];
+  sessions: SessionChanges[];
 }
 
 export interface KillMessage extends Message {
@@ -53,8 +51,6 @@ export interface RefreshedMessage extends Message {
   req: number;
 }
 
-export type RegistryMessage = EventsMessage | UpdateMessage | KillMessage | RefreshMessage | RefreshedMessage;
-
 /** Events or updates per IPC message: one message per turn, but never one unbounded string to serialise. */
 const MAX_BATCH = 1000;
 /** Exited workers remembered, so that a message still in the channel cannot bring one of their sessions back. */
@@ -73,7 +69,7 @@ export class RegistryForwarder {
   private readonly flushMs: number;
   private readonly queue: RegistryEvent[] = [];
   /** What the primary holds of each live session's mutable fields: updates carry only the difference. */
-  private readonly sent = new Map<string, Mutable>();
+  private readonly sent = new Map<string, LiveFields>();
   private readonly unsubscribe: (() => void)[];
   private readonly updateTimer: NodeJS.Timeout;
   /** Cancels the scheduled flush; set while events wait. */
@@ -161,13 +157,13 @@ export class RegistryForwarder {
   private sendUpdates(): void {
     // Queued events first: an update that overtook its session's `opened` would be dropped by the mirror.
     this.flush();
-    const sessions: SessionUpdate[] = [];
+    const sessions: SessionChanges[] = [];
     for (const r of this.registry.list()) {
       const sent = this.sent.get(r.id);
       if (!sent) continue;
-      const changed: Partial<Mutable> = {};
+      const changed: Partial<LiveFields> = {};
       let any = false;
-      for (const f of MUTABLE) any = copyIfChanged(sent, r, changed, f) || any;
+      for (const f of LIVE_FIELDS) any = copyIfChanged(sent, r, changed, f) || any;
       if (any) sessions.push({ id: r.id, ...changed });
     }
     for (let i = 0; i < sessions.length; i += MAX_BATCH) {
@@ -300,7 +296,7 @@ export class RegistryMirror {
         return;
       }
       case 'refused':
-        this.registry.refused(event.p.listener, event.p.clientIp, event.p.reason, event.p.at);
+        this.registry.refused(event.p.listener, event.p.clientIp, event.p.code, event.p.reason, event.p.at);
         return;
       case 'authFailed':
         this.registry.authFailed(event.p, event.p.user, event.p.at);
@@ -317,7 +313,7 @@ export class RegistryMirror {
 
 
 /** Puts field `k` of `now` into `out` and `sent` when it differs from what was sent. */
-function copyIfChanged<K extends MutableField>(sent: Mutable, now: Mutable, out: Partial<Mutable>, k: K): boolean {
+function copyIfChanged<K extends LiveField>(sent: LiveFields, now: LiveFields, out: Partial<LiveFields>, k: K): boolean {
   if (sent[k] === now[k]) return false;
   sent[k] = now[k];
   out[k] = now[k];
@@ -325,11 +321,11 @@ function copyIfChanged<K extends MutableField>(sent: Mutable, now: Mutable, out:
 }
 
 /** Only the known mutable fields: a message never rewrites a session's id, listener or client. */
-function assign(to: SessionRecord, from: Partial<Mutable>): void {
-  for (const f of MUTABLE) set(to, from, f);
+function assign(to: SessionRecord, from: Partial<LiveFields>): void {
+  for (const f of LIVE_FIELDS) set(to, from, f);
 }
 
-function set<K extends MutableField>(to: Mutable, from: Partial<Mutable>, k: K): void {
+function set<K extends LiveField>(to: LiveFields, from: Partial<LiveFields>, k: K): void {
   const v = from[k];
-  if (v !== undefined) to[k] = v as Mutable[K];
+  if (v !== undefined) to[k] = v as LiveFields[K];
 }

@@ -222,6 +222,15 @@ function stripUndefined<T extends object>(o: T): { [K in keyof T]-?: Exclude<T[K
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as never;
 }
 
+/**
+ * A config that crossed a process boundary as data (a worker's, from its
+ * primary, which read and checked it): frozen again, as loadConfigFile
+ * leaves every config.
+ */
+export function freezeConfig(data: Config): Config {
+  return deepFreeze(data);
+}
+
 function deepFreeze<T>(o: T): T {
   if (o && typeof o === 'object' && !Object.isFrozen(o)) {
     Object.freeze(o);

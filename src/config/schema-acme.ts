@@ -5,7 +5,9 @@
  * src/acme/settings.ts, and `names` defaults to the gateway's host name there.
  */
 import { z } from 'zod';
-import { parseDuration } from '../core/duration.ts';
+import { duration as durationOf } from './schema-values.ts';
+
+const duration = durationOf();
 
 /** Directory URLs the admin may name by a short word. */
 export const ACME_DIRECTORIES = {
@@ -26,14 +28,6 @@ export const DEFAULT_ACME_RENEW = {
   lock_wait: 10 * 60_000,
 };
 
-const duration = z.union([z.number(), z.string()]).transform((v, ctx) => {
-  const ms = parseDuration(v);
-  if (ms === undefined) {
-    ctx.addIssue({ code: 'custom', message: `"${v}" is not a duration (use e.g. 500ms, 30s, 5m, 2h or a number of seconds)` });
-    return z.NEVER;
-  }
-  return ms;
-});
 
 /** A DNS name a public CA can validate: no wildcard (that needs DNS-01), no IP address, no trailing dot. */
 const dnsName = z
@@ -106,4 +100,3 @@ export const acmeSchema = z.strictObject({
   request_timeout: duration.default(30_000),
 });
 
-export type AcmeConfig = z.output<typeof acmeSchema>;

@@ -5,31 +5,14 @@
  * the listener shapes below into the mail listeners.
  */
 import { z } from 'zod';
-import { parseDuration } from '../core/duration.ts';
-import { parseHostPort, type HostPort } from '../net/address.ts';
-import { parseCidr, type Cidr } from '../policy/cidr.ts';
-import { parseHash } from '../policy/passwords.ts';
+import { parseHash } from '../core/password-hash.ts';
+import { parseCidr, type Cidr } from '../net/cidr.ts';
+import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
-const duration = z.union([z.number(), z.string()]).transform((v, ctx) => {
-  const ms = parseDuration(v);
-  if (ms === undefined) {
-    ctx.addIssue({ code: 'custom', message: `"${v}" is not a duration (use e.g. 30s, 15m, 1h or a number of seconds)` });
-    return z.NEVER;
-  }
-  return ms;
-});
+const duration = durationOf('30s, 15m, 1h');
 
 /** Windows and bans are kept by the rate-limit library in whole seconds. */
 const window = duration.refine((ms) => ms >= 1000 && ms % 1000 === 0, 'use a whole number of seconds, at least 1s');
-
-const hostPort = z.string().transform((v, ctx): HostPort => {
-  const r = parseHostPort(v);
-  if (typeof r === 'string') {
-    ctx.addIssue({ code: 'custom', message: `bad address "${v}": ${r}` });
-    return z.NEVER;
-  }
-  return r;
-});
 
 const cidr = z.string().transform((v, ctx): Cidr => {
   const r = parseCidr(v);
@@ -46,7 +29,6 @@ const passwordHash = z.string().superRefine((v, ctx) => {
   if (typeof r === 'string') ctx.addIssue({ code: 'custom', message: r });
 });
 
-const positiveInt = z.number().int().positive();
 const name = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'use 1-64 letters, digits, "_", "." or "-"');
 /** A login name or a glob ("*@example.org"); never a control character. */
 const userPattern = z.string().min(1).max(320).regex(/^[^\0-\x1f\x7f]+$/, 'no control characters');

@@ -4,32 +4,11 @@
  * of the program reads a complete, typed, frozen object.
  */
 import { z } from 'zod';
-import { parseDuration } from '../core/duration.ts';
-import { parseHostPort, type HostPort } from '../net/address.ts';
 import { acmeSchema } from './schema-acme.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
+import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
-const duration = z
-  .union([z.number(), z.string()])
-  .transform((v, ctx) => {
-    const ms = parseDuration(v);
-    if (ms === undefined) {
-      ctx.addIssue({ code: 'custom', message: `"${v}" is not a duration (use e.g. 500ms, 30s, 5m, 2h or a number of seconds)` });
-      return z.NEVER;
-    }
-    return ms;
-  });
-
-const hostPort = z.string().transform((v, ctx): HostPort => {
-  const r = parseHostPort(v);
-  if (typeof r === 'string') {
-    ctx.addIssue({ code: 'custom', message: `bad address "${v}": ${r}` });
-    return z.NEVER;
-  }
-  return r;
-});
-
-const positiveInt = z.number().int().positive();
+const duration = durationOf();
 
 const timeoutsShape = {
   tls_handshake: duration,
@@ -201,7 +180,6 @@ export const configSchema = z
     ...policySections,
   });
 
-export type RawConfig = z.input<typeof configSchema>;
 export type ParsedConfig = z.output<typeof configSchema>;
 export type ListenerConfig = z.output<typeof listenerSchema>;
 export type Timeouts = typeof DEFAULT_TIMEOUTS;

@@ -1,11 +1,11 @@
 /**
  * The CLI verbs that talk to a running daemon through its control socket:
- * `top`, `status`, `reload` (`certs` is the ACME part's, src/acme/cli.ts). Exit codes as in cli.ts: 0 ok, 1 the
+ * `status`, `reload` (`certs`: certs-verb.ts; `top`: src/tui/top.ts). Exit codes as in cli.ts: 0 ok, 1 the
  * daemon refused or cannot be reached, 2 usage or configuration error.
  */
 import { loadConfigFile } from '../config/load.ts';
 import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
-import { humanBytes, humanDuration } from '../tui/view-model.ts';
+import { humanBytes, humanDuration } from '../core/human.ts';
 import { ControlClient, ControlRequestError } from './client.ts';
 import type { CertStatus, StatusInfo } from './protocol.ts';
 import { controlSocketPath } from './server.ts';
@@ -61,21 +61,6 @@ async function withClient(opts: VerbOptions, body: (c: ControlClient) => Promise
   } finally {
     client.close();
   }
-}
-
-export async function topVerb(opts: VerbOptions): Promise<number> {
-  const t = target(opts);
-  if (typeof t === 'number') return t;
-  if (!process.stdout.isTTY) {
-    process.stderr.write('mailgate top: needs a terminal (use `mailgate status` for a one-shot view)\n');
-    return 2;
-  }
-  // Loaded here so that the other verbs do not pull in blessed.
-  const { runDashboard } = await import('../tui/dashboard.ts');
-  const code = await runDashboard({ socketPath: t.socket, configFile: t.configFile });
-  // blessed keeps stdin referenced; the terminal is restored by now, so leave.
-  setTimeout(() => process.exit(code), 50).unref();
-  return code;
 }
 
 export function statusVerb(opts: VerbOptions): Promise<number> {

@@ -1,9 +1,9 @@
 /**
  * The gateway's runtime window: counters, the control socket and the metrics
- * endpoint, started and stopped together by the Gateway (main.ts).
+ * endpoint, started and stopped together by the runtime (src/main.ts).
  */
 import type { Logger } from '../core/log.ts';
-import { renderMetrics, MetricsServer } from './metrics.ts';
+import { GatewayMetrics, MetricsServer } from './metrics.ts';
 import { ControlServer, controlSocketPath, resolveGroup } from './server.ts';
 import { GatewayStats } from './stats.ts';
 import type { ControlTarget } from './target.ts';
@@ -55,15 +55,8 @@ export async function startControlPlane(target: ControlTarget, log: Logger): Pro
     }
     if (config.metrics.listen) {
       const c = control;
-      metrics = await MetricsServer.start(
-        config.metrics.listen,
-        () => {
-          const render = () => renderMetrics(target, stats, { controlClients: () => c?.clientCount ?? 0, controlDropped: () => c?.droppedClientCount ?? 0 });
-          // A cluster primary's session records are mirrored: bring them up to date first (live byte counts).
-          return target.refresh ? target.refresh().then(render) : render();
-        },
-        log.child({ part: 'metrics' }),
-      );
+      const families = new GatewayMetrics(target, stats, { controlClients: () => c?.clientCount ?? 0, controlDropped: () => c?.droppedClientCount ?? 0 });
+      metrics = await MetricsServer.start(config.metrics.listen, () => families.text(), log.child({ part: 'metrics' }));
     }
   } catch (err) {
     await close();

@@ -1,22 +1,29 @@
 /**
- * Prometheus metrics in the text exposition format (version 0.0.4) over
- * HTTP on a local address. Every value is read at scrape time from the
- * registry, the counters in stats.ts and the certificate store; nothing is
- * instrumented per byte. Written by hand: a dozen families derived at scrape
- * time need no client library (see README.md).
+ * Prometheus metrics (text format 0.0.4) over HTTP on a local address,
+ * through prom-client. Values are read when scraped from what the runtime
+ * holds: the session registry (live sessions by state, live bytes), the
+ * counters in stats.ts, the certificate store, the bans and the workers; the
+ * backend connect histogram is observed as connections are made (stats.ts).
+ * With workers the runtime's registry mirrors every worker's sessions
+ * (src/cluster/registry-link.ts), so the primary's metrics are the whole
+ * gateway's, and its counters stay monotonic when a worker is replaced;
+ * prom-client's cluster aggregation (the sum of each worker's own registry)
+ * is not used: README.md ("Metrics") says why.
  */
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import { isIP } from 'node:net';
+import { Counter, Gauge, Registry } from 'prom-client';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { HostPort } from '../net/address.ts';
 import { closeServer, listenOn } from '../net/bind.ts';
 import type { SessionStateName } from './protocol.ts';
-import { LATENCY_BUCKETS, type GatewayStats } from './stats.ts';
+import type { GatewayStats } from './stats.ts';
 import type { ControlTarget } from './target.ts';
 import { VERSION } from './version.ts';
 
 const LIVE_STATES: readonly SessionStateName[] = ['handshake', 'preauth', 'starttls', 'authenticating', 'relaying', 'closing'];
+const WORKER_STATES = ['starting', 'ready', 'stopping', 'dead'] as const;
 
 export interface MetricsExtras {
   controlClients(): number;
@@ -25,130 +32,127 @@ export interface MetricsExtras {
 
 type Labels = Record<string, string>;
 
-/** Builds one exposition: families in a fixed order, HELP and TYPE once each. */
-class Exposition {
-  private readonly out: string[] = [];
+/** The gateway's metric families, in a fixed order, each read from the runtime when scraped. */
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  private readonly target: ControlTarget;
+  private readonly stats: GatewayStats;
 
-  family(name: string, type: 'counter' | 'gauge' | 'histogram', help: string): this {
-    this.out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-    return this;
+  constructor(target: ControlTarget, stats: GatewayStats, extras: MetricsExtras) {
+    this.target = target;
+    this.stats = stats;
+    const configured = () => target.currentConfig.listeners.map((l) => l.name);
+    const names = () => stats.listenerNames(configured());
+
+    this.gauge('mailgate_info', 'Version of the running mailgate.', ['version'], (set) => set({ version: VERSION }, 1));
+    this.gauge('mailgate_start_time_seconds', 'When the daemon started (Unix time).', [], (set) => set({}, target.startedAt / 1000));
+    this.gauge('mailgate_listener_up', 'Whether a configured listener is bound (1) or not (0).', ['listener'], (set) => {
+      const bound = target.addresses();
+      for (const name of configured()) set({ listener: name }, (bound[name]?.length ?? 0) > 0 ? 1 : 0);
+    });
+    this.gauge('mailgate_sessions', 'Live sessions by listener and state.', ['listener', 'state'], (set) => {
+      const byState = new Map<string, number>();
+      for (const r of target.registry.list()) {
+        const k = `${r.listener}\u0000${r.state}`;
+        byState.set(k, (byState.get(k) ?? 0) + 1);
+      }
+      for (const name of names()) for (const state of LIVE_STATES) set({ listener: name, state }, byState.get(`${name}\u0000${state}`) ?? 0);
+    });
+    this.counter('mailgate_sessions_accepted_total', 'Connections accepted and registered as sessions.', ['listener'], (add) => {
+      for (const name of names()) add({ listener: name }, stats.for(name).accepted);
+    });
+    this.counter('mailgate_auth_total', 'Logins by result (ok: the backend or local auth accepted; fail: rejected).', ['listener', 'result'], (add) => {
+      for (const name of names()) {
+        const t = stats.for(name);
+        add({ listener: name, result: 'ok' }, t.authOk);
+        add({ listener: name, result: 'fail' }, t.authFail);
+      }
+    });
+    this.counter('mailgate_refused_total', 'Connections and logins refused by policy or limits, by reason (a code).', ['listener', 'reason'], (add) => {
+      for (const name of names()) for (const [reason, n] of stats.for(name).refusedByReason) add({ listener: name, reason }, n);
+    });
+    this.counter('mailgate_sessions_closed_total', 'Sessions ended, by close reason.', ['listener', 'reason'], (add) => {
+      for (const name of names()) for (const [reason, n] of stats.for(name).closedByReason) add({ listener: name, reason }, n);
+    });
+    this.counter('mailgate_tls_handshake_errors_total', 'TLS handshakes that failed or timed out.', ['listener', 'kind'], (add) => {
+      for (const name of names()) {
+        const closed = stats.for(name).closedByReason;
+        add({ listener: name, kind: 'failed' }, closed.get('tls-handshake-failed') ?? 0);
+        add({ listener: name, kind: 'timeout' }, closed.get('tls-handshake-timeout') ?? 0);
+      }
+    });
+    this.counter('mailgate_bytes_total', 'Bytes relayed, by direction (in: from clients, out: to clients); live sessions included.', ['listener', 'direction'], (add) => {
+      for (const c of stats.counters(configured())) {
+        add({ listener: c.listener, direction: 'in' }, c.bytesIn);
+        add({ listener: c.listener, direction: 'out' }, c.bytesOut);
+      }
+    });
+    this.registry.registerMetric(stats.backendConnectSeconds);
+    this.gauge('mailgate_backend_up', "Outcome of the listener's last backend connection (1 ok, 0 failed); absent until one was made.", ['listener'], (set) => {
+      for (const name of names()) {
+        const health = stats.for(name).backendHealth;
+        if (health) set({ listener: name }, health.ok ? 1 : 0);
+      }
+    });
+    this.gauge('mailgate_certificate_expiry_timestamp_seconds', 'notAfter of each served certificate (Unix time).', ['name', 'names', 'source'], (set) => {
+      for (const c of target.certificates.list()) set({ name: c.names[0] ?? '', names: c.names.join(','), source: c.source }, Math.floor(c.notAfter.getTime() / 1000));
+    });
+    if (target.bans) {
+      const bans = target.bans;
+      this.gauge('mailgate_bans', 'Addresses banned now.', [], (set) => {
+        const now = Date.now();
+        set({}, bans.list().filter((b) => b.expiresAt === null || b.expiresAt > now).length);
+      });
+    }
+    if (target.workers) {
+      const workers = target.workers.bind(target);
+      this.gauge('mailgate_workers', 'Worker processes by state.', ['state'], (set) => {
+        const all = workers();
+        for (const state of WORKER_STATES) set({ state }, all.filter((w) => w.state === state).length);
+      });
+      this.counter('mailgate_worker_restarts_total', 'Times a worker was started again after its process died.', ['worker'], (add) => {
+        for (const w of workers()) add({ worker: String(w.index) }, w.restarts);
+      });
+    }
+    this.counter('mailgate_reloads_total', 'Configuration reloads by result.', ['result'], (add) => {
+      add({ result: 'ok' }, stats.reloads.ok);
+      add({ result: 'failed' }, stats.reloads.failed);
+    });
+    this.gauge('mailgate_control_clients', 'Clients connected to the control socket.', [], (set) => set({}, extras.controlClients()));
+    this.counter('mailgate_control_clients_dropped_total', 'Control clients dropped for not reading their output.', [], (add) => add({}, extras.controlDropped()));
   }
 
-  sample(name: string, labels: Labels, value: number): this {
-    const keys = Object.keys(labels);
-    const l = keys.length ? `{${keys.map((k) => `${k}="${escapeLabel(labels[k]!)}"`).join(',')}}` : '';
-    this.out.push(`${name}${l} ${formatValue(value)}`);
-    return this;
+  /** One exposition; a cluster primary's mirrored sessions are brought up to date first (live byte counts). */
+  async text(): Promise<string> {
+    await this.target.refresh?.();
+    // Every listener has its counters, and so its backend connect histogram, before anything is read.
+    for (const name of this.stats.listenerNames(this.target.currentConfig.listeners.map((l) => l.name))) this.stats.for(name);
+    return this.registry.metrics();
   }
 
-  text(): string {
-    return `${this.out.join('\n')}\n`;
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  /** A gauge whose values are set from the runtime at each scrape. */
+  private gauge(name: string, help: string, labelNames: string[], read: Reader): void {
+    new Gauge({ name, help, labelNames, registers: [this.registry], collect: readEachScrape(read, (m, labels, v) => (m as Gauge).set(labels, v)) });
+  }
+
+  /** A counter whose (absolute, monotonic) values are read from the runtime's counters at each scrape. */
+  private counter(name: string, help: string, labelNames: string[], read: Reader): void {
+    new Counter({ name, help, labelNames, registers: [this.registry], collect: readEachScrape(read, (m, labels, v) => (m as Counter).inc(labels, v)) });
   }
 }
 
-export function escapeLabel(v: string): string {
-  return v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
-}
+type Reader = (put: (labels: Labels, value: number) => void) => void;
 
-function formatValue(v: number): string {
-  if (Number.isNaN(v)) return 'NaN';
-  if (v === Infinity) return '+Inf';
-  if (v === -Infinity) return '-Inf';
-  return String(v);
-}
-
-export function renderMetrics(target: ControlTarget, stats: GatewayStats, extras: MetricsExtras, now = Date.now()): string {
-  const config = target.currentConfig;
-  const configured = config.listeners.map((l) => l.name);
-  const names = stats.listenerNames(configured);
-  const bound = target.addresses();
-  const e = new Exposition();
-
-  e.family('mailgate_info', 'gauge', 'Version of the running mailgate.').sample('mailgate_info', { version: VERSION }, 1);
-  e.family('mailgate_start_time_seconds', 'gauge', 'When the daemon started (Unix time).').sample('mailgate_start_time_seconds', {}, target.startedAt / 1000);
-
-  e.family('mailgate_listener_up', 'gauge', 'Whether a configured listener is bound (1) or not (0).');
-  for (const name of configured) e.sample('mailgate_listener_up', { listener: name }, (bound[name]?.length ?? 0) > 0 ? 1 : 0);
-
-  const byState = new Map<string, number>();
-  for (const r of target.registry.list()) {
-    const k = `${r.listener}\u0000${r.state}`;
-    byState.set(k, (byState.get(k) ?? 0) + 1);
-  }
-  e.family('mailgate_sessions', 'gauge', 'Live sessions by listener and state.');
-  for (const name of names) {
-    for (const state of LIVE_STATES) e.sample('mailgate_sessions', { listener: name, state }, byState.get(`${name}\u0000${state}`) ?? 0);
-  }
-
-  e.family('mailgate_sessions_accepted_total', 'counter', 'Connections accepted and registered as sessions.');
-  for (const name of names) e.sample('mailgate_sessions_accepted_total', { listener: name }, stats.for(name).accepted);
-
-  e.family('mailgate_auth_total', 'counter', 'Logins by result (ok: the backend or local auth accepted; fail: rejected).');
-  for (const name of names) {
-    const t = stats.for(name);
-    e.sample('mailgate_auth_total', { listener: name, result: 'ok' }, t.authOk);
-    e.sample('mailgate_auth_total', { listener: name, result: 'fail' }, t.authFail);
-  }
-
-  e.family('mailgate_refused_total', 'counter', 'Connections and logins refused by policy or limits, by reason.');
-  for (const name of names) for (const [reason, n] of stats.for(name).refusedByReason) e.sample('mailgate_refused_total', { listener: name, reason }, n);
-
-  e.family('mailgate_sessions_closed_total', 'counter', 'Sessions ended, by close reason.');
-  for (const name of names) for (const [reason, n] of stats.for(name).closedByReason) e.sample('mailgate_sessions_closed_total', { listener: name, reason }, n);
-
-  e.family('mailgate_tls_handshake_errors_total', 'counter', 'TLS handshakes that failed or timed out.');
-  for (const name of names) {
-    const closed = stats.for(name).closedByReason;
-    e.sample('mailgate_tls_handshake_errors_total', { listener: name, kind: 'failed' }, closed.get('tls-handshake-failed') ?? 0);
-    e.sample('mailgate_tls_handshake_errors_total', { listener: name, kind: 'timeout' }, closed.get('tls-handshake-timeout') ?? 0);
-  }
-
-  e.family('mailgate_bytes_total', 'counter', 'Bytes relayed, by direction (in: from clients, out: to clients); live sessions included.');
-  const counters = stats.counters(configured);
-  for (const c of counters) {
-    e.sample('mailgate_bytes_total', { listener: c.listener, direction: 'in' }, c.bytesIn);
-    e.sample('mailgate_bytes_total', { listener: c.listener, direction: 'out' }, c.bytesOut);
-  }
-
-  e.family('mailgate_backend_connect_seconds', 'histogram', 'Time to open the backend connection for a login.');
-  for (const name of names) {
-    const h = stats.for(name).backendConnect;
-    const cumulative = h.cumulative();
-    LATENCY_BUCKETS.forEach((le, i) => e.sample('mailgate_backend_connect_seconds_bucket', { listener: name, le: String(le) }, cumulative[i]!));
-    e.sample('mailgate_backend_connect_seconds_bucket', { listener: name, le: '+Inf' }, h.count);
-    e.sample('mailgate_backend_connect_seconds_sum', { listener: name }, h.sum);
-    e.sample('mailgate_backend_connect_seconds_count', { listener: name }, h.count);
-  }
-
-  e.family('mailgate_backend_up', 'gauge', "Outcome of the listener's last backend connection (1 ok, 0 failed); absent until one was made.");
-  for (const name of names) {
-    const health = stats.for(name).backendHealth;
-    if (health) e.sample('mailgate_backend_up', { listener: name }, health.ok ? 1 : 0);
-  }
-
-  e.family('mailgate_certificate_expiry_timestamp_seconds', 'gauge', 'notAfter of each served certificate (Unix time).');
-  for (const c of target.certificates.list()) {
-    e.sample('mailgate_certificate_expiry_timestamp_seconds', { name: c.names[0] ?? '', names: c.names.join(','), source: c.source }, Math.floor(c.notAfter.getTime() / 1000));
-  }
-
-  const bans = target.bans;
-  if (bans) e.family('mailgate_bans', 'gauge', 'Addresses banned now.').sample('mailgate_bans', {}, bans.list().filter((b) => b.expiresAt === null || b.expiresAt > now).length);
-
-  const workers = target.workers?.();
-  if (workers) {
-    e.family('mailgate_workers', 'gauge', 'Worker processes by state.');
-    for (const state of ['starting', 'ready', 'stopping', 'dead'] as const) e.sample('mailgate_workers', { state }, workers.filter((w) => w.state === state).length);
-    e.family('mailgate_worker_restarts_total', 'counter', 'Times a worker was started again after its process died.');
-    for (const w of workers) e.sample('mailgate_worker_restarts_total', { worker: String(w.index) }, w.restarts);
-  }
-
-  e.family('mailgate_reloads_total', 'counter', 'Configuration reloads by result.');
-  e.sample('mailgate_reloads_total', { result: 'ok' }, stats.reloads.ok);
-  e.sample('mailgate_reloads_total', { result: 'failed' }, stats.reloads.failed);
-
-  e.family('mailgate_control_clients', 'gauge', 'Clients connected to the control socket.').sample('mailgate_control_clients', {}, extras.controlClients());
-  e.family('mailgate_control_clients_dropped_total', 'counter', 'Control clients dropped for not reading their output.').sample('mailgate_control_clients_dropped_total', {}, extras.controlDropped());
-  return e.text();
+/** A collect() hook: the metric forgets its values and takes what `read` says now. */
+function readEachScrape(read: Reader, put: (metric: Gauge | Counter, labels: Labels, value: number) => void) {
+  return function (this: Gauge | Counter): void {
+    this.reset();
+    read((labels, value) => put(this, labels, value));
+  };
 }
 
 export class MetricsServer {
@@ -177,7 +181,7 @@ export class MetricsServer {
         return;
       }
       const answer = (body: string) => {
-        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8', 'cache-control': 'no-store' });
+        res.writeHead(200, { 'content-type': Registry.PROMETHEUS_CONTENT_TYPE, 'cache-control': 'no-store' });
         res.end(req.method === 'HEAD' ? undefined : body);
       };
       let body: string | Promise<string>;

@@ -6,9 +6,11 @@
  * with absolute counters so a client never has to add events up to be right).
  *
  * Shared by the daemon (control/server.ts) and its clients (control/client.ts,
- * the dashboard, the CLI verbs); it imports nothing from the daemon.
+ * the dashboard, the CLI verbs); of the daemon it takes only the session
+ * record's type (src/session/record.ts), so a session is described once.
  */
 import { z } from 'zod';
+import type { LiveFields, SessionInfo } from '../session/record.ts';
 
 /** Bumped on any incompatible change; a client refuses a daemon with another version. */
 export const PROTOCOL_VERSION = 1;
@@ -20,42 +22,11 @@ export const MAX_MESSAGE_LINE = 64 * 1024 * 1024;
 
 // ---- what the daemon describes --------------------------------------------
 
-export type SessionStateName = 'handshake' | 'preauth' | 'starttls' | 'authenticating' | 'relaying' | 'closing' | 'closed';
+/** A live session's state, and the session as the daemon describes it (defined once, src/session/record.ts). */
+export type { SessionInfo, SessionState as SessionStateName } from '../session/record.ts';
 
-export interface SessionInfo {
-  id: string;
-  listener: string;
-  protocol: 'imap' | 'pop3' | 'smtp' | 'http';
-  clientIp: string;
-  clientPort: number;
-  /** ms since the epoch */
-  startedAt: number;
-  lastActivity: number;
-  state: SessionStateName;
-  user: string | null;
-  backend: string | null;
-  tlsVersion: string | null;
-  tlsCipher: string | null;
-  bytesIn: number;
-  bytesOut: number;
-  messages: number;
-  recipients: number;
-}
-
-/** The fields of a live session that change without an event of their own; sent coalesced, once per flush. */
-export interface SessionUpdate {
-  type: 'update';
-  id: string;
-  state: SessionStateName;
-  lastActivity: number;
-  user: string | null;
-  backend: string | null;
-  tlsVersion: string | null;
-  bytesIn: number;
-  bytesOut: number;
-  messages: number;
-  recipients: number;
-}
+/** The live fields of a session that changed since the last update; sent coalesced, once per update interval. */
+export type SessionUpdate = { type: 'update'; id: string } & LiveFields;
 
 /** The last backend connection attempt seen on a listener. */
 export interface BackendHealth {
@@ -181,14 +152,13 @@ export type ControlEvent =
       bytesOut: number;
       durationMs: number;
     }
-  | { type: 'refused'; at: number; listener: string; clientIp: string; reason: string }
+  /** `code`: why, as metrics count it; `reason`: what the client was told. */
+  | { type: 'refused'; at: number; listener: string; clientIp: string; code?: string; reason: string }
   | { type: 'auth-failed'; at: number; id: string; listener: string; clientIp: string; user: string | null }
   | { type: 'banned'; at: number; ban: Ban; killed: number }
   | { type: 'unbanned'; at: number; ip: string }
   | { type: 'cert'; at: number; cert: CertStatus }
   | ({ type: 'reload'; at: number } & ReloadOutcome);
-
-export type ControlEventType = ControlEvent['type'];
 
 // ---- messages ------------------------------------------------------------------
 

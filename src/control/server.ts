@@ -19,7 +19,7 @@ import type { z } from 'zod';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
-import { liveFields, sameLiveFields, type LiveFields, type SessionRecord } from '../session/registry.ts';
+import { liveFields, sameLiveFields, sessionInfo, type LiveFields } from '../session/record.ts';
 import type { CertInfo } from '../tls/cert-store.ts';
 import {
   commandArgs,
@@ -41,7 +41,6 @@ import {
   type ReloadOutcome,
   type Reply,
   type RequestId,
-  type SessionInfo,
   type Snapshot,
   type StatusInfo,
 } from './protocol.ts';
@@ -254,7 +253,7 @@ export class ControlServer {
           durationMs: r.durationMs,
         });
       }),
-      registry.on('refused', (e) => this.publish({ type: 'refused', at: e.at, listener: e.listener, clientIp: e.clientIp, reason: e.reason })),
+      registry.on('refused', (e) => this.publish({ type: 'refused', at: e.at, listener: e.listener, clientIp: e.clientIp, code: e.code, reason: e.reason })),
       registry.on('authFailed', (e) =>
         this.publish({ type: 'auth-failed', at: e.at, id: e.id, listener: e.listener, clientIp: e.clientIp, user: e.user }),
       ),
@@ -449,20 +448,9 @@ export class ControlServer {
     for (const r of this.target.registry.list()) {
       const prev = this.signatures.get(r.id);
       if (prev && sameLiveFields(prev, r)) continue;
-      this.signatures.set(r.id, liveFields(r));
-      out.push({
-        type: 'update',
-        id: r.id,
-        state: r.state,
-        lastActivity: r.lastActivity,
-        user: r.user,
-        backend: r.backend,
-        tlsVersion: r.tlsVersion,
-        bytesIn: r.bytesIn,
-        bytesOut: r.bytesOut,
-        messages: r.messages,
-        recipients: r.recipients,
-      });
+      const live = liveFields(r);
+      this.signatures.set(r.id, live);
+      out.push({ type: 'update', id: r.id, ...live });
     }
     return out;
   }
@@ -643,27 +631,6 @@ function errorReply(id: RequestId | null, err: unknown, log: Logger, cmd: string
   if (err instanceof ProtocolError) return { type: 'reply', id, ok: false, error: { code: err.code, message: err.message } };
   log.error({ cmd, err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'control command failed');
   return { type: 'reply', id, ok: false, error: { code: 'FAILED', message: errorMessage(err) } };
-}
-
-export function sessionInfo(r: SessionRecord): SessionInfo {
-  return {
-    id: r.id,
-    listener: r.listener,
-    protocol: r.protocol,
-    clientIp: r.clientIp,
-    clientPort: r.clientPort,
-    startedAt: r.startedAt,
-    lastActivity: r.lastActivity,
-    state: r.state,
-    user: r.user,
-    backend: r.backend,
-    tlsVersion: r.tlsVersion,
-    tlsCipher: r.tlsCipher,
-    bytesIn: r.bytesIn,
-    bytesOut: r.bytesOut,
-    messages: r.messages,
-    recipients: r.recipients,
-  };
 }
 
 export function certStatus(info: CertInfo, renewal: CertStatus['renewal'], now = Date.now()): CertStatus {

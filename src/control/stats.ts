@@ -4,51 +4,37 @@
  * endpoint exposes. Live values (sessions now, bytes of live sessions) are
  * read from the registry when asked, never tracked per byte.
  */
+import { Histogram } from 'prom-client';
 import type { SessionRegistry } from '../session/registry.ts';
 import type { BackendHealth, ListenerCounters, ReloadOutcome } from './protocol.ts';
 
 /** Upper bounds (seconds) of the backend connect latency histogram. */
-export const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] as const;
-
-export class Histogram {
-  readonly counts: number[] = LATENCY_BUCKETS.map(() => 0);
-  count = 0;
-  sum = 0;
-
-  observe(seconds: number): void {
-    this.count++;
-    this.sum += seconds;
-    for (let i = 0; i < LATENCY_BUCKETS.length; i++) {
-      if (seconds <= LATENCY_BUCKETS[i]!) {
-        this.counts[i]!++;
-        return;
-      }
-    }
-  }
-
-  /** Cumulative counts per bucket, as Prometheus wants them (the +Inf bucket is `count`). */
-  cumulative(): number[] {
-    let run = 0;
-    return this.counts.map((c) => (run += c));
-  }
-}
+export const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 export interface ListenerTotals {
   accepted: number;
   authOk: number;
   authFail: number;
+  /** By code (a policy verdict's, or max_connections), never by the text the client saw. */
   refusedByReason: Map<string, number>;
   closedByReason: Map<string, number>;
   /** Bytes of sessions that have ended (live ones are added from the registry). */
   closedBytesIn: number;
   closedBytesOut: number;
-  backendConnect: Histogram;
   backendHealth: BackendHealth | null;
 }
 
 const BACKEND_FAILURES = new Set(['backend-unavailable', 'backend-timeout', 'backend-error']);
 
 export class GatewayStats {
+  /** Backend connect latency per listener, observed as connections are made (exposed by metrics.ts). */
+  readonly backendConnectSeconds = new Histogram({
+    name: 'mailgate_backend_connect_seconds',
+    help: 'Time to open the backend connection for a login.',
+    labelNames: ['listener'],
+    buckets: LATENCY_BUCKETS,
+    registers: [],
+  });
   private readonly registry: SessionRegistry;
   private readonly totals = new Map<string, ListenerTotals>();
   private readonly unsubscribe: (() => void)[];
@@ -71,11 +57,11 @@ export class GatewayStats {
         this.for(e.listener).authFail++;
       }),
       registry.on('refused', (e) => {
-        bump(this.for(e.listener).refusedByReason, e.reason);
+        bump(this.for(e.listener).refusedByReason, e.code);
       }),
       registry.on('backendConnected', (e) => {
         const t = this.for(e.listener);
-        t.backendConnect.observe(e.ms / 1000);
+        this.backendConnectSeconds.observe({ listener: e.listener }, e.ms / 1000);
         t.backendHealth = { ok: true, at: e.at, latencyMs: Math.round(e.ms * 10) / 10, error: null };
       }),
       registry.on('closed', (r) => {
@@ -100,10 +86,11 @@ export class GatewayStats {
         closedByReason: new Map(),
         closedBytesIn: 0,
         closedBytesOut: 0,
-        backendConnect: new Histogram(),
         backendHealth: null,
       };
       this.totals.set(listener, t);
+      // Every listener with counters has its (empty) histogram too.
+      this.backendConnectSeconds.zero({ listener });
     }
     return t;
   }

@@ -1,6 +1,6 @@
 /**
  * What the control socket and the metrics endpoint need from the running
- * gateway. The Gateway (main.ts) implements it; unit tests use a small fake.
+ * gateway. The runtime (src/main.ts) implements it; unit tests use a small fake.
  */
 import type { Config } from '../config/load.ts';
 import type { SessionRegistry } from '../session/registry.ts';

@@ -10,7 +10,6 @@ export const ErrorCodes = {
   BACKEND_TIMEOUT: 'Backend did not answer in time',
   BACKEND_PROTOCOL: 'Backend sent something unexpected',
   BACKEND_CLOSED: 'Backend closed the connection',
-  LINE_TOO_LONG: 'Line exceeds the configured bound',
   CERT_LOAD: 'Certificate or key could not be loaded',
   CERT_WRITE: 'Certificate or key could not be written',
   ACME: 'The ACME certificate authority refused or could not be reached',

@@ -14,7 +14,8 @@ import { normalizeIp } from '../net/address.ts';
 import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { ConnectFacts, Policy, Verdict } from '../policy/engine.ts';
 import type { CloseReason } from '../protocols/types.ts';
-import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry } from '../session/registry.ts';
+import { newSessionRecord, type SessionRecord } from '../session/record.ts';
+import type { SessionControl, SessionRegistry } from '../session/registry.ts';
 import { BackendAgent } from './backend-agent.ts';
 
 type HttpListener = Listener & { protocol: 'http' };
@@ -82,7 +83,7 @@ export class HttpConnection implements SessionControl {
   /** Per-request policy (requests per window); undefined when the policy has no such rule. */
   requestVerdict(method: string, path: string): Verdict | undefined {
     const verdict = this.deps.policy.onHttpRequest?.({ ...this.connectFacts, now: Date.now(), method, path });
-    if (verdict && verdict.action !== 'allow') this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.reason);
+    if (verdict && verdict.action !== 'allow') this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.code, verdict.text);
     return verdict;
   }
 
@@ -96,8 +97,8 @@ export class HttpConnection implements SessionControl {
       return;
     }
     this.pendingReason = verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail';
-    this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.reason);
-    this.log.info({ reason: verdict.reason, action: verdict.action }, 'connection refused by policy');
+    this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.code, verdict.text);
+    this.log.info({ reason: verdict.text, code: verdict.code, action: verdict.action }, 'connection refused by policy');
   }
 
   /** The TLS handshake is done: HTTP runs on `socket` from now on. */

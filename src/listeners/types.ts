@@ -4,7 +4,7 @@ import type { Policy } from '../policy/engine.ts';
 import type { SessionRegistry } from '../session/registry.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 
-/** What every listener is built from; the composition root owns all of it. */
+/** What every listener is built from, handed in by the serving part (src/serving.ts). */
 export interface ListenerDeps {
   hostname: string;
   certs: CertStore;
@@ -15,6 +15,15 @@ export interface ListenerDeps {
   minVersion: 'TLSv1.2' | 'TLSv1.3';
   /** A worker process: bind with SO_REUSEPORT beside the other workers (src/cluster). */
   sharedPorts?: boolean;
+}
+
+/** What a reload did to the listeners: started, stopped, updated in place; `error` when it failed. */
+export interface ReloadResult {
+  ok: boolean;
+  error?: string;
+  started: string[];
+  stopped: string[];
+  updated: string[];
 }
 
 export interface ListenerHandle {

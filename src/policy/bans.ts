@@ -11,7 +11,7 @@
  */
 import type { Redis } from 'ioredis';
 import { errorMessage } from '../core/errors.ts';
-import { AddressSet, parseCidr } from './cidr.ts';
+import { AddressSet, parseCidr } from '../net/cidr.ts';
 import type { Logger } from '../core/log.ts';
 import type { StoreErrors } from './counters.ts';
 

@@ -7,7 +7,7 @@ import type { Config } from '../config/load.ts';
 import { formatDuration } from '../core/duration.ts';
 import { errorMessage } from '../core/errors.ts';
 import { hashPassword } from './passwords.ts';
-import { BackendSecrets } from './routes.ts';
+import { readPolicyFiles } from './files.ts';
 import { UserDirectory } from './users.ts';
 
 const USAGE = `usage: mailgate hash-password [--bcrypt]
@@ -109,11 +109,7 @@ function promptHidden(prompt: string): Promise<string | null> {
  * backend password files like a start would; throws ConfigError/MailgateError.
  */
 export function policySummary(config: Config): string[] {
-  const users = UserDirectory.fromConfig(config.users, config.baseDir);
-  new BackendSecrets(
-    [...config.listeners.map((l) => ('backend_login' in l ? l.backend_login : undefined)), ...config.routes.map((r) => r.backend_login)],
-    config.baseDir,
-  );
+  const users = UserDirectory.fromConfig(config.users, readPolicyFiles(config));
   const bf = config.brute_force;
   const t = (x: { failures: number; window: number; ban: number }) => `${x.failures} in ${formatDuration(x.window)} -> ${formatDuration(x.ban)}`;
   const out = [

@@ -2,11 +2,13 @@
  * The policy seam. The session driver asks when a client connects and when
  * credentials are ready, reports the backend's verdict on a login and the end
  * of a session; the HTTP listener asks per request and the SMTP splice per
- * message. Policy is a decision on facts: it never touches a socket.
+ * message. Policy never touches a socket.
  *
- * PolicyEngine is the configured policy: access rules, local users, per-user
- * routes, rate limits and brute-force bans (src/policy/*). Its memory (counts,
- * bans, open sessions) is a PolicyState that outlives the engine, so a reload
+ * PolicyEngine is the configured policy, in steps: it takes a snapshot of the
+ * policy state, asks the pure decision (decide.ts), checks a local user's
+ * password (users.ts) where the listener says so, routes the login
+ * (routes.ts), and records what followed in the state (counts, failed
+ * logins, bans, open sessions). The state outlives the engine, so a reload
  * builds a new engine on the same state. PassthroughPolicy is the do-nothing
  * policy for tests and tools.
  *
@@ -16,22 +18,18 @@
  * Redis another gateway's counts arrive at the next block; the login-time
  * checks always ask the store.
  */
-import { createHash } from 'node:crypto';
-import { isIP } from 'node:net';
 import type { Config, Listener } from '../config/load.ts';
-import type { BackendLogin, PolicySections, RateLimit } from '../config/schema-policy.ts';
-import type { BanAdmin, Ban as ControlBan } from '../control/target.ts';
-import { errorCode, MailgateError } from '../core/errors.ts';
+import type { BackendLogin } from '../config/schema-policy.ts';
 import type { Logger } from '../core/log.ts';
-import { normalizeIp, type HostPort } from '../net/address.ts';
+import type { HostPort } from '../net/address.ts';
 import type { Credentials } from '../protocols/types.ts';
-import { banId, type Ban, type BanKind } from './bans.ts';
-import { AddressSet, parseCidr } from './cidr.ts';
-import type { WindowCounter } from './counters.ts';
+import type { Ban } from './bans.ts';
+import type { Count } from './counters.ts';
+import { ALLOW, blockKey, deny, limitKey, MAX_USER, PolicyRules, tempfail, type CompiledLimit, type Refusal, type Snapshot, type Verdict } from './decide.ts';
+import type { PolicyFiles } from './files.ts';
 import { canonicalUser } from './names.ts';
 import { BackendSecrets, Router } from './routes.ts';
-import { RuleSet, type RuleFacts } from './rules.ts';
-import type { PolicyState } from './state.ts';
+import type { PolicyState, WindowLimit } from './state.ts';
 import { UserDirectory, type LocalUser } from './users.ts';
 
 export interface ConnectFacts {
@@ -54,15 +52,10 @@ export interface HttpRequestFacts extends ConnectFacts {
   path?: string;
 }
 
-export type Verdict =
-  | { action: 'allow' }
-  | { action: 'deny'; reason: string }
-  | { action: 'tempfail'; reason: string; retryAfterMs?: number };
+export type { RefusalCode, Verdict } from './decide.ts';
 
-export type AuthDecision =
-  | { action: 'allow'; backend: HostPort; credentials: Credentials | null }
-  | { action: 'deny'; reason: string }
-  | { action: 'tempfail'; reason: string; retryAfterMs?: number };
+/** A login's verdict: allowed with the backend to use and the credentials to replay there, or refused. */
+export type AuthDecision = { action: 'allow'; backend: HostPort; credentials: Credentials | null } | Refusal;
 
 export interface Policy {
   onConnect(facts: ConnectFacts): Verdict;
@@ -90,7 +83,7 @@ export interface Policy {
 
 export class PassthroughPolicy implements Policy {
   onConnect(): Verdict {
-    return { action: 'allow' };
+    return ALLOW;
   }
 
   async onAuth(facts: AuthFacts, credentials: Credentials | null): Promise<AuthDecision> {
@@ -104,109 +97,28 @@ export class PassthroughPolicy implements Policy {
 
 // ---- the configured engine ---------------------------------------------------------
 
-/** Texts the client sees. Fixed, short, and the same for a wrong password and an unknown user. */
-const TEXT = {
-  denied: 'Access denied',
-  tempfail: 'Try again later',
-  badLogin: 'Authentication failed',
-  banned: 'Too many failed logins, try again later',
-  connections: 'Too many connections, try again later',
-  concurrent: 'Too many connections from your address',
-  sessions: 'Too many sessions for this user',
-  messages: 'Message limit reached, try again later',
-  recipients: 'Too many recipients, try again later',
-  requests: 'Too many requests',
-  busy: 'Authentication temporarily unavailable',
-} as const;
-
-/** Login names longer than this are refused without further work (they are not names). */
-const MAX_USER = 320;
-
-type BruteForce = PolicySections['brute_force'];
-type Threshold = BruteForce['per_address'];
-
-interface CompiledLimit {
-  readonly spec: RateLimit;
-  /** Counter (and local block) name: the same rule keeps its counts across reloads. */
-  readonly name: string;
-  readonly counter: WindowCounter | undefined;
-  /** Whether a session on this listener counts (listeners/protocols scope). */
-  readonly scope: (listener: string) => boolean;
-}
-
-export interface BanRequest {
-  kind: BanKind;
-  /** An address ("range": a CIDR); for "address", "range" and "pair". */
-  address?: string;
-  /** For "user" and "pair". */
-  user?: string;
-  durationMs: number;
-  reason?: string;
-}
-
-export interface FailureCounts {
-  address: number;
-  pair: number | null;
-  user: number | null;
-}
-
-/** The dashboard's and control socket's view of bans and counters (all kinds, from the store). */
-export interface PolicyAdmin {
-  listBans(): Promise<Ban[]>;
-  addBan(req: BanRequest): Promise<Ban>;
-  removeBan(id: string): Promise<boolean>;
-  /** Failed logins counted in the current windows, and bans, for an address and/or user. */
-  inspect(query: { address?: string; user?: string }): Promise<{ failures: FailureCounts | null; bans: Ban[] }>;
-  /** Sessions open from an address, logged in for a user (this gateway). */
-  open(query: { address?: string; user?: string }): { address: number | null; user: number | null };
-}
-
-export interface EngineOptions {
-  /** Users to use instead of reading `users` from the config (tests). */
-  users?: UserDirectory;
-}
-
 export class PolicyEngine implements Policy {
+  private readonly rules: PolicyRules;
   private readonly state: PolicyState;
   private readonly log: Logger;
-  private readonly rules: RuleSet;
   private readonly users: UserDirectory;
   private readonly router: Router;
   private readonly secrets: BackendSecrets;
-  private readonly bf: BruteForce;
-  private readonly exempt: AddressSet;
-  private readonly limits: CompiledLimit[];
-  private readonly failures: { address: WindowCounter; pair: WindowCounter; user: WindowCounter };
 
-  constructor(config: Config, state: PolicyState, log: Logger, opts: EngineOptions = {}) {
+  /** `files`: what the config's users and password files hold (src/policy/files.ts). Throws for a bad user entry. */
+  constructor(config: Config, files: PolicyFiles, state: PolicyState, log: Logger) {
+    this.rules = new PolicyRules(config);
     this.state = state;
     this.log = log.child({ part: 'policy' });
-    this.rules = new RuleSet(config.access.rules, config.access.default);
-    this.users = opts.users ?? UserDirectory.fromConfig(config.users, config.baseDir);
+    this.users = UserDirectory.fromConfig(config.users, files);
     this.router = new Router(config.routes);
-    this.secrets = new BackendSecrets(
-      [...config.listeners.map((l) => ('backend_login' in l ? l.backend_login : undefined)), ...config.routes.map((r) => r.backend_login)],
-      config.baseDir,
-    );
-    this.bf = config.brute_force;
-    this.exempt = new AddressSet(config.brute_force.exempt);
-    const protocolOf = new Map(config.listeners.map((l) => [l.name, l.protocol as string]));
-    this.limits = config.rate_limits.map((spec) => compileLimit(spec, protocolOf, state));
-    this.failures = {
-      address: state.counters.counter('fail:address', this.bf.per_address.window),
-      pair: state.counters.counter('fail:pair', this.bf.per_address_user.window),
-      user: state.counters.counter('fail:user', this.bf.per_user.window),
-    };
+    this.secrets = new BackendSecrets(files, config.baseDir);
+    state.prepare(this.rules.limits.filter((c) => c.spec.window !== undefined).map(windowOf), this.rules.bruteForce);
     for (const l of config.listeners) {
-      if ('authentication' in l && l.authentication === 'local' && this.users.size === 0) {
+      if (isLocal(l) && this.users.size === 0) {
         this.log.warn({ listener: l.name }, 'authentication is local but no users are configured: every login will fail');
       }
     }
-  }
-
-  /** Builds the engine for a config; throws ConfigError/MailgateError for a bad users or password file. */
-  static fromConfig(config: Config, state: PolicyState, log: Logger): PolicyEngine {
-    return new PolicyEngine(config, state, log);
   }
 
   /** Finishes the store work started by synchronous hooks (tests). */
@@ -214,30 +126,16 @@ export class PolicyEngine implements Policy {
     return this.state.settled();
   }
 
-  // ---- connect ---------------------------------------------------------------------
+  // ---- connect and requests ----------------------------------------------------------
 
   onConnect(facts: ConnectFacts): Verdict {
-    const now = this.state.clock();
     const l = facts.listener;
     const address = facts.clientIp;
-    const outcome = this.rules.evaluate(connectRuleFacts(l, address));
-    if (outcome.decided && outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason);
-
-    const ban = this.addressBan(address, now);
-    if (ban) return tempfail(TEXT.banned, ban.until - now);
-
-    const mine = this.limits.filter((c) => c.scope(l.name) && (c.spec.limit === 'connections' || (c.spec.limit === 'concurrent' && c.spec.per === 'address')));
-    for (const c of mine) {
-      if (c.spec.limit === 'connections') {
-        const until = this.state.blockedUntil(blockKey(c, limitKey(c, address, l.name)), now);
-        if (until !== undefined) return tempfail(TEXT.connections, until - now);
-      } else if (this.state.openFrom(address, c.scope) >= c.spec.max) {
-        return tempfail(TEXT.concurrent);
-      }
-    }
+    const verdict = this.rules.decide({ stage: 'connect', listener: l, clientIp: address }, this.snapshot(this.state.addressBan(address, this.state.clock())));
+    if (verdict.action !== 'allow') return verdict;
     this.state.connectionOpened(l.name, address);
-    for (const c of mine) if (c.spec.limit === 'connections') this.count(c, limitKey(c, address, l.name), 1);
-    return { action: 'allow' };
+    for (const c of this.rules.connectLimits(l.name)) if (c.spec.limit === 'connections') this.countLater(c, limitKey(c, address, l.name));
+    return verdict;
   }
 
   onDisconnect(facts: ConnectFacts): void {
@@ -246,16 +144,11 @@ export class PolicyEngine implements Policy {
   }
 
   onHttpRequest(facts: HttpRequestFacts): Verdict {
-    const now = this.state.clock();
-    const ban = this.addressBan(facts.clientIp, now);
-    if (ban) return tempfail(TEXT.banned, ban.until - now);
-    const mine = this.limits.filter((c) => c.spec.limit === 'http_requests' && c.scope(facts.listener.name));
-    for (const c of mine) {
-      const until = this.state.blockedUntil(blockKey(c, limitKey(c, facts.clientIp, facts.listener.name)), now);
-      if (until !== undefined) return tempfail(TEXT.requests, until - now);
-    }
-    for (const c of mine) this.count(c, limitKey(c, facts.clientIp, facts.listener.name), 1);
-    return { action: 'allow' };
+    const l = facts.listener;
+    const verdict = this.rules.decide({ stage: 'request', listener: l, clientIp: facts.clientIp }, this.snapshot(this.state.addressBan(facts.clientIp, this.state.clock())));
+    if (verdict.action !== 'allow') return verdict;
+    for (const c of this.rules.requestLimits(l.name)) this.countLater(c, limitKey(c, facts.clientIp, l.name));
+    return verdict;
   }
 
   // ---- login --------------------------------------------------------------------------
@@ -263,77 +156,47 @@ export class PolicyEngine implements Policy {
   async onAuth(facts: AuthFacts, credentials: Credentials | null): Promise<AuthDecision> {
     const l = facts.listener;
     const address = facts.clientIp;
-    const local = isLocal(l);
-    if (credentials && (credentials.user.length > MAX_USER || (credentials.authzid?.length ?? 0) > MAX_USER)) return deny(TEXT.badLogin);
-    const userKey = credentials ? canonicalUser(credentials.user) : null;
+    const bf = this.rules.bruteForce;
+    const userKey = credentials && credentials.user.length <= MAX_USER ? canonicalUser(credentials.user) : null;
 
-    const banned = await this.loginBan(address, userKey, this.state.clock());
-    if (banned) return banned;
+    // 1. The credentials as sent: names that are not names, bans (before the password is looked at).
+    const ban = await this.state.loginBan(address, userKey, this.state.clock(), bf);
+    const first = this.rules.decide({ stage: 'credentials', listener: l, clientIp: address, user: credentials?.user ?? null, authzid: credentials?.authzid ?? null }, this.snapshot(ban));
+    if (first.action !== 'allow') return first;
 
+    // 2. The password, where mailgate checks it.
     let verified: LocalUser | undefined;
-    if (local && credentials) {
-      if (credentials.authzid && canonicalUser(credentials.authzid) !== userKey) {
-        // Acting as another user is not something local users can do.
-        return deny(TEXT.badLogin);
+    if (isLocal(l) && credentials) {
+      const checked = await this.users.check(credentials);
+      if (checked === 'busy') return tempfail('auth-busy', 5_000);
+      if (checked === 'other-user') return deny('bad-login');
+      if (checked === 'wrong-password') {
+        await this.state.loginFailed(address, userKey, bf);
+        return deny('bad-login');
       }
-      try {
-        verified = await this.users.verify(credentials.user, credentials.password);
-      } catch (err) {
-        if (errorCode(err) === 'AUTH_BUSY') return tempfail(TEXT.busy, 5_000);
-        throw err;
-      }
-      if (!verified) {
-        await this.recordFailure(address, userKey);
-        return deny(TEXT.badLogin);
-      }
-      await this.failures.pair.reset(pairKey(address, userKey ?? ''));
+      verified = checked;
+      await this.state.loginSucceeded(address, userKey ?? '', bf);
     }
 
-    // Rules and routes see the identity the session acts as (a PLAIN authorization id, when the backend allows one).
+    // 3. The login as it acts (a PLAIN authorization id, when the backend allows one): rules and limits.
     const identity = verified?.name ?? (credentials ? credentials.authzid || credentials.user : null);
     const groups = this.users.groupsOf(identity);
-    const outcome = this.rules.evaluate({
-      listener: l.name,
-      protocol: l.protocol,
-      address,
-      tls: facts.tls,
-      user: identity,
-      groups,
-      authenticated: credentials !== null,
-    });
-    if (!outcome.decided) throw new Error('rules left a login undecided');
-    if (outcome.action !== 'allow') {
-      return outcome.action === 'deny' ? deny(outcome.reason ?? (credentials ? TEXT.badLogin : TEXT.denied)) : tempfail(outcome.reason ?? TEXT.tempfail);
-    }
+    const counts = await this.messageCounts(l, identity, address);
+    const verdict = this.rules.decide({ stage: 'login', listener: l, clientIp: address, tls: facts.tls, identity, groups, authenticated: credentials !== null }, this.snapshot(undefined, counts));
+    if (verdict.action !== 'allow') return verdict;
 
-    const now = this.state.clock();
-    const identityKey = identity === null ? null : canonicalUser(identity);
-    for (const c of this.limits) {
-      if (!c.scope(l.name)) continue;
-      if (c.spec.limit === 'concurrent' && c.spec.per === 'user' && identityKey !== null) {
-        if (this.state.loggedIn(identityKey, c.scope) >= c.spec.max) return tempfail(TEXT.sessions);
-      }
-      if ((c.spec.limit === 'messages' || c.spec.limit === 'recipients') && l.protocol === 'smtp' && c.counter) {
-        const key = c.spec.per === 'user' ? identityKey : address;
-        if (key === null) continue;
-        const until = this.state.blockedUntil(blockKey(c, key), now);
-        if (until !== undefined) return tempfail(TEXT.messages, until - now);
-        const n = await c.counter.peek(key);
-        if (n.count >= c.spec.max) return tempfail(TEXT.messages, n.resetMs);
-      }
-    }
-
+    // 4. Where it goes, and what the backend is told.
     let backend = l.backend;
     let replay: Credentials | null = credentials;
     if (identity !== null) {
       const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, user: identity, groups });
       backend = target.backend;
       if (verified && credentials) replay = this.secrets.credentials(target.login ?? listenerLogin(l), credentials, verified.name);
-    } else if (local) {
+    } else if (isLocal(l)) {
       // SMTP without AUTH on a local listener: nothing to replay.
       replay = null;
     }
-    if (facts.session !== undefined && identityKey !== null) this.state.loginStarted(facts.session, l.name, identityKey);
+    if (facts.session !== undefined && identity !== null) this.state.loginStarted(facts.session, l.name, canonicalUser(identity));
     return { action: 'allow', backend, credentials: replay };
   }
 
@@ -346,9 +209,12 @@ export class PolicyEngine implements Policy {
       return;
     }
     const userKey = canonicalUser(facts.user);
-    if (ok) this.state.track('reset failures', this.failures.pair.reset(pairKey(facts.clientIp, userKey)));
-    else this.state.track('count failure', this.recordFailure(facts.clientIp, userKey));
+    const bf = this.rules.bruteForce;
+    if (ok) this.state.track('reset failures', this.state.loginSucceeded(facts.clientIp, userKey, bf));
+    else this.state.track('count failure', this.state.loginFailed(facts.clientIp, userKey, bf));
   }
+
+  // ---- SMTP recipients and messages ----------------------------------------------------
 
   onSmtpRecipient(facts: AuthFacts): Promise<Verdict> | undefined {
     return this.countSmtp(facts, 'recipients');
@@ -361,184 +227,77 @@ export class PolicyEngine implements Policy {
   /** One recipient or message against the limits that count them here; undefined when none does. */
   private countSmtp(facts: AuthFacts, limit: 'messages' | 'recipients'): Promise<Verdict> | undefined {
     const userKey = facts.user === null ? null : canonicalUser(facts.user);
-    const counts: { c: CompiledLimit; counter: WindowCounter; key: string }[] = [];
-    for (const c of this.limits) {
-      if (c.spec.limit !== limit || !c.counter || !c.scope(facts.listener.name)) continue;
+    const counts: { c: CompiledLimit; key: string }[] = [];
+    for (const c of this.rules.messageLimits(facts.listener.name)) {
+      if (c.spec.limit !== limit) continue;
       const key = c.spec.per === 'user' ? userKey : facts.clientIp;
-      if (key !== null) counts.push({ c, counter: c.counter, key });
+      if (key !== null) counts.push({ c, key });
     }
     return counts.length === 0 ? undefined : this.hitSmtp(facts, limit, counts);
   }
 
-  private async hitSmtp(facts: AuthFacts, limit: 'messages' | 'recipients', counts: { c: CompiledLimit; counter: WindowCounter; key: string }[]): Promise<Verdict> {
+  private async hitSmtp(facts: AuthFacts, limit: 'messages' | 'recipients', counts: { c: CompiledLimit; key: string }[]): Promise<Verdict> {
     let reached: Verdict | undefined;
-    for (const { c, counter, key } of counts) {
-      const count = await counter.hit(key, 1);
-      // The count is used up: logins are refused until the window ends.
-      if (count.count >= c.spec.max) this.state.block(blockKey(c, key), this.state.clock() + count.resetMs);
+    for (const { c, key } of counts) {
+      // The state blocks the key (logins are refused) once the count reaches the maximum.
+      const count = await this.state.hit(windowOf(c), key);
       // A message is counted once accepted, so the one that reaches the maximum went through; a recipient is asked about first.
       const over = limit === 'messages' ? c.spec.max : c.spec.max + 1;
       if (count.count < over) continue;
-      reached ??= tempfail(limit === 'messages' ? TEXT.messages : TEXT.recipients, count.resetMs);
+      reached ??= tempfail(limit === 'messages' ? 'message-rate' : 'recipient-rate', count.resetMs);
       if (count.count === over) {
         const what = limit === 'messages' ? 'message limit reached' : 'recipient limit reached';
         this.log.info({ listener: facts.listener.name, user: facts.user, client: facts.clientIp, limit, count: count.count, max: c.spec.max }, what);
       }
     }
-    return reached ?? { action: 'allow' };
+    return reached ?? ALLOW;
   }
 
-  // ---- brute force ------------------------------------------------------------------
+  // ---- the snapshot and counting ----------------------------------------------------------
 
-  private addressBan(address: string, now: number): Ban | undefined {
-    return this.state.bans.cached(banId('address', address, null), now) ?? this.state.bans.rangeBanFor(address, now);
-  }
-
-  /** Bans that stop a login before its password is looked at. */
-  private async loginBan(address: string, userKey: string | null, now: number): Promise<AuthDecision | undefined> {
-    const bans = this.state.bans;
-    const [addr, pair, user] = await Promise.all([
-      bans.check(banId('address', address, null), now),
-      userKey === null ? undefined : bans.check(banId('pair', address, userKey), now),
-      userKey === null ? undefined : bans.check(banId('user', null, userKey), now),
-    ]);
-    const hit = addr ?? bans.rangeBanFor(address, now) ?? pair;
-    if (hit) return tempfail(TEXT.banned, hit.until - now);
-    if (user && userKey !== null) {
-      // A locked user still logs in from an address that has not failed for it.
-      const failed = await this.failures.pair.peek(pairKey(address, userKey));
-      if (failed.count > 0) return tempfail(TEXT.banned, user.until - now);
-    }
-    return undefined;
-  }
-
-  /** Counts one failed login and bans when a threshold is reached. */
-  private async recordFailure(address: string, userKey: string | null): Promise<void> {
-    if (!this.bf.enabled || this.exempt.has(address)) return;
-    const [a, p, u] = await Promise.all([
-      this.failures.address.hit(address),
-      userKey === null ? undefined : this.failures.pair.hit(pairKey(address, userKey)),
-      userKey === null ? undefined : this.failures.user.hit(userKey),
-    ]);
-    this.log.info({ client: address, user: userKey, failures: { address: a.count, pair: p?.count, user: u?.count } }, 'failed login counted');
-    const now = this.state.clock();
-    if (a.count >= this.bf.per_address.failures) await this.autoBan('address', address, null, this.bf.per_address, a.count, now);
-    if (p && userKey !== null && p.count >= this.bf.per_address_user.failures) {
-      await this.autoBan('pair', address, userKey, this.bf.per_address_user, p.count, now);
-    }
-    if (u && userKey !== null && u.count >= this.bf.per_user.failures) await this.autoBan('user', null, userKey, this.bf.per_user, u.count, now);
-  }
-
-  private async autoBan(kind: BanKind, address: string | null, user: string | null, t: Threshold, count: number, now: number): Promise<void> {
-    const id = banId(kind, address, user);
-    if (this.state.bans.cached(id, now)) return;
-    const ban: Ban = {
-      id,
-      kind,
-      address,
-      user,
-      until: now + t.ban,
-      createdAt: now,
-      reason: `${count} failed logins within ${Math.round(t.window / 1000)}s`,
-      source: 'brute-force',
-    };
-    await this.state.bans.add(ban, now);
-    this.log.warn({ ban: kind, client: address, user, until: new Date(ban.until).toISOString(), failures: count }, 'banned after failed logins');
-  }
-
-  // ---- counting helpers ----------------------------------------------------------------
-
-  /** Counts in the store; when the count reaches the maximum, later callers are blocked locally until the window ends. */
-  private count(c: CompiledLimit, key: string, n: number): void {
-    if (!c.counter) return;
-    const counter = c.counter;
-    this.state.track(
-      `count ${c.name}`,
-      counter.hit(key, n).then((res) => {
-        if (res.count >= c.spec.max) this.state.block(blockKey(c, key), this.state.clock() + Math.max(res.resetMs, 1));
-      }),
-    );
-  }
-
-  // ---- admin ---------------------------------------------------------------------------
-
-  /** Bans and counters for the dashboard (all ban kinds, authoritative). */
-  get admin(): PolicyAdmin {
+  /** What the state holds now, for decide(); `ban` and `counts` as read for this decision. */
+  private snapshot(ban: Ban | undefined, counts: ReadonlyMap<string, Count> = NO_COUNTS): Snapshot {
     const state = this.state;
+    const now = state.clock();
     return {
-      listBans: () => state.bans.list(state.clock()),
-      addBan: async (req) => {
-        const now = state.clock();
-        const ban = makeBan(req, now);
-        await state.bans.add(ban, now);
-        this.log.info({ ban: ban.kind, client: ban.address, user: ban.user, until: new Date(ban.until).toISOString() }, 'ban added');
-        return ban;
-      },
-      removeBan: async (id) => {
-        const removed = await state.bans.remove(id);
-        if (removed) this.log.info({ ban: id }, 'ban removed');
-        return removed;
-      },
-      inspect: async (q) => {
-        const now = state.clock();
-        const address = q.address === undefined ? undefined : normalizeIp(q.address);
-        const user = q.user === undefined ? undefined : canonicalUser(q.user);
-        let failures: FailureCounts | null = null;
-        if (address !== undefined) {
-          failures = {
-            address: (await this.failures.address.peek(address)).count,
-            pair: user === undefined ? null : (await this.failures.pair.peek(pairKey(address, user))).count,
-            user: user === undefined ? null : (await this.failures.user.peek(user)).count,
-          };
-        } else if (user !== undefined) {
-          failures = { address: 0, pair: null, user: (await this.failures.user.peek(user)).count };
-        }
-        const bans = (await state.bans.list(now)).filter(
-          (b) => (address !== undefined && b.address === address) || (user !== undefined && b.user === user),
-        );
-        return { failures, bans };
-      },
-      open: (q) => ({
-        address: q.address === undefined ? null : state.openFrom(normalizeIp(q.address)),
-        user: q.user === undefined ? null : state.loggedIn(canonicalUser(q.user)),
-      }),
+      now,
+      ban,
+      blockedUntil: (key) => state.blockedUntil(key, now),
+      openFrom: (address, scope) => state.openFrom(address, scope),
+      loggedIn: (user, scope) => state.loggedIn(user, scope),
+      count: (key) => counts.get(key),
     };
   }
 
-  /** The control socket's address ban list (src/control/target.ts): addresses, ranges, and user-from-address bans. */
-  get bans(): BanAdmin {
-    const state = this.state;
-    const admin = this.admin;
-    const shown = (b: Ban) => b.kind !== 'user' && b.address !== null;
-    return {
-      list: () => state.bans.cachedList(state.clock()).filter(shown).map(toControlBan),
-      ban: (ip, seconds, reason) => {
-        const kind: BanKind = ip.includes('/') ? 'range' : 'address';
-        const req: BanRequest = { kind, address: ip, durationMs: seconds * 1000, reason };
-        makeBan(req, state.clock()); // validates now, so a bad address is the caller's error
-        state.track('ban', admin.addBan(req));
-      },
-      unban: (ip) => {
-        const address = ip.includes('/') ? ip : normalizeIp(ip);
-        const ids = state.bans
-          .cachedList(state.clock())
-          .filter((b) => b.address === address && b.kind !== 'user')
-          .map((b) => b.id);
-        for (const id of ids) state.track('unban', admin.removeBan(id));
-        return ids.length > 0;
-      },
-      onChange: (listener) =>
-        state.bans.onChange((change) => {
-          const b = change.ban;
-          if (!shown(b) || b.address === null) return;
-          if (change.kind === 'banned') listener({ kind: 'banned', ban: toControlBan(b) });
-          else listener({ kind: 'unbanned', ip: b.address });
-        }),
-    };
+  /** The message and recipient counts a login is checked against, read from the store. */
+  private async messageCounts(l: Listener, identity: string | null, address: string): Promise<ReadonlyMap<string, Count>> {
+    const limits = this.rules.messageLimits(l.name);
+    if (limits.length === 0) return NO_COUNTS;
+    const identityKey = identity === null ? null : canonicalUser(identity);
+    const counts = new Map<string, Count>();
+    for (const c of limits) {
+      const key = c.spec.per === 'user' ? identityKey : address;
+      if (key !== null) counts.set(blockKey(c, key), await this.state.peek(windowOf(c), key));
+    }
+    return counts;
+  }
+
+  /** Counts one hit in the background; a limit reached blocks its key locally (the next decision sees it). */
+  private countLater(c: CompiledLimit, key: string): void {
+    if (c.spec.window === undefined) return;
+    this.state.track(`count ${c.name}`, this.state.hit(windowOf(c), key));
   }
 }
 
+/** Throws what building an engine for this config would (a user defined twice, a hash that is not one), without building one. */
+export function checkPolicy(config: Config, files: PolicyFiles): void {
+  UserDirectory.fromConfig(config.users, files);
+  new PolicyRules(config);
+}
+
 // ---- helpers ------------------------------------------------------------------------------
+
+const NO_COUNTS: ReadonlyMap<string, Count> = new Map();
 
 function isLocal(l: Listener): boolean {
   return 'authentication' in l && l.authentication === 'local';
@@ -548,105 +307,6 @@ function listenerLogin(l: Listener): BackendLogin {
   return ('backend_login' in l ? l.backend_login : undefined) ?? 'replay';
 }
 
-/** What is known at connect: TLS only on implicit-TLS (or plain) listeners; HTTP has no login, so everything is known. */
-function connectRuleFacts(l: Listener, address: string): RuleFacts {
-  const http = l.protocol === 'http';
-  return {
-    listener: l.name,
-    protocol: l.protocol,
-    address,
-    tls: l.tls === 'implicit' ? true : l.tls === 'none' ? false : undefined,
-    user: http ? null : undefined,
-    groups: http ? new Set() : undefined,
-    authenticated: http ? false : undefined,
-  };
+function windowOf(c: CompiledLimit): WindowLimit {
+  return { name: c.name, windowMs: c.spec.window ?? 0, max: c.spec.max };
 }
-
-function ruleVerdict(action: 'deny' | 'tempfail', reason: string | undefined): Verdict {
-  return action === 'deny' ? { action, reason: reason ?? TEXT.denied } : { action, reason: reason ?? TEXT.tempfail };
-}
-
-function deny(reason: string): { action: 'deny'; reason: string } {
-  return { action: 'deny', reason };
-}
-
-function tempfail(reason: string, retryAfterMs?: number): { action: 'tempfail'; reason: string; retryAfterMs?: number } {
-  return retryAfterMs === undefined ? { action: 'tempfail', reason } : { action: 'tempfail', reason, retryAfterMs: Math.max(0, Math.ceil(retryAfterMs)) };
-}
-
-function pairKey(address: string, userKey: string): string {
-  return `${address}|${userKey}`;
-}
-
-function limitKey(c: CompiledLimit, address: string, listener: string): string {
-  return c.spec.per === 'listener' ? listener : address;
-}
-
-function blockKey(c: CompiledLimit, key: string): string {
-  return `${c.name}|${key}`;
-}
-
-function compileLimit(spec: RateLimit, protocolOf: ReadonlyMap<string, string>, state: PolicyState): CompiledLimit {
-  const listeners = spec.listeners && new Set(spec.listeners);
-  const protocols = spec.protocols && new Set<string>(spec.protocols);
-  // messages and recipients only mean something on SMTP listeners.
-  const implied = spec.limit === 'messages' || spec.limit === 'recipients' ? 'smtp' : spec.limit === 'http_requests' ? 'http' : undefined;
-  const scope = (listener: string) => {
-    if (listeners && !listeners.has(listener)) return false;
-    const p = protocolOf.get(listener);
-    if (protocols && (p === undefined || !protocols.has(p))) return false;
-    if (implied && p !== implied) return false;
-    return true;
-  };
-  const sig = createHash('sha256')
-    .update(JSON.stringify([spec.listeners?.toSorted() ?? null, spec.protocols?.toSorted() ?? null]))
-    .digest('hex')
-    .slice(0, 8);
-  const name = `${spec.limit}:${spec.per}:${sig}`;
-  const counter = spec.window === undefined ? undefined : state.counters.counter(name, spec.window);
-  return { spec, name, counter, scope };
-}
-
-const MAX_BAN_MS = 10 * 365 * 86_400_000;
-
-function makeBan(req: BanRequest, now: number): Ban {
-  if (!Number.isFinite(req.durationMs) || req.durationMs < 1000 || req.durationMs > MAX_BAN_MS) {
-    throw new MailgateError('BAN_INVALID', 'a ban lasts from 1 second to 10 years');
-  }
-  let address: string | null = null;
-  let user: string | null = null;
-  if (req.kind === 'range') {
-    const cidr = req.address === undefined ? 'missing' : parseCidr(req.address);
-    if (typeof cidr === 'string') throw new MailgateError('BAN_INVALID', `not an address range: ${cidr}`);
-    address = cidr.text;
-  } else if (req.kind === 'address' || req.kind === 'pair') {
-    const a = normalizeIp(req.address);
-    if (isIP(a) === 0) throw new MailgateError('BAN_INVALID', `"${req.address ?? ''}" is not an IP address`);
-    address = a;
-  }
-  if (req.kind === 'user' || req.kind === 'pair') {
-    if (!req.user || req.user.length > MAX_USER) throw new MailgateError('BAN_INVALID', 'a user ban needs a user name');
-    user = canonicalUser(req.user);
-  }
-  return {
-    id: banId(req.kind, address, user),
-    kind: req.kind,
-    address,
-    user,
-    until: now + req.durationMs,
-    createdAt: now,
-    reason: req.reason ?? 'banned by an administrator',
-    source: 'manual',
-  };
-}
-
-function toControlBan(b: Ban): ControlBan {
-  return {
-    ip: b.address ?? '',
-    reason: b.kind === 'pair' ? `user ${b.user ?? ''}: ${b.reason}` : b.reason,
-    createdAt: b.createdAt,
-    expiresAt: b.until,
-    source: b.source === 'manual' ? 'manual' : 'auto',
-  };
-}
-

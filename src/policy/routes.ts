@@ -3,12 +3,12 @@
  * to another backend than the listener's (the migration case). Routes are an
  * ordered list, first match wins; no match keeps the listener's backend.
  */
-import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { BackendLogin, Route } from '../config/schema-policy.ts';
 import { MailgateError } from '../core/errors.ts';
 import type { HostPort } from '../net/address.ts';
 import type { Credentials } from '../protocols/types.ts';
+import type { PolicyFiles } from './files.ts';
 import { domainOf, nameMatcher } from './names.ts';
 
 export interface RouteFacts {
@@ -77,28 +77,14 @@ function compile(route: Route): CompiledRoute {
   };
 }
 
-/** Backend passwords read from `password_file`s once per (re)load; never logged. */
+/** Backend passwords from the `password_file`s (read with the config, src/policy/files.ts); never logged. */
 export class BackendSecrets {
-  private readonly secrets = new Map<string, string>();
+  private readonly passwords: Readonly<Record<string, string>>;
   private readonly baseDir: string;
 
-  /** Reads every password_file named in `logins` now, so a missing file fails start or reload, not a login. */
-  constructor(logins: readonly (BackendLogin | undefined)[], baseDir: string) {
+  constructor(files: PolicyFiles, baseDir: string) {
+    this.passwords = files.passwords;
     this.baseDir = baseDir;
-    for (const l of logins) {
-      if (l === undefined || typeof l === 'string') continue;
-      const file = resolve(baseDir, l.password_file);
-      if (this.secrets.has(file)) continue;
-      let text: string;
-      try {
-        text = readFileSync(file, 'utf8');
-      } catch (err) {
-        throw new MailgateError('CONFIG_READ', `backend_login password_file ${file}: ${(err as Error).message}`, { cause: err });
-      }
-      const first = text.split(/\r?\n/, 1)[0] ?? '';
-      if (first === '') throw new MailgateError('CONFIG_INVALID', `backend_login password_file ${file} is empty`);
-      this.secrets.set(file, first);
-    }
   }
 
   /**
@@ -108,7 +94,7 @@ export class BackendSecrets {
   credentials(login: BackendLogin, client: Credentials, userName: string): Credentials | null {
     if (login === 'replay') return client;
     if (login === 'none') return null;
-    const password = this.secrets.get(resolve(this.baseDir, login.password_file));
+    const password = this.passwords[resolve(this.baseDir, login.password_file)];
     if (password === undefined) throw new MailgateError('CONFIG_INVALID', 'backend_login password_file was not loaded');
     return { user: login.user.replaceAll('{user}', userName), password, mechanism: client.mechanism };
   }

@@ -12,7 +12,7 @@
  * rule refuses before the greeting.
  */
 import type { AccessRule } from '../config/schema-policy.ts';
-import { AddressSet } from './cidr.ts';
+import { AddressSet } from '../net/cidr.ts';
 import { nameMatcher } from './names.ts';
 
 export type RuleAction = 'allow' | 'deny' | 'tempfail';

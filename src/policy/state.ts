@@ -2,6 +2,8 @@
  * What policy remembers between decisions, and keeps across reloads: the
  * counters and bans (memory or Redis), sessions open per address and per
  * user, and short local blocks for limits that must answer synchronously.
+ * Counting lives here too: hits of window limits (a limit reached blocks
+ * its key), failed logins and the bans they lead to.
  *
  * One PolicyState lives as long as the gateway; every engine built from a
  * (re)loaded config uses it, so bans and counts survive a reload, and a
@@ -14,10 +16,33 @@ import { Redis } from 'ioredis';
 import type { PolicySections } from '../config/schema-policy.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { MemoryBanStore, RedisBanStore, type BanStore } from './bans.ts';
-import { CounterStore, StoreErrors, type SharedLimiter } from './counters.ts';
+import { banId, MemoryBanStore, RedisBanStore, type Ban, type BanKind, type BanStore } from './bans.ts';
+import { CounterStore, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
+import type { AddressSet } from '../net/cidr.ts';
 
 export type StoreConfig = PolicySections['policy_store'];
+
+/** Brute-force protection as configured: thresholds per address, address+user and user, and addresses never counted. */
+export interface BruteForce {
+  readonly settings: PolicySections['brute_force'];
+  readonly exempt: AddressSet;
+}
+
+/** A window limit as counted: its name in the store, its window and the count that reaches it. */
+export interface WindowLimit {
+  readonly name: string;
+  readonly windowMs: number;
+  readonly max: number;
+}
+
+/** Failed logins counted in the current windows for an address and/or user. */
+export interface FailureCounts {
+  address: number;
+  pair: number | null;
+  user: number | null;
+}
+
+type Threshold = PolicySections['brute_force']['per_address'];
 
 /** The store a config means: without a URL there is no Redis to use. */
 export function storeKind(store: StoreConfig): 'memory' | 'redis' {
@@ -90,7 +115,7 @@ export class PolicyState {
 
   static async create(opts: PolicyStateOptions): Promise<PolicyState> {
     const clock = opts.clock ?? Date.now;
-    const log = opts.log;
+    const log = opts.log.child({ part: 'policy' });
     const errors = new StoreErrors(log);
     const { store } = opts;
     const shared = opts.sessions;
@@ -200,6 +225,118 @@ export class PolicyState {
     return t;
   }
 
+  // ---- window limits -----------------------------------------------------------------
+
+  /**
+   * Makes the counters of a config's limits and brute-force thresholds now,
+   * not at their first hit: in a cluster worker each one first greets the
+   * primary (rate-limiter-flexible's init), which would delay the first
+   * counts, and with them the block a limit reached sets.
+   */
+  prepare(limits: readonly WindowLimit[], bf: BruteForce): void {
+    for (const l of limits) this.counters.counter(l.name, l.windowMs);
+    this.failureCounters(bf.settings);
+  }
+
+  /** Counts `n` hits of a limit's key; when the count reaches the maximum, the key is blocked here until the window ends. */
+  async hit(limit: WindowLimit, key: string, n = 1): Promise<Count> {
+    const res = await this.counters.counter(limit.name, limit.windowMs).hit(key, n);
+    if (res.count >= limit.max) this.block(`${limit.name}|${key}`, this.clock() + Math.max(res.resetMs, 1));
+    return res;
+  }
+
+  /** The current count of a limit's key, without adding to it. */
+  peek(limit: WindowLimit, key: string): Promise<Count> {
+    return this.counters.counter(limit.name, limit.windowMs).peek(key);
+  }
+
+  // ---- failed logins and bans ----------------------------------------------------------
+
+  /** A ban on the address (or a range holding it), from this gateway's view: for decisions that cannot wait. */
+  addressBan(address: string, now: number): Ban | undefined {
+    return this.bans.cached(banId('address', address, null), now) ?? this.bans.rangeBanFor(address, now);
+  }
+
+  /**
+   * The ban that stops a login before its password is looked at, from the
+   * store: the address, a range, the user from this address, or the user's
+   * own ban when this address has failed for the user (a locked user still
+   * logs in from an address that has not).
+   */
+  async loginBan(address: string, user: string | null, now: number, bf: BruteForce): Promise<Ban | undefined> {
+    const [addr, pair, own] = await Promise.all([
+      this.bans.check(banId('address', address, null), now),
+      user === null ? undefined : this.bans.check(banId('pair', address, user), now),
+      user === null ? undefined : this.bans.check(banId('user', null, user), now),
+    ]);
+    const hit = addr ?? this.bans.rangeBanFor(address, now) ?? pair;
+    if (hit || !own || user === null) return hit;
+    const failed = await this.failureCounters(bf.settings).pair.peek(pairKey(address, user));
+    return failed.count > 0 ? own : undefined;
+  }
+
+  /** Counts one failed login and bans when a threshold is reached. */
+  async loginFailed(address: string, user: string | null, bf: BruteForce): Promise<void> {
+    if (!bf.settings.enabled || bf.exempt.has(address)) return;
+    const counters = this.failureCounters(bf.settings);
+    const [a, p, u] = await Promise.all([
+      counters.address.hit(address),
+      user === null ? undefined : counters.pair.hit(pairKey(address, user)),
+      user === null ? undefined : counters.user.hit(user),
+    ]);
+    this.log.info({ client: address, user, failures: { address: a.count, pair: p?.count, user: u?.count } }, 'failed login counted');
+    const { per_address, per_address_user, per_user } = bf.settings;
+    const now = this.clock();
+    if (a.count >= per_address.failures) await this.autoBan('address', address, null, per_address, a.count, now);
+    if (p && user !== null && p.count >= per_address_user.failures) await this.autoBan('pair', address, user, per_address_user, p.count, now);
+    if (u && user !== null && u.count >= per_user.failures) await this.autoBan('user', null, user, per_user, u.count, now);
+  }
+
+  /** A login from this address succeeded: its failures for the user are forgiven. */
+  loginSucceeded(address: string, user: string, bf: BruteForce): Promise<void> {
+    return this.failureCounters(bf.settings).pair.reset(pairKey(address, user));
+  }
+
+  /** Failed logins counted in the current windows (an address, a user, or both). */
+  async failures(query: { address?: string; user?: string }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
+    const counters = this.failureCounters(settings);
+    const { address, user } = query;
+    if (address !== undefined) {
+      return {
+        address: (await counters.address.peek(address)).count,
+        pair: user === undefined ? null : (await counters.pair.peek(pairKey(address, user))).count,
+        user: user === undefined ? null : (await counters.user.peek(user)).count,
+      };
+    }
+    if (user !== undefined) return { address: 0, pair: null, user: (await counters.user.peek(user)).count };
+    return null;
+  }
+
+  private failureCounters(s: BruteForce['settings']): { address: WindowCounter; pair: WindowCounter; user: WindowCounter } {
+    return {
+      address: this.counters.counter('fail:address', s.per_address.window),
+      pair: this.counters.counter('fail:pair', s.per_address_user.window),
+      user: this.counters.counter('fail:user', s.per_user.window),
+    };
+  }
+
+  private async autoBan(kind: BanKind, address: string | null, user: string | null, t: Threshold, count: number, now: number): Promise<void> {
+    const id = banId(kind, address, user);
+    if (this.bans.cached(id, now)) return;
+    const ban: Ban = {
+      id,
+      kind,
+      address,
+      user,
+      until: now + t.ban,
+      createdAt: now,
+      reason: `${count} failed logins within ${Math.round(t.window / 1000)}s`,
+      source: 'brute-force',
+    };
+    await this.bans.add(ban, now);
+    this.log.warn({ ban: kind, client: address, user, until: new Date(ban.until).toISOString(), failures: count }, 'banned after failed logins');
+  }
+
   // ---- background work ---------------------------------------------------------------
 
   /** Runs store work a synchronous hook started; failures are logged, never thrown. */
@@ -244,6 +381,10 @@ export function bump(map: Map<string, Map<string, number>>, key: string, listene
   else inner.delete(listener);
   if (inner.size === 0) map.delete(key);
   return n - before;
+}
+
+function pairKey(address: string, user: string): string {
+  return `${address}|${user}`;
 }
 
 function sum(inner: ReadonlyMap<string, number> | undefined, scope?: (listener: string) => boolean): number {

@@ -1,33 +1,22 @@
 /**
  * Local users: names, password hashes and groups from the config's
- * `users.list` and the optional separate `users.file`. Verification costs the
- * same whether or not the user exists: an unknown name is checked against a
- * dummy hash of the most common kind and cost.
+ * `users.list` and the optional separate `users.file` (read by files.ts).
+ * Verification costs the same whether or not the user exists: an unknown
+ * name is checked against a dummy hash of the most common kind and cost.
  */
-import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
-import { parseYamlFile } from '../config/load.ts';
-import { usersFileSchema, type PolicySections, type UserEntry } from '../config/schema-policy.ts';
-import { MailgateError } from '../core/errors.ts';
+import type { PolicySections, UserEntry } from '../config/schema-policy.ts';
+import { errorCode, MailgateError } from '../core/errors.ts';
+import { parseHash, type PasswordHash } from '../core/password-hash.ts';
+import type { Credentials } from '../protocols/types.ts';
+import type { PolicyFiles } from './files.ts';
 import { canonicalUser, nameMatcher } from './names.ts';
-import { dummyHashLike, parseHash, verifyPassword, type PasswordHash } from './passwords.ts';
+import { dummyHashLike, verifyPassword } from './passwords.ts';
 
 export interface LocalUser {
   /** As configured. */
   readonly name: string;
   readonly hash: PasswordHash;
   readonly groups: ReadonlySet<string>;
-}
-
-/** Reads and validates a users file; problems name the file, line and key like the main config. */
-export function readUsersFile(file: string): UserEntry[] {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    throw new MailgateError('CONFIG_READ', `${file}: ${(err as Error).message}`, { cause: err });
-  }
-  return parseYamlFile(usersFileSchema, text, file, []).data;
 }
 
 export class UserDirectory {
@@ -48,10 +37,9 @@ export class UserDirectory {
     this.dummy = dummyHashLike(mostCommonHash([...this.users.values()].map((u) => u.hash)));
   }
 
-  /** The users of a config: `users.list` plus `users.file` (resolved against the config's folder). */
-  static fromConfig(section: PolicySections['users'], baseDir: string): UserDirectory {
-    const fromFile = section.file ? readUsersFile(resolve(baseDir, section.file)) : [];
-    return new UserDirectory([...section.list, ...fromFile], section.groups);
+  /** The users of a config: `users.list` plus what its `users.file` holds (src/policy/files.ts). */
+  static fromConfig(section: PolicySections['users'], files: PolicyFiles): UserDirectory {
+    return new UserDirectory([...section.list, ...files.users], section.groups);
   }
 
   get size(): number {
@@ -72,22 +60,33 @@ export class UserDirectory {
     return all;
   }
 
+  /**
+   * The password step of a local login: whose login this is, or why not.
+   * Acting as another user (a PLAIN authorization id) is not something local
+   * users can do; `busy` when too many verifications wait already.
+   */
+  async check(credentials: Credentials): Promise<LocalUser | 'other-user' | 'wrong-password' | 'busy'> {
+    if (credentials.authzid && canonicalUser(credentials.authzid) !== canonicalUser(credentials.user)) return 'other-user';
+    try {
+      return (await this.verify(credentials.user, credentials.password)) ?? 'wrong-password';
+    } catch (err) {
+      if (errorCode(err) === 'AUTH_BUSY') return 'busy';
+      throw err;
+    }
+  }
+
   /** The user when the password is right; an unknown user costs one dummy verification. */
   async verify(user: string, password: string): Promise<LocalUser | undefined> {
     const found = this.find(user);
     const ok = await verifyPassword(password, found?.hash ?? this.dummy);
     return found && ok ? found : undefined;
   }
-
-  /** The hash unknown users are checked against (tests assert its shape). */
-  get dummyHash(): PasswordHash {
-    return this.dummy;
-  }
 }
 
 const EMPTY: ReadonlySet<string> = new Set();
 
-function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
+/** The kind and cost most users' hashes have: unknown users are checked against a dummy hash like it. */
+export function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
   const counts = new Map<string, { n: number; h: PasswordHash }>();
   for (const h of hashes) {
     const key = h.kind === 'bcrypt' ? `bcrypt:${h.cost}` : `scrypt:${h.ln}:${h.r}:${h.p}:${h.hash.length}`;

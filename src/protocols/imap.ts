@@ -16,6 +16,7 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type LoginRefusal,
   type LoginResult,
   type MailAdapter,
   type ProtocolModule,
@@ -252,9 +253,6 @@ export class ImapAdapter implements MailAdapter {
         return `* BYE [AUTHORIZATIONFAILED] ${text ?? 'Access denied'}\r\n`;
       case 'tempfail':
         return `* BYE [UNAVAILABLE] ${text ?? 'Try again later'}\r\n`;
-      case 'backend-unavailable':
-      case 'auth-unavailable':
-        return `* BYE [UNAVAILABLE] ${text ?? 'Backend server unavailable, try again later'}\r\n`;
       case 'idle-timeout':
         return '* BYE Idle timeout, closing\r\n';
       case 'line-too-long':
@@ -272,14 +270,13 @@ export class ImapAdapter implements MailAdapter {
     }
   }
 
-  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string {
+  loginRefusal(why: LoginRefusal, text?: string): string {
     const tag = this.state.s === 'login' ? this.state.tag : '*';
     this.state = { s: 'command' };
     switch (why) {
       case 'denied':
         return `${tag} NO [AUTHENTICATIONFAILED] ${text ?? 'Authentication failed'}\r\n`;
       case 'tempfail':
-      case 'auth-unavailable':
         return `${tag} NO [UNAVAILABLE] ${text ?? 'Temporary failure, try again later'}\r\n`;
       case 'backend-unavailable':
         return `* BYE [UNAVAILABLE] Backend server unavailable\r\n${tag} NO [UNAVAILABLE] ${text ?? 'Backend server unavailable, try again later'}\r\n`;

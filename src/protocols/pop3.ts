@@ -14,6 +14,7 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type LoginRefusal,
   type LoginResult,
   type MailAdapter,
   type ProtocolModule,
@@ -171,9 +172,6 @@ export class Pop3Adapter implements MailAdapter {
         return `-ERR [SYS/PERM] ${text ?? 'Access denied'}\r\n`;
       case 'tempfail':
         return `-ERR [SYS/TEMP] ${text ?? 'Try again later'}\r\n`;
-      case 'backend-unavailable':
-      case 'auth-unavailable':
-        return `-ERR [SYS/TEMP] ${text ?? 'Backend server unavailable, try again later'}\r\n`;
       case 'idle-timeout':
         return '-ERR Disconnected for inactivity\r\n';
       case 'line-too-long':
@@ -191,13 +189,12 @@ export class Pop3Adapter implements MailAdapter {
     }
   }
 
-  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string {
+  loginRefusal(why: LoginRefusal, text?: string): string {
     this.state = { s: 'command', user: undefined };
     switch (why) {
       case 'denied':
         return `-ERR [AUTH] ${text ?? 'Authentication failed'}\r\n`;
       case 'tempfail':
-      case 'auth-unavailable':
         return `-ERR [SYS/TEMP] ${text ?? 'Temporary failure, try again later'}\r\n`;
       case 'backend-unavailable':
         return `-ERR [SYS/TEMP] ${text ?? 'Backend server unavailable, try again later'}\r\n`;

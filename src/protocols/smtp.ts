@@ -18,6 +18,7 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type LoginRefusal,
   type LoginResult,
   type MailAdapter,
   type ProtocolModule,
@@ -290,8 +291,6 @@ export class SmtpAdapter implements MailAdapter {
       case 'denied':
         return `554 5.7.1 ${said('Access denied')}\r\n`;
       case 'tempfail':
-      case 'backend-unavailable':
-      case 'auth-unavailable':
         return `421 4.3.0 ${this.facts.hostname} ${said('Service temporarily unavailable, try again later')}\r\n`;
       case 'idle-timeout':
         return '421 4.4.2 Idle timeout\r\n';
@@ -310,7 +309,7 @@ export class SmtpAdapter implements MailAdapter {
     }
   }
 
-  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string {
+  loginRefusal(why: LoginRefusal, text?: string): string {
     const pending = this.state.s === 'login' ? this.state.pending : undefined;
     if (this.state.s === 'login') this.state = { s: 'hello', hello: this.state.hello };
     // The driver closes after this one: 421 is the answer RFC 5321 §3.8 gives to any command then.
@@ -321,7 +320,6 @@ export class SmtpAdapter implements MailAdapter {
         case 'denied':
           return `550 5.7.1 ${sanitizeValue(text ?? 'Access denied', 200)}\r\n`;
         case 'tempfail':
-        case 'auth-unavailable':
           return `451 4.7.1 ${sanitizeValue(text ?? 'Try again later', 200)}\r\n`;
         default:
           return assertNever(why);
@@ -332,7 +330,6 @@ export class SmtpAdapter implements MailAdapter {
         // The same words as a wrong password: the client learns nothing about the rules.
         return '535 5.7.8 Authentication credentials invalid\r\n';
       case 'tempfail':
-      case 'auth-unavailable':
         return '454 4.7.0 Temporary authentication failure\r\n';
       default:
         return assertNever(why);

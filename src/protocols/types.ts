@@ -76,14 +76,15 @@ export type Step =
 export type Refusal =
   | 'denied'
   | 'tempfail'
-  | 'backend-unavailable'
-  | 'auth-unavailable'
   | 'idle-timeout'
   | 'line-too-long'
   | 'too-many-auth-failures'
   | 'early-talker'
   | 'shutdown'
   | 'internal-error';
+
+/** Why a pending login command fails: policy said no (the session stays open), or the backend cannot be reached (it closes). */
+export type LoginRefusal = 'denied' | 'tempfail' | 'backend-unavailable';
 
 /** A line-oriented view of the backend connection during the login replay. */
 export interface BackendLink {
@@ -111,7 +112,7 @@ export interface MailAdapter {
    * it fail. After 'denied' and 'tempfail' the session stays open; after
    * 'backend-unavailable' the driver closes, so the answer includes the goodbye.
    */
-  loginRefusal(why: 'denied' | 'tempfail' | 'backend-unavailable' | 'auth-unavailable', text?: string): string;
+  loginRefusal(why: LoginRefusal, text?: string): string;
   /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
   /** A goodbye that can be written into a spliced stream at shutdown, if the protocol has one. */

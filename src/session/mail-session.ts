@@ -30,7 +30,8 @@ import type {
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
-import { newSessionRecord, type SessionControl, type SessionRecord, type SessionRegistry, type SessionState } from './registry.ts';
+import { newSessionRecord, type SessionRecord, type SessionState } from './record.ts';
+import type { SessionControl, SessionRegistry } from './registry.ts';
 
 export interface MailSessionDeps {
   hostname: string;
@@ -124,10 +125,10 @@ export class MailSession implements SessionControl {
     const verdict = this.deps.policy.onConnect(this.connectFacts);
     if (verdict.action !== 'allow') {
       const why: Refusal = verdict.action === 'deny' ? 'denied' : 'tempfail';
-      this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.reason);
-      this.log.info({ reason: verdict.reason }, 'connection refused by policy');
+      this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.code, verdict.text);
+      this.log.info({ reason: verdict.text, code: verdict.code }, 'connection refused by policy');
       // Deny before greeting: the client hears the refusal and nothing else (after TLS on implicit ports).
-      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.reason));
+      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.text));
       if (this.listener.tls === 'implicit') this.startTls(refuse);
       else refuse();
       return;
@@ -341,9 +342,9 @@ export class MailSession implements SessionControl {
     const decision = await this.deps.policy.onAuth(facts, credentials);
     if (this.closed) return;
     if (decision.action !== 'allow') {
-      this.log.info({ user: facts.user, reason: decision.reason }, 'login refused by policy');
-      this.deps.registry.refused(l.name, this.record.clientIp, decision.reason);
-      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.reason));
+      this.log.info({ user: facts.user, reason: decision.text, code: decision.code }, 'login refused by policy');
+      this.deps.registry.refused(l.name, this.record.clientIp, decision.code, decision.text);
+      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text));
       return;
     }
     const backendName = formatHostPort(decision.backend);
@@ -533,8 +534,10 @@ export class MailSession implements SessionControl {
       (verdict) => {
         if (this.closed) return;
         if (verdict.action === 'allow' || unit === 'message') this.counted(unit);
-        if (verdict.action !== 'allow') this.log.info({ user: facts.user, reason: verdict.reason, unit }, unit === 'message' ? 'message limit reached, ending the session' : 'recipient refused by a limit');
-        this.relay?.verdict(unit, verdict.action === 'allow' ? { ok: true } : { ok: false, reason: verdict.reason });
+        if (verdict.action !== 'allow') {
+          this.log.info({ user: facts.user, reason: verdict.text, code: verdict.code, unit }, unit === 'message' ? 'message limit reached, ending the session' : 'recipient refused by a limit');
+        }
+        this.relay?.verdict(unit, verdict.action === 'allow' ? { ok: true } : { ok: false, reason: verdict.text });
         this.flow();
       },
       (err: unknown) => this.internalError(`${unit} limit`, err),

@@ -5,75 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { CloseReason } from '../protocols/types.ts';
-
-export type SessionState = 'handshake' | 'preauth' | 'starttls' | 'authenticating' | 'relaying' | 'closing' | 'closed';
-
-export interface SessionRecord {
-  readonly id: string;
-  readonly listener: string;
-  readonly protocol: 'imap' | 'pop3' | 'smtp' | 'http';
-  readonly clientIp: string;
-  readonly clientPort: number;
-  readonly startedAt: number;
-  state: SessionState;
-  lastActivity: number;
-  user: string | null;
-  backend: string | null;
-  tlsVersion: string | null;
-  tlsCipher: string | null;
-  bytesIn: number;
-  bytesOut: number;
-  /** SMTP only: messages and recipients seen after authentication. */
-  messages: number;
-  recipients: number;
-  closeReason: CloseReason | null;
-}
-
-/** A record as a session opens: who and where, nothing moved yet. */
-export function newSessionRecord(
-  opened: Pick<SessionRecord, 'id' | 'listener' | 'protocol' | 'clientIp' | 'clientPort' | 'state'>,
-  now = Date.now(),
-): SessionRecord {
-  return {
-    ...opened,
-    startedAt: now,
-    lastActivity: now,
-    user: null,
-    backend: null,
-    tlsVersion: null,
-    tlsCipher: null,
-    bytesIn: 0,
-    bytesOut: 0,
-    messages: 0,
-    recipients: 0,
-    closeReason: null,
-  };
-}
-
-/** The fields of a record that change while the session lives; the rest is fixed when it opens. */
-export const LIVE_FIELDS = ['state', 'lastActivity', 'bytesIn', 'bytesOut', 'user', 'backend', 'tlsVersion', 'tlsCipher', 'messages', 'recipients'] as const;
-export type LiveField = (typeof LIVE_FIELDS)[number];
-export type LiveFields = Pick<SessionRecord, LiveField>;
-
-/** A copy of the live fields, to tell later what changed (control socket updates, a worker's reports). */
-export function liveFields(r: LiveFields): LiveFields {
-  return {
-    state: r.state,
-    lastActivity: r.lastActivity,
-    bytesIn: r.bytesIn,
-    bytesOut: r.bytesOut,
-    user: r.user,
-    backend: r.backend,
-    tlsVersion: r.tlsVersion,
-    tlsCipher: r.tlsCipher,
-    messages: r.messages,
-    recipients: r.recipients,
-  };
-}
-
-export function sameLiveFields(a: LiveFields, b: LiveFields): boolean {
-  return LIVE_FIELDS.every((f) => a[f] === b[f]);
-}
+import type { SessionRecord } from './record.ts';
 
 /** What the registry can ask of a live session. */
 export interface SessionControl {
@@ -87,7 +19,8 @@ export interface RegistryEvents {
   opened: SessionRecord;
   authenticated: SessionRecord;
   closed: SessionRecord & { durationMs: number };
-  refused: { listener: string; clientIp: string; reason: string; at: number };
+  /** `code`: why, for metrics (a policy verdict's code, or max_connections); `reason`: the text the client was given. */
+  refused: { listener: string; clientIp: string; code: string; reason: string; at: number };
   /** A login the backend (or local auth) rejected; for the control socket and metrics. */
   authFailed: { id: string; listener: string; clientIp: string; user: string | null; at: number };
   /** A backend connection was opened for a session, after `ms` (metrics: backend connect latency). */
@@ -133,8 +66,8 @@ export class SessionRegistry {
   }
 
   // `at` is given when the event happened elsewhere (a worker's, replayed by the cluster mirror).
-  refused(listener: string, clientIp: string, reason: string, at = Date.now()): void {
-    this.emit('refused', { listener, clientIp, reason, at });
+  refused(listener: string, clientIp: string, code: string, reason = code, at = Date.now()): void {
+    this.emit('refused', { listener, clientIp, code, reason, at });
   }
 
   authFailed(record: Pick<SessionRecord, 'id' | 'listener' | 'clientIp'>, user: string | null, at = Date.now()): void {

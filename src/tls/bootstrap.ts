@@ -1,4 +1,3 @@
-import { loadStoredAcmeCertificates } from '../acme/stored.ts';
 import type { Config } from '../config/load.ts';
 import type { Logger } from '../core/log.ts';
 import { CertStore } from './cert-store.ts';
@@ -7,8 +6,8 @@ import { loadOrCreateSelfSigned } from './self-signed.ts';
 /**
  * Builds the certificate store a config asks for: the configured files (the
  * first is the default), or a self-signed certificate for the host name until
- * a real one exists. At a reload, pass the running store's ticket keys: each
- * context is then built once (a TLS context holds its certificate, key and
+ * a real one exists (the runtime adds what ACME obtained earlier, src/main.ts).
+ * At a reload, pass the running store's ticket keys: each context is then built once (a TLS context holds its certificate, key and
  * OpenSSL state natively, out of the garbage collector's sight).
  */
 export async function buildCertStore(config: Config, log: Logger, ticketKeys?: Buffer): Promise<CertStore> {
@@ -25,7 +24,5 @@ export async function buildCertStore(config: Config, log: Logger, ticketKeys?: B
       'serving a self-signed certificate: clients will warn until a real certificate is configured',
     );
   }
-  // Certificates obtained by ACME earlier (acme: section); the self-signed one stays the fallback until they exist.
-  await loadStoredAcmeCertificates(config, store, log);
   return store;
 }

@@ -10,7 +10,8 @@ import { parseDuration } from '../core/duration.ts';
 import { errorMessage } from '../core/errors.ts';
 import { ControlClient, ControlRequestError } from '../control/client.ts';
 import { renderFrame, HELP, HELP_ASCII } from './render.ts';
-import { DashboardModel, humanDuration, sanitize, type SessionView } from './view-model.ts';
+import { humanDuration } from '../core/human.ts';
+import { DashboardModel, sanitize, type SessionView } from './view-model.ts';
 
 export interface DashboardOptions {
   socketPath: string;

@@ -4,10 +4,8 @@
  * session rows. Pure: no terminal, so layouts are unit-tested at 80x24.
  */
 import type { CertStatus, StatusInfo } from '../control/protocol.ts';
+import { humanBytes, humanDuration, humanRate } from '../core/human.ts';
 import {
-  humanBytes,
-  humanDuration,
-  humanRate,
   sanitize,
   type DashboardModel,
   type ListenerRow,

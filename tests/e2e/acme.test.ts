@@ -32,8 +32,9 @@ import { after, before, test } from 'node:test';
 import { LineClient, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway, type LogLine } from './harness/gateway.ts';
 import { httpsGet, startPebble, type Pebble } from './harness/pebble.ts';
-import { freePort, makeTempDir, removeTempDir, sleep } from './harness/proc.ts';
+import { freePort, makeTempDir, removeTempDir, sleep } from '../helpers/proc.ts';
 import { startDovecot, userByName, type Dovecot } from './harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 const NAME = 'mail.acme.test';
 const alice = userByName('alice');
@@ -279,10 +280,10 @@ test('Pebble down: renewals back off with jitter, the old certificate stays, exp
   const current = await served(ports.imaps, root);
 
   const failureLines = async () => (await shortGw.logs()).filter((l) => l.failures !== undefined && typeof l.retryAt === 'string').slice(failuresBefore);
-  const deadline = Date.now() + 40_000;
-  while ((await failureLines()).length < 3 && Date.now() < deadline) await sleep(200);
-  const fails = await failureLines();
-  assert.ok(fails.length >= 3, `three failed attempts while Pebble is down, got ${fails.length}`);
+  const fails = await waitFor('three failed attempts while Pebble is down', async () => {
+    const lines = await failureLines();
+    return lines.length >= 3 && lines;
+  }, { timeoutMs: 40_000, intervalMs: 200, detail: async () => `got ${(await failureLines()).length}` });
   // retry_min 1s, retry_max 3s: the n-th wait is between half and all of min(3s, 1s·2^(n-1)).
   fails.slice(0, 3).forEach((l, i) => {
     const wait = Date.parse(l.retryAt as string) - Date.parse(l.time as string);

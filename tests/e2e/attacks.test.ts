@@ -19,9 +19,9 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { LineClient, run } from './harness/clients.ts';
-import { startFakeImap, startFakePop3, startFakeSmtp, startRawBackend, type FakeBackend } from './harness/fake-backends.ts';
+import { startFakeImap, startFakePop3, startFakeSmtp, startRawBackend, type FakeBackend } from '../helpers/fake-backends.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
-import { sleep } from './harness/proc.ts';
+import { sleep } from '../helpers/proc.ts';
 import { startDovecot, startSmtpSink, userByName, type Dovecot, type SmtpServer } from './harness/servers.ts';
 
 const alice = userByName('alice');

@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { run } from './harness/clients.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
-import { makeTempDir, removeTempDir } from './harness/proc.ts';
+import { makeTempDir, removeTempDir } from '../helpers/proc.ts';
 
 const BIN = fileURLToPath(new URL('../../bin/mailgate', import.meta.url));
 

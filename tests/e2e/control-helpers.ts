@@ -8,6 +8,7 @@ import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:chil
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { waitFor } from '../helpers/wait.ts';
 
 const HOLDER = String.raw`
 import imaplib, json, socket, ssl, sys
@@ -172,16 +173,17 @@ export class TmuxPane {
     return spawnSync('tmux', ['-S', this.socketPath, 'has-session', '-t', 'top']).status === 0;
   }
 
-  async waitFor(pred: (screen: string) => boolean, what: string, timeoutMs = 10_000): Promise<string> {
-    const deadline = Date.now() + timeoutMs;
+  waitFor(pred: (screen: string) => boolean, what: string, timeoutMs = 10_000): Promise<string> {
     let last = '';
-    while (Date.now() < deadline) {
-      if (!this.alive()) throw new Error(`the tmux pane ended while waiting for ${what}; last screen:\n${last}`);
-      last = this.capture();
-      if (pred(last)) return last;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    throw new Error(`timed out waiting for ${what}; screen:\n${last}`);
+    return waitFor(
+      what,
+      () => {
+        if (!this.alive()) throw new Error(`the tmux pane ended while waiting for ${what}; last screen:\n${last}`);
+        last = this.capture();
+        return pred(last) && last;
+      },
+      { timeoutMs, intervalMs: 100, detail: () => `screen:\n${last}` },
+    );
   }
 
   kill(): void {

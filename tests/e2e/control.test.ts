@@ -19,6 +19,7 @@ import { ImapHolder } from './control-helpers.ts';
 import { run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let dovecot: Dovecot;
 let gw: Gateway;
@@ -70,14 +71,8 @@ async function watch(): Promise<{ client: ControlClient; events: ControlEvent[];
   return {
     client,
     events,
-    async wait(pred, what) {
-      const deadline = Date.now() + 10_000;
-      for (;;) {
-        const hit = events.find(pred);
-        if (hit) return hit as never;
-        if (Date.now() > deadline) throw new Error(`no ${what} event; got ${JSON.stringify(events.map((e) => e.type))}`);
-        await new Promise((r) => setTimeout(r, 25));
-      }
+    wait(pred, what) {
+      return waitFor(`the ${what} event`, () => events.find(pred) as never, { timeoutMs: 10_000, detail: () => `got ${JSON.stringify(events.map((e) => e.type))}` });
     },
   };
 }

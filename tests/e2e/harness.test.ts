@@ -10,7 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { eventually } from './harness/clients.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 import {
   FIXTURE_UIDVALIDITY,
@@ -201,7 +201,10 @@ test('Dovecot: imaplib and poplib log in and read the pre-filled messages byte-e
   const tenK = mailboxBytes('alice', 'INBOX')[1];
   assert.equal(tenK?.length, 10240);
 
-  const logs = await eventually(() => dovecot.logs(), (t) => /Login: user=<alice>/.test(t) && /Password mismatch/.test(t));
+  const logs = await waitFor('Dovecot to log the login and the mismatch', async () => {
+    const t = await dovecot.logs();
+    return /Login: user=<alice>/.test(t) && /Password mismatch/.test(t) && t;
+  });
   assert.match(logs, /imap-login: Info: Login: user=<alice>, method=PLAIN, rip=203\.0\.113\.77, rport=40123, lip=127\.0\.0\.1, .*real_rip=127\.0\.0\.1/);
   assert.match(logs, /ID sent: .*x-originating-ip=203\.0\.113\.77/);
   assert.match(logs, /passwd-file\(alice,203\.0\.113\.77.*Password mismatch/);
@@ -271,7 +274,10 @@ test('nginx: curl downloads big.bin (sha256 matches), headers are logged and ech
   assert.match(echo.stdout, /^x-forwarded-proto: https$/m);
   assert.match(echo.stdout, /^host: www\.e2e\.test$/m);
 
-  const logs = await eventually(() => nginx.logs(), (t) => /GET \/big\.bin/.test(t) && /GET \/echo-headers/.test(t));
+  const logs = await waitFor('nginx to log both requests', async () => {
+    const t = await nginx.logs();
+    return /GET \/big\.bin/.test(t) && /GET \/echo-headers/.test(t) && t;
+  });
   assert.match(logs, /^127\.0\.0\.1 xff="-" xfp="-" host="127\.0\.0\.1:\d+" .*"GET \/big\.bin HTTP\/1\.1" 200 1048576$/m);
   assert.match(logs, /^127\.0\.0\.1 xff="198\.51\.100\.7" xfp="https" host="www\.e2e\.test" .*"GET \/echo-headers HTTP\/1\.1" 200 /m);
   assert.doesNotMatch(logs, /__harness_ready/);
@@ -393,7 +399,10 @@ test('Postfix: AUTH checks passwords, accepted mail is delivered byte-exact, XCL
   assert.equal(three[2]?.toString(), 'Subject: via xclient\r\n\r\nhello\r\n');
   const raw3 = (await postfix.rawMessages())[2]?.toString('latin1') ?? '';
   assert.match(raw3, /^Received: from client-helo\.example\.net \(client\.example\.net \[203\.0\.113\.9\]\)/);
-  const logs = await eventually(() => postfix.logs(), (t) => /sasl_username=alice/.test(t) && /Password mismatch/.test(t));
+  const logs = await waitFor('Postfix to log the login and the mismatch', async () => {
+    const t = await postfix.logs();
+    return /sasl_username=alice/.test(t) && /Password mismatch/.test(t) && t;
+  });
   assert.match(logs, /client=client\.example\.net\[203\.0\.113\.9\], sasl_method=PLAIN, sasl_username=alice/);
   assert.match(logs, /passwd-file\(alice,127\.0\.0\.1\): Password mismatch/);
 

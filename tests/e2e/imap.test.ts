@@ -5,7 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { eventually, LineClient, python, run } from './harness/clients.ts';
+import { LineClient, python, run } from './harness/clients.ts';
+import { waitFor } from '../helpers/wait.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, mailboxBytes, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 
@@ -134,7 +135,10 @@ test('the backend learns the real client address through IMAP ID', async () => {
   c.write('b LOGOUT\r\n');
   await c.waitClosed();
   // Dovecot logs the ID line first; wait for the login line itself.
-  const logs = await eventually(() => dovecot.logs(), (t) => /user=<alice>.*rip=127\.0\.0\.2/.test(t));
+  const logs = await waitFor('Dovecot to log the login with the real client address', async () => {
+    const t = await dovecot.logs();
+    return /user=<alice>.*rip=127\.0\.0\.2/.test(t) && t;
+  });
   assert.match(logs, /user=<alice>.*rip=127\.0\.0\.2/);
 });
 

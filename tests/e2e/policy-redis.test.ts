@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
-import { redisMissing, startRedis, type RedisServer } from './harness/redis.ts';
+import { redisMissing, startRedis, type RedisServer } from '../helpers/redis.ts';
 import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
 
 let redis: RedisServer | undefined;

@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { LineClient, run } from './harness/clients.ts';
-import { startFakeSmtp, startRawBackend, type FakeBackend } from './harness/fake-backends.ts';
+import { startFakeSmtp, startRawBackend, type FakeBackend } from '../helpers/fake-backends.ts';
 import { startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 

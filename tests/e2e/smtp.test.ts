@@ -9,9 +9,10 @@ import { randomBytes } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { eventually, LineClient, python, run } from './harness/clients.ts';
+import { LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startPostfix, startSmtpSink, userByName, type Postfix, type SmtpServer } from './harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let postfix: Postfix;
 let sink: SmtpServer;
@@ -82,14 +83,8 @@ function message(marker: string): Buffer {
   return Buffer.from(body, 'latin1');
 }
 
-async function delivered(server: SmtpServer, marker: string): Promise<Buffer> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    const hit = (await server.messages()).find((m) => m.includes(marker));
-    if (hit) return hit;
-    if (Date.now() > deadline) throw new Error(`message ${marker} did not arrive`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+function delivered(server: SmtpServer, marker: string): Promise<Buffer> {
+  return waitFor(`message ${marker} to arrive`, async () => (await server.messages()).find((m) => m.includes(marker)), { timeoutMs: 10_000, intervalMs: 50 });
 }
 
 test('swaks over SMTPS with AUTH PLAIN: the message reaches Postfix byte-exact', async () => {
@@ -377,7 +372,7 @@ function smuggled(marker: string): string {
  */
 async function queuedFrom(client: string, sessions: number): Promise<{ queued: number; log: string }> {
   const ended = (l: string) => l.split('\n').filter((line) => line.includes(`disconnect from unknown[${client}]`)).length;
-  await eventually(() => postfix.logs(), (l) => ended(l) >= sessions, 10_000);
+  await waitFor(`Postfix to log ${sessions} disconnects from ${client}`, async () => ended(await postfix.logs()) >= sessions, { timeoutMs: 10_000, detail: () => postfix.logs() });
   await new Promise((r) => setTimeout(r, 300)); // qmgr logs a message a moment after smtpd queued it
   const logs = await postfix.logs();
   assert.equal(ended(logs), sessions, logs);
@@ -456,7 +451,7 @@ test('the recipients limit answers 452 4.5.3 at the recipient that crosses it; t
   c.write('QUIT\r\n');
   assert.match(await c.readLine(), /^221 /);
   const mine = async () => (await postfix.envelopes()).filter((e) => e.to.some((t) => t.includes(marker)));
-  await eventually(mine, (e) => e.length >= RECIPIENT_LIMIT, 10_000);
+  await waitFor(`${RECIPIENT_LIMIT} envelopes for ${marker}`, async () => (await mine()).length >= RECIPIENT_LIMIT, { timeoutMs: 10_000 });
   await new Promise((r) => setTimeout(r, 300));
   assert.deepEqual((await mine()).map((e) => e.to[0]).sort(), rcpts.slice(0, RECIPIENT_LIMIT).sort());
   const end = await gw.waitForLog((l) => l.msg === 'session end' && l.client === '127.0.0.10');

@@ -21,8 +21,9 @@ import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { parse } from 'yaml';
-import { freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from './harness/proc.ts';
-import { MAX_EXPOSURE, securityReport, systemdAnalyzeMissing, verifyUnit, withPrefix } from './harness/systemd.ts';
+import { freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from '../helpers/proc.ts';
+import { MAX_EXPOSURE, securityReport, systemdAnalyzeMissing, verifyUnit, withPrefix } from '../helpers/systemd.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const INSTALL = path.join(ROOT, 'packaging/install.sh');
@@ -308,25 +309,26 @@ async function startWithNotifySocket(runAs?: { uid: number; gid: number }): Prom
     daemon = spawnServer('mailgate', process.execPath, [CLI, 'run', '-c', configFile], { cwd: dir, outputFile: daemonOut, env });
   }
   const daemonLog = () => fs.readFileSync(daemonOut, 'utf8');
-  const waitFor = async (pred: (n: Notification) => boolean, from = 0, timeoutMs = 20_000) => {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const all = notifications();
-      const index = all.findIndex((n, i) => i >= from && pred(n));
-      if (index >= 0) return { n: all[index]!, index };
-      if (Date.now() > deadline || receiver.exitInfo()) {
-        throw new Error(`no matching notification; got ${JSON.stringify(all)}\ndaemon:\n${daemonLog()}\nreceiver:\n${fs.readFileSync(receiverOut, 'utf8')}`);
-      }
-      await sleep(25);
-    }
-  };
+  const seen = () => `got ${JSON.stringify(notifications())}\ndaemon:\n${daemonLog()}\nreceiver:\n${fs.readFileSync(receiverOut, 'utf8')}`;
+  const notification = (pred: (n: Notification) => boolean, from = 0, timeoutMs = 20_000) =>
+    waitFor(
+      'a matching notification',
+      () => {
+        const all = notifications();
+        const index = all.findIndex((n, i) => i >= from && pred(n));
+        if (index >= 0) return { n: all[index]!, index };
+        if (receiver.exitInfo()) throw new Error(`the notification receiver exited; ${seen()}`);
+        return undefined;
+      },
+      { timeoutMs, intervalMs: 25, detail: seen },
+    );
   return {
     dir,
     ports,
     receiver,
     daemon,
     notifications,
-    waitFor,
+    waitFor: notification,
     daemonLog,
     async stop() {
       await daemon.stop(8000);

@@ -4,7 +4,8 @@
  * nginx: sessions land on both workers and the control socket sees them all;
  * a kill reaches the worker that owns the session; a ban, a brute-force count
  * and a concurrent-session limit hold across workers; a reload reaches every
- * worker; a TLS session ticket from one worker resumes on the other; a dead
+ * worker, with the copy of the config the primary read (never the file as it
+ * is later); a TLS session ticket from one worker resumes on the other; a dead
  * worker is replaced; the workers stop with the primary, and without it.
  */
 import assert from 'node:assert/strict';
@@ -14,9 +15,10 @@ import { after, before, test } from 'node:test';
 import { ControlClient } from '../../src/control/client.ts';
 import type { SessionInfo } from '../../src/control/protocol.ts';
 import { ImapHolder } from './control-helpers.ts';
-import { eventually, python, run } from './harness/clients.ts';
+import { python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
-import { sleep } from './harness/proc.ts';
+import { sleep } from '../helpers/proc.ts';
+import { waitFor } from '../helpers/wait.ts';
 import { freePort, startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
 
 let dovecot: Dovecot;
@@ -63,6 +65,14 @@ async function sessions(): Promise<SessionInfo[]> {
   }
 }
 
+/** The live sessions, once `ready` holds for them. */
+function sessionsWhere(what: string, ready: (s: SessionInfo[]) => boolean): Promise<SessionInfo[]> {
+  return waitFor(what, async () => {
+    const s = await sessions();
+    return ready(s) && s;
+  });
+}
+
 /** The worker's pid is the session id's prefix (base 36). */
 function pidOf(id: string): number {
   return Number.parseInt(id.split('-')[0]!, 36);
@@ -71,7 +81,7 @@ function pidOf(id: string): number {
 test('sessions land on both workers; the primary serves none and sees them all', async () => {
   const names = Array.from({ length: 10 }, (_, i) => `s${i}`);
   for (const n of names) assert.equal((await holder.open(n, alice.name, alice.password, '127.0.0.2')).ok, true, n);
-  const live = await eventually(sessions, (s) => s.filter((x) => x.user === alice.name).length === names.length);
+  const live = await sessionsWhere('every session of alice', (s) => s.filter((x) => x.user === alice.name).length === names.length);
   const pids = new Set(live.filter((x) => x.user === alice.name).map((x) => pidOf(x.id)));
   assert.equal(pids.size, 2, `10 sessions over SO_REUSEPORT should reach both workers, got pids ${[...pids].join(',')}`);
   assert.ok(!pids.has(gw.proc.pid), 'the primary serves no client');
@@ -82,13 +92,13 @@ test('sessions land on both workers; the primary serves none and sees them all',
   assert.ok(line, status.stdout);
   for (const pid of pids) assert.match(line, new RegExp(`pid ${pid} ready`));
   for (const n of names) assert.equal((await holder.logout(n)).ok, true);
-  await eventually(sessions, (s) => s.every((x) => x.user !== alice.name));
+  await sessionsWhere('no session of alice', (s) => s.every((x) => x.user !== alice.name));
 });
 
 test('kill by session id reaches the worker that owns it', async () => {
   const names = Array.from({ length: 8 }, (_, i) => `k${i}`);
   for (const n of names) assert.equal((await holder.open(n, bob.name, bob.password, '127.0.0.3')).ok, true);
-  const live = await eventually(sessions, (s) => s.filter((x) => x.user === bob.name).length === names.length);
+  const live = await sessionsWhere('every session of bob', (s) => s.filter((x) => x.user === bob.name).length === names.length);
   const byPid = new Map<number, SessionInfo>();
   for (const s of live.filter((x) => x.user === bob.name)) byPid.set(pidOf(s.id), s);
   assert.equal(byPid.size, 2);
@@ -98,7 +108,7 @@ test('kill by session id reaches the worker that owns it', async () => {
   } finally {
     c.close();
   }
-  const left = await eventually(sessions, (s) => s.filter((x) => x.user === bob.name).length === names.length - 2);
+  const left = await sessionsWhere('two sessions of bob fewer', (s) => s.filter((x) => x.user === bob.name).length === names.length - 2);
   for (const s of byPid.values()) assert.ok(!left.some((x) => x.id === s.id), `${s.id} was killed`);
   let failed = 0;
   for (const n of names) if (!(await holder.noop(n)).ok) failed++;
@@ -128,16 +138,10 @@ test('a ban from the control socket applies in every worker', async () => {
   try {
     await c.request('ban', { ip: '127.0.0.4', seconds: 600, reason: 'e2e' });
     // Ten connections: both workers answer (SO_REUSEPORT spreads source ports).
-    await eventually(
-      async () => Promise.all(Array.from({ length: 10 }, () => greeting('127.0.0.4'))),
-      (lines) => lines.every((l) => !l.startsWith('* OK')),
-    );
+    await waitFor('every worker to refuse 127.0.0.4', async () => (await Promise.all(Array.from({ length: 10 }, () => greeting('127.0.0.4')))).every((l) => !l.startsWith('* OK')));
     assert.match(await greeting('127.0.0.5'), /^\* OK/, 'other addresses are served');
     await c.request('unban', { ip: '127.0.0.4' });
-    await eventually(
-      async () => Promise.all(Array.from({ length: 6 }, () => greeting('127.0.0.4'))),
-      (lines) => lines.every((l) => l.startsWith('* OK')),
-    );
+    await waitFor('every worker to serve 127.0.0.4 again', async () => (await Promise.all(Array.from({ length: 6 }, () => greeting('127.0.0.4')))).every((l) => l.startsWith('* OK')));
   } finally {
     c.close();
   }
@@ -150,10 +154,10 @@ test('failed logins are counted across workers: the fourth bans the address ever
     assert.equal(r.ok, false);
   }
   await gw.waitForLog((l) => l.msg === 'banned after failed logins' && l.client === '127.0.0.6');
-  const lines = await eventually(
-    async () => Promise.all(Array.from({ length: 8 }, () => greeting('127.0.0.6'))),
-    (ls) => ls.every((l) => !l.startsWith('* OK')),
-  );
+  const lines = await waitFor('every worker to refuse 127.0.0.6', async () => {
+    const ls = await Promise.all(Array.from({ length: 8 }, () => greeting('127.0.0.6')));
+    return ls.every((l) => !l.startsWith('* OK')) && ls;
+  });
   assert.equal(lines.length, 8);
   const c = await ControlClient.connect(join(gw.dir, 'control.sock'));
   try {
@@ -220,10 +224,10 @@ test('a reload reaches every worker', async () => {
   const line = await gw.waitForLog((l) => l.msg === 'configuration reloaded' && l.worker === undefined);
   assert.equal(line.workers, 2);
   assert.deepEqual(line.started, ['pop3s']);
-  const byWorker = await eventually(
-    async () => (await gw.logs()).filter((l) => l.msg === 'configuration reloaded' && l.worker !== undefined).map((l) => Number(l.worker)),
-    (w) => w.length >= 2,
-  );
+  const byWorker = await waitFor('both workers to log their reload', async () => {
+    const w = (await gw.logs()).filter((l) => l.msg === 'configuration reloaded' && l.worker !== undefined).map((l) => Number(l.worker));
+    return w.length >= 2 && w;
+  });
   assert.deepEqual([...byWorker].sort(), [1, 2]);
   // The new listener answers, whichever worker takes the connection.
   const port = Number(((await gw.logs()).find((l) => l.msg === 'listener up' && l.listener === 'pop3s')?.addresses as string[])[0]!.split(':')[1]);
@@ -240,14 +244,49 @@ out(t.recv(200).decode('latin1').split('\r\n')[0])
   }
 });
 
+test('the workers run the primary\'s copy of the config: a file edited after the primary read it reaches no worker, at a reload or at a restart', async () => {
+  const edited = await startGateway({
+    workers: 2,
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+  });
+  const pop3 = (name: string) => ({ name, protocol: 'pop3', tls: 'implicit', backend: `127.0.0.1:${dovecot.pop3Port}`, listen: '127.0.0.1:0' });
+  const addListener = (name: string) => edited.rewrite((c) => (c.listeners as Record<string, unknown>[]).push(pop3(name)));
+  const workersOf = async () => (JSON.parse((await run(process.execPath, [CLI, 'status', '-c', edited.configFile, '--json'])).stdout) as { workers: { index: number; pid: number }[] }).workers;
+  const up = async (name: string) => (await edited.logs()).filter((l) => l.msg === 'listener up' && l.listener === name).map((l) => Number(l.worker));
+  try {
+    // The workers are held still, so the reload reaches them only after the file changed again.
+    const before = await workersOf();
+    for (const w of before) process.kill(w.pid, 'SIGSTOP');
+    try {
+      await addListener('pop3-primary');
+      edited.signal('SIGHUP');
+      await edited.waitForLog((l) => l.msg === 'configuration checked; serving it');
+      await addListener('pop3-file');
+    } finally {
+      for (const w of before) process.kill(w.pid, 'SIGCONT');
+    }
+    const reloaded = await edited.waitForLog((l) => l.msg === 'configuration reloaded' && l.worker === undefined);
+    assert.deepEqual(reloaded.started, ['pop3-primary']);
+    assert.deepEqual((await up('pop3-primary')).sort(), [1, 2], 'both workers serve the copy the primary read');
+    // A worker started now (the file says pop3-file) gets the primary's copy too.
+    const victim = before[0]!;
+    process.kill(victim.pid, 'SIGKILL');
+    await edited.waitForLog((l) => l.msg === 'worker restarted');
+    await waitFor('the new worker to serve pop3-primary', async () => (await up('pop3-primary')).filter((w) => w === victim.index).length === 2);
+    assert.deepEqual(await up('pop3-file'), [], 'no worker read the file');
+  } finally {
+    await edited.stop();
+  }
+});
+
 test('a worker that dies is replaced, and service goes on', async () => {
   assert.equal((await holder.open('d0', alice.name, alice.password)).ok, true);
-  const live = await eventually(sessions, (s) => s.some((x) => x.user === alice.name));
+  const live = await sessionsWhere('a session of alice', (s) => s.some((x) => x.user === alice.name));
   const victim = pidOf(live.find((x) => x.user === alice.name)!.id);
   process.kill(victim, 'SIGKILL');
   await gw.waitForLog((l) => l.msg === 'worker restarted');
   // The dead worker's session is gone from the primary's view; new connections all work.
-  await eventually(sessions, (s) => s.every((x) => pidOf(x.id) !== victim));
+  await sessionsWhere('no session of the dead worker', (s) => s.every((x) => pidOf(x.id) !== victim));
   for (let i = 0; i < 8; i++) assert.match(await greeting('127.0.0.8'), /^\* OK/);
   await holder.logout('d0').catch(() => undefined);
   // The metrics say so too.
@@ -265,11 +304,7 @@ test('SIGTERM to one worker drains that worker alone; the primary starts another
   const victim = status.workers[0]!;
   process.kill(victim.pid, 'SIGTERM');
   await gw.waitForLog((l) => l.msg === 'SIGTERM: this worker stops; the primary replaces it' && l.worker === victim.index);
-  await eventually(
-    async () => (await gw.logs()).filter((l) => l.msg === 'worker restarted').length,
-    (n) => n > before,
-    15_000,
-  );
+  await waitFor('a worker restarted', async () => (await gw.logs()).filter((l) => l.msg === 'worker restarted').length > before, { timeoutMs: 15_000 });
   const after = JSON.parse((await run(process.execPath, [CLI, 'status', '-c', gw.configFile, '--json'])).stdout) as { workers: { index: number; pid: number; state: string }[] };
   const slot = after.workers.find((w) => w.index === victim.index);
   assert.ok(slot && slot.pid !== victim.pid && slot.state === 'ready', JSON.stringify(after.workers));
@@ -315,11 +350,7 @@ test('the workers stop with the primary (SIGTERM), and on their own when it is k
     assert.equal(title(other.proc.pid), 'mailgate: primary (2 workers)');
     assert.deepEqual(workers.map(title).sort(), ['mailgate: worker 1', 'mailgate: worker 2']);
     process.kill(other.proc.pid, 'SIGKILL');
-    await eventually(
-      async () => workers.filter((p) => alive(p)),
-      (l) => l.length === 0,
-      10_000,
-    );
+    await waitFor('both workers to be gone', () => workers.every((p) => !alive(p)), { timeoutMs: 10_000 });
   } finally {
     await other.stop();
   }

@@ -9,8 +9,9 @@ import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { LineClient } from '../e2e/harness/clients.ts';
 import { startGateway } from '../e2e/harness/gateway.ts';
-import { sleep } from '../e2e/harness/proc.ts';
+import { sleep } from '../helpers/proc.ts';
 import { startPostfix, userByName, type Postfix } from '../e2e/harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 const alice = userByName('alice');
 let postfix: Postfix;
@@ -50,14 +51,8 @@ async function inData(port: number): Promise<LineClient> {
   return c;
 }
 
-async function delivered(marker: string): Promise<Buffer> {
-  const deadline = Date.now() + 15_000;
-  for (;;) {
-    const hit = (await postfix.messages()).find((m) => m.includes(marker));
-    if (hit) return hit;
-    assert.ok(Date.now() < deadline, `message ${marker} was not delivered`);
-    await sleep(50);
-  }
+function delivered(marker: string): Promise<Buffer> {
+  return waitFor(`message ${marker} to be delivered`, async () => (await postfix.messages()).find((m) => m.includes(marker)), { timeoutMs: 15_000, intervalMs: 50 });
 }
 
 test('SIGTERM during DATA: the message finished during the drain arrives intact, QUIT gets 221, exit 0', async () => {

@@ -9,9 +9,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { startFakeImap, type FakeBackend } from '../e2e/harness/fake-backends.ts';
+import { startFakeImap, type FakeBackend } from '../helpers/fake-backends.ts';
 import { startGateway, type Gateway } from '../e2e/harness/gateway.ts';
-import { makeTempDir, removeTempDir, sleep } from '../e2e/harness/proc.ts';
+import { makeTempDir, removeTempDir, sleep } from '../helpers/proc.ts';
 import { daemonMemory, ecCertificate, mb, runClient, SOURCES } from './helpers.ts';
 
 const TOTAL = Number(process.env.LOAD_LEAK_SESSIONS ?? 100_000);

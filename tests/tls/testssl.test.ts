@@ -31,7 +31,7 @@ import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { startFakeImap, startFakePop3, startFakeSmtp, startRawBackend, type FakeBackend } from '../e2e/harness/fake-backends.ts';
+import { startFakeImap, startFakePop3, startFakeSmtp, startRawBackend, type FakeBackend } from '../helpers/fake-backends.ts';
 import { startGateway, type Gateway } from '../e2e/harness/gateway.ts';
 
 const PARALLEL = Number(process.env.TESTSSL_PARALLEL ?? 3);

@@ -174,15 +174,3 @@ export class LineClient {
   }
 }
 
-/**
- * Polls `read` until `ready` holds or timeoutMs passes, and returns the last
- * value: servers write their logs a moment after the client is answered.
- */
-export async function eventually<T>(read: () => Promise<T>, ready: (v: T) => boolean, timeoutMs = 5000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await read();
-    if (ready(v) || Date.now() > deadline) return v;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}

@@ -7,7 +7,8 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
-import { freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from './proc.ts';
+import { freePort, makeTempDir, removeTempDir, spawnServer, type ManagedProcess } from '../../helpers/proc.ts';
+import { waitFor } from '../../helpers/wait.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const CLI = path.join(ROOT, 'src/cli.ts');
@@ -95,16 +96,16 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
       .slice(0, -1)
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as LogLine);
-  const waitForLog = async (pred: (l: LogLine) => boolean, timeoutMs = 10_000): Promise<LogLine> => {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const hit = (await logs()).find(pred);
-      if (hit) return hit;
-      if (proc.exitInfo()) throw new Error(`mailgate exited (${JSON.stringify(proc.exitInfo())}):\n${await rawLogs()}`);
-      if (Date.now() > deadline) throw new Error(`timed out waiting for a log line; log:\n${await rawLogs()}`);
-      await sleep(25);
-    }
-  };
+  const waitForLog = (pred: (l: LogLine) => boolean, timeoutMs = 10_000): Promise<LogLine> =>
+    waitFor(
+      'a log line',
+      async () => {
+        const hit = (await logs()).find(pred);
+        if (!hit && proc.exitInfo()) throw new Error(`mailgate exited (${JSON.stringify(proc.exitInfo())}):\n${await rawLogs()}`);
+        return hit;
+      },
+      { timeoutMs, intervalMs: 25, detail: async () => `log:\n${await rawLogs()}` },
+    );
   const gw: Gateway = {
     dir,
     configFile,

@@ -24,7 +24,7 @@ import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
 import * as https from 'node:https';
 import * as path from 'node:path';
-import { describeFiles, freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from './proc.ts';
+import { describeFiles, freePort, makeTempDir, removeTempDir, sleep, spawnServer, type ManagedProcess } from '../../helpers/proc.ts';
 
 export interface Pebble {
   dir: string;

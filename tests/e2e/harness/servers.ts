@@ -68,9 +68,9 @@ import {
   tailLines,
   waitUntilReady,
   type ManagedProcess,
-} from './proc.ts';
+} from '../../helpers/proc.ts';
 
-export { freePort } from './proc.ts';
+export { freePort } from '../../helpers/proc.ts';
 export {
   FIXTURE_UIDVALIDITY,
   MAIL_DOMAIN,

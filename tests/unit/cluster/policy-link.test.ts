@@ -11,16 +11,17 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
 import { RateLimiterMemory } from 'rate-limiter-flexible';
+import { PolicyAdmin } from '../../../src/control/bans.ts';
 import { envelope, unwrap, type Message, type PrimaryLink, type WorkerLink } from '../../../src/cluster/link.ts';
 import { createWorkerPolicyState, PolicyAuthority, type PolicySync, type WorkerPolicy } from '../../../src/cluster/policy-link.ts';
 import { errorCode } from '../../../src/core/errors.ts';
 import type { Logger } from '../../../src/core/log.ts';
 import { banId, type Ban, type BanChange } from '../../../src/policy/bans.ts';
-import { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { SharedLimiter } from '../../../src/policy/counters.ts';
 import type { StoreConfig } from '../../../src/policy/state.ts';
-import { redisMissing, startRedis, type RedisServer } from '../../e2e/harness/redis.ts';
-import { configFrom, connect, memoryLog, silentLog } from '../policy/helpers.ts';
+import { redisMissing, startRedis, type RedisServer } from '../../helpers/redis.ts';
+import { configFrom, connect, engineOn, memoryLog, silentLog } from '../policy/helpers.ts';
+import { waitFor } from '../../helpers/wait.ts';
 
 const MEMORY: StoreConfig = { type: 'memory', prefix: 'mailgate', timeout: 1000 };
 
@@ -166,15 +167,16 @@ test('an unban in one worker lifts the ban in every view', async (t) => {
 
 test('an admin\'s ban in the primary (control socket) reaches every worker, ranges included', async (t) => {
   const c = await fakeCluster(t);
-  const engine = new PolicyEngine(configFrom(''), c.authority.state, silentLog);
-  await engine.admin.addBan({ kind: 'range', address: '198.51.100.0/24', durationMs: 60_000, reason: 'admin' });
+  const config = configFrom('');
+  const admin = new PolicyAdmin(c.authority.state, config.brute_force, silentLog);
+  await admin.addBan({ kind: 'range', address: '198.51.100.0/24', durationMs: 60_000, reason: 'admin' });
   await c.quiet();
   for (const i of [1, 2]) {
     assert.equal(c.w(i).policy.state.bans.rangeBanFor('198.51.100.9', Date.now())?.reason, 'admin', `worker ${i}`);
     assert.equal(c.w(i).changes.length, 1, `worker ${i}'s onChange`);
   }
-  assert.equal(engine.bans.unban('198.51.100.0/24'), true);
-  await engine.settled();
+  assert.equal(admin.banList().unban('198.51.100.0/24'), true);
+  await c.authority.state.settled();
   await c.quiet();
   for (const i of [1, 2]) assert.equal(c.w(i).policy.state.bans.rangeBanFor('198.51.100.9', Date.now()), undefined, `worker ${i} after unban`);
 });
@@ -182,7 +184,7 @@ test('an admin\'s ban in the primary (control socket) reaches every worker, rang
 test('a worker refuses a connection before the greeting once another worker banned the address', async (t) => {
   const c = await fakeCluster(t);
   const config = configFrom('');
-  const engine = new PolicyEngine(config, c.w(2).policy.state, silentLog);
+  const engine = engineOn(config, c.w(2).policy.state);
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.9')).action, 'allow');
   await c.w(1).policy.state.bans.add(ban('address', '192.0.2.9'), Date.now());
   await c.quiet();
@@ -261,14 +263,14 @@ test('logins count per user across workers; a login moved or ended frees its slo
 test('a concurrent-sessions limit holds across workers', async (t) => {
   const c = await fakeCluster(t);
   const config = configFrom('rate_limits:\n  - { limit: concurrent, per: address, max: 2 }');
-  const e1 = new PolicyEngine(config, c.w(1).policy.state, silentLog);
-  const e2 = new PolicyEngine(config, c.w(2).policy.state, silentLog);
+  const e1 = engineOn(config, c.w(1).policy.state);
+  const e2 = engineOn(config, c.w(2).policy.state);
   const first = connect(config, 'imaps', '192.0.2.3');
   assert.equal(e1.onConnect(first).action, 'allow');
   await c.quiet();
   assert.equal(e2.onConnect(connect(config, 'imaps', '192.0.2.3')).action, 'allow');
   await c.quiet();
-  assert.deepEqual(e1.onConnect(connect(config, 'pop3s', '192.0.2.3')), { action: 'tempfail', reason: 'Too many connections from your address' });
+  assert.deepEqual(e1.onConnect(connect(config, 'pop3s', '192.0.2.3')), { action: 'tempfail', code: 'concurrent-address', text: 'Too many connections from your address' });
   e1.onDisconnect(first);
   await c.quiet();
   assert.equal(e2.onConnect(connect(config, 'imaps', '192.0.2.3')).action, 'allow', 'the slot freed in worker 1 counts in worker 2');
@@ -449,14 +451,6 @@ test('cluster counters: one process listener for all limiters, and this process\
   assert.equal(process.listenerCount('message'), listeners, 'close detaches the limiters');
 });
 
-async function until(what: string, cond: () => Promise<boolean>, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await sleep(20);
-  }
-}
-
 // ---- the Redis store -------------------------------------------------------------------------------
 
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
@@ -479,7 +473,7 @@ test('with Redis, bans travel through Redis and session counts through the prima
   const c = await fakeCluster(t, 2, store);
   assert.deepEqual(c.authority.syncFor(c.w(1).link).bans, [], 'workers read bans from Redis, not from the sync');
   // The ban stores subscribe in the background: a ban published before worker 2 listens is not pushed to it.
-  await until('the primary and both workers subscribe to ban changes', async () => {
+  await waitFor('the primary and both workers subscribe to ban changes', async () => {
     const client = new Redis(redis!.url);
     try {
       const [, n] = (await client.pubsub('NUMSUB', `${store.prefix}:bans:events`)) as [string, number];
@@ -490,7 +484,7 @@ test('with Redis, bans travel through Redis and session counts through the prima
   });
   const b = ban('address', '192.0.2.16');
   await c.w(1).policy.state.bans.add(b, Date.now());
-  await until('worker 2 hears of the ban', async () => c.w(2).policy.state.bans.cached(b.id, Date.now()) !== undefined);
+  await waitFor('worker 2 hears of the ban', async () => c.w(2).policy.state.bans.cached(b.id, Date.now()) !== undefined);
   assert.equal(c.w(2).policy.state.bans.cached(b.id, Date.now())?.id, b.id, 'worker 2 heard of it from Redis');
   c.w(1).policy.state.connectionOpened('imaps', '192.0.2.17');
   await c.quiet();
@@ -562,7 +556,7 @@ test('real cluster: two workers count in the primary\'s memory, see each other\'
     assert.equal(seen.count, 5, 'the primary\'s own counter reads the same memory');
 
     await ask(a, { t: 'test.open', listener: 'imaps', address: '192.0.2.21' });
-    await until('the primary counts worker 1\'s session', async () => authority.state.openFrom('192.0.2.21') > 0);
+    await waitFor('the primary counts worker 1\'s session', async () => authority.state.openFrom('192.0.2.21') > 0);
     assert.equal(authority.state.openFrom('192.0.2.21'), 1, 'the primary\'s total');
     // The primary told worker 2 in the same turn it counted; this request follows on the same channel.
     assert.equal(await ask(b, { t: 'test.open-from', address: '192.0.2.21' }), 1);

@@ -17,7 +17,7 @@ import { planPorts, workerConfig } from '../../../src/cluster/ports.ts';
 import type { Config } from '../../../src/config/load.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 import { loadOrCreateSelfSigned } from '../../../src/tls/self-signed.ts';
-import { listener } from '../helpers.ts';
+import { listener } from '../../helpers/adapters.ts';
 
 function listen(server: Server, opts: { port: number; reusePort?: boolean }): Promise<number> {
   return new Promise((resolve, reject) => {

@@ -7,7 +7,8 @@ import { createLogger } from '../../../src/core/log.ts';
 import type { Ban, ReloadOutcome } from '../../../src/control/protocol.ts';
 import type { BanAdmin, ControlTarget } from '../../../src/control/target.ts';
 import type { CloseReason } from '../../../src/protocols/types.ts';
-import { newSessionRecord, SessionRegistry, type SessionControl, type SessionRecord } from '../../../src/session/registry.ts';
+import { newSessionRecord, type SessionRecord } from '../../../src/session/record.ts';
+import { SessionRegistry, type SessionControl } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 
 export const silentLog = createLogger('silent');
@@ -130,15 +131,3 @@ export function tempDir(): { dir: string; remove(): void } {
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-export function waitFor<T>(check: () => T | undefined | false, timeoutMs = 3000, what = 'condition'): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  return new Promise((resolve, reject) => {
-    const tick = () => {
-      const v = check();
-      if (v !== undefined && v !== false) return resolve(v);
-      if (Date.now() > deadline) return reject(new Error(`timed out waiting for ${what}`));
-      setTimeout(tick, 10);
-    };
-    tick();
-  });
-}

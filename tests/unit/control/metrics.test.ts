@@ -1,13 +1,21 @@
 import assert from 'node:assert/strict';
 import { request } from 'node:http';
 import { test } from 'node:test';
-import { escapeLabel, MetricsServer, renderMetrics } from '../../../src/control/metrics.ts';
+import { GatewayMetrics, MetricsServer } from '../../../src/control/metrics.ts';
 import { GatewayStats } from '../../../src/control/stats.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 import { generateSelfSigned } from '../../../src/tls/self-signed.ts';
 import { FakeBans, FakeSession, fakeTarget, silentLog } from './fake-gateway.ts';
 
-/** Parses an exposition into `name{labels}` → value, checking every line's syntax and HELP/TYPE pairs. */
+/** `name{b="2",a="1"}` as `name{a="1",b="2"}`: the order of labels in a sample means nothing. */
+export function sortedLabels(key: string): string {
+  const m = /^([^{]+)\{(.*)\}$/.exec(key);
+  if (!m) return key;
+  const pairs = m[2]!.match(/[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"/g) ?? [];
+  return `${m[1]}{${pairs.sort().join(',')}}`;
+}
+
+/** Parses an exposition into `name{labels}` (labels sorted) → value, checking every line's syntax and HELP/TYPE pairs. */
 export function parseExposition(text: string): Map<string, number> {
   const out = new Map<string, number>();
   const typed = new Set<string>();
@@ -26,7 +34,7 @@ export function parseExposition(text: string): Map<string, number> {
     assert.ok(m, `not a valid sample line: ${line}`);
     const family = m[1]!.replace(/_(bucket|sum|count)$/, '');
     assert.ok(typed.has(m[1]!) || typed.has(family), `sample without TYPE: ${line}`);
-    out.set(`${m[1]}${m[2] ?? ''}`, Number(m[3]));
+    out.set(sortedLabels(`${m[1]}${m[2] ?? ''}`), Number(m[3]));
   }
   return out;
 }
@@ -54,13 +62,14 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   new FakeSession(t.registry, { listener: 'pop3s', protocol: 'pop3' }).open();
   t.registry.refused('imaps', '203.0.113.1', 'max_connections');
   t.registry.refused('imaps', '203.0.113.1', 'max_connections');
+  t.registry.refused('imaps', '203.0.113.2', 'concurrent-address', 'Too many connections from your address');
   await t.reload();
 
-  const text = renderMetrics(t, stats, { controlClients: () => 2, controlDropped: () => 1 });
+  const text = await new GatewayMetrics(t, stats, { controlClients: () => 2, controlDropped: () => 1 }).text();
   const m = parseExposition(text);
   const v = (k: string) => {
-    assert.ok(m.has(k), `missing ${k}\n${text}`);
-    return m.get(k);
+    assert.ok(m.has(sortedLabels(k)), `missing ${k}\n${text}`);
+    return m.get(sortedLabels(k));
   };
   assert.equal(v('mailgate_sessions{listener="imaps",state="relaying"}'), 1);
   assert.equal(v('mailgate_sessions{listener="imaps",state="preauth"}'), 1);
@@ -69,6 +78,8 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   assert.equal(v('mailgate_auth_total{listener="imaps",result="ok"}'), 2);
   assert.equal(v('mailgate_auth_total{listener="imaps",result="fail"}'), 1);
   assert.equal(v('mailgate_refused_total{listener="imaps",reason="max_connections"}'), 2);
+  assert.equal(v('mailgate_refused_total{listener="imaps",reason="concurrent-address"}'), 1, 'a policy refusal is labelled by its code');
+  assert.doesNotMatch(text, /Too many connections/, 'never by the text the client saw');
   assert.equal(v('mailgate_sessions_closed_total{listener="imaps",reason="client-quit"}'), 1);
   assert.equal(v('mailgate_tls_handshake_errors_total{listener="imaps",kind="failed"}'), 1);
   assert.equal(v('mailgate_bytes_total{listener="imaps",direction="in"}'), 150, 'closed and live sessions');
@@ -88,8 +99,13 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   stats.close();
 });
 
-test('label values are escaped', () => {
-  assert.equal(escapeLabel('a"b\\c\nd'), 'a\\"b\\\\c\\nd');
+test('label values are escaped', async () => {
+  const t = fakeTarget();
+  const stats = new GatewayStats(t.registry);
+  t.registry.refused('imaps', '203.0.113.1', 'a"b\\c\nd');
+  const text = await new GatewayMetrics(t, stats, { controlClients: () => 0, controlDropped: () => 0 }).text();
+  assert.match(text, /^mailgate_refused_total\{listener="imaps",reason="a\\"b\\\\c\\nd"\} 1$/m);
+  stats.close();
 });
 
 test('the endpoint serves /metrics with the exposition content type, 404 elsewhere, 405 for POST', async () => {

@@ -9,7 +9,8 @@ import { ControlClient, ControlRequestError } from '../../../src/control/client.
 import { encode, MAX_REQUEST_LINE, type ControlEvent, type EventBatch } from '../../../src/control/protocol.ts';
 import { CommandError, ControlServer, type ControlServerOptions } from '../../../src/control/server.ts';
 import { GatewayStats } from '../../../src/control/stats.ts';
-import { FakeBans, FakeSession, fakeTarget, silentLog, tempDir, waitFor, type FakeTarget } from './fake-gateway.ts';
+import { FakeBans, FakeSession, fakeTarget, silentLog, tempDir, type FakeTarget } from './fake-gateway.ts';
+import { waitFor } from '../../helpers/wait.ts';
 
 const tmp = tempDir();
 after(() => tmp.remove());
@@ -96,9 +97,9 @@ test('hello, snapshot, then events that follow what the sessions did', async () 
   // Many byte changes inside one flush interval: one update for the session.
   for (let i = 0; i < 50; i++) s.record.bytesIn += 10;
   s.record.bytesOut = 1234;
-  await waitFor(() => got.events.find((e) => e.type === 'update' && e.id === s.record.id && e.bytesIn === 500), 3000, 'the update');
+  await waitFor('the update', () => got.events.find((e) => e.type === 'update' && e.id === s.record.id && e.bytesIn === 500), { timeoutMs: 3000 });
   s.end('client-quit');
-  const closed = await waitFor(() => got.events.find((e) => e.type === 'closed' && e.id === s.record.id), 3000, 'the close');
+  const closed = await waitFor('the close', () => got.events.find((e) => e.type === 'closed' && e.id === s.record.id), { timeoutMs: 3000 });
 
   const mine = got.events.filter((e) => ('id' in e ? e.id : 'session' in e ? e.session.id : null) === s.record.id);
   assert.deepEqual(
@@ -113,6 +114,27 @@ test('hello, snapshot, then events that follow what the sessions did', async () 
   const last = got.batches.at(-1)!;
   const pop = last.counters.find((x) => x.listener === 'pop3s')!;
   assert.deepEqual({ accepted: pop.accepted, authOk: pop.authOk, bytesIn: pop.bytesIn, sessions: pop.sessions }, { accepted: 1, authOk: 1, bytesIn: 500, sessions: 0 });
+  c.close();
+  await server.close();
+});
+
+test('a session opened before its TLS handshake gets its TLS version and cipher in an update once the handshake is done', async () => {
+  const t = fakeTarget();
+  const { server, socketPath } = await start(t);
+  const c = await ControlClient.connect(socketPath);
+  const got = collect(c);
+  await c.subscribe();
+  const s = new FakeSession(t.registry, { state: 'handshake', tlsVersion: null, tlsCipher: null }).open();
+  const opened = await waitFor('the opened event', () => got.events.find((e) => e.type === 'opened' && e.session.id === s.record.id));
+  assert.deepEqual(opened.type === 'opened' && [opened.session.tlsVersion, opened.session.tlsCipher], [null, null]);
+  s.record.state = 'preauth';
+  s.record.tlsVersion = 'TLSv1.3';
+  s.record.tlsCipher = 'TLS_AES_128_GCM_SHA256';
+  const update = await waitFor('the update with the cipher', () => got.events.find((e) => e.type === 'update' && e.id === s.record.id));
+  assert.deepEqual(update.type === 'update' && [update.state, update.tlsVersion, update.tlsCipher], ['preauth', 'TLSv1.3', 'TLS_AES_128_GCM_SHA256']);
+  // A change of the cipher alone is a change too.
+  s.record.tlsCipher = 'TLS_CHACHA20_POLY1305_SHA256';
+  await waitFor('an update with the new cipher', () => got.events.find((e) => e.type === 'update' && e.id === s.record.id && e.tlsCipher === 'TLS_CHACHA20_POLY1305_SHA256'));
   c.close();
   await server.close();
 });
@@ -133,7 +155,7 @@ test('refusals, failed logins, reloads and certificate changes become events', a
     assert.deepEqual((err.result as { ok: boolean }).ok, false);
     return true;
   });
-  await waitFor(() => got.events.find((e) => e.type === 'reload'), 3000, 'the reload event');
+  await waitFor('the reload event', () => got.events.find((e) => e.type === 'reload'), { timeoutMs: 3000 });
   const types = got.events.map((e) => e.type);
   assert.ok(types.includes('refused') && types.includes('auth-failed') && types.includes('reload'), `got ${types.join(',')}`);
   const af = got.events.find((e) => e.type === 'auth-failed');
@@ -179,7 +201,7 @@ test('ban goes to the ban admin and ends the live sessions of that address; unba
   assert.deepEqual((await c.request('bans', {})).map((x) => x.ip).sort(), ['192.0.2.66', '2001:db8::/32']);
   assert.deepEqual(await c.request('unban', { ip: '192.0.2.66' }), { removed: true });
   assert.deepEqual(await c.request('unban', { ip: '192.0.2.66' }), { removed: false });
-  await waitFor(() => got.events.find((e) => e.type === 'unbanned'), 3000, 'the unbanned event');
+  await waitFor('the unbanned event', () => got.events.find((e) => e.type === 'unbanned'), { timeoutMs: 3000 });
   const banned = got.events.find((e) => e.type === 'banned');
   assert.equal(banned?.type === 'banned' && banned.killed, 1);
   await assert.rejects(c.request('ban', { ip: 'not-an-ip', seconds: 5 }), (e: ControlRequestError) => e.code === 'BAD_REQUEST');
@@ -261,7 +283,7 @@ test('garbage lines get BAD_REQUEST with the id when it can be read', async () =
   const { server, socketPath } = await start(t);
   const r = await raw(socketPath);
   r.socket.write('not json\n{"id":7,"cmd":"BAD!"}\n{"id":8}\n' + encode({ id: 9, cmd: 'status' }));
-  await waitFor(() => r.lines.length >= 5, 3000, 'four replies after the hello');
+  await waitFor('four replies after the hello', () => r.lines.length >= 5, { timeoutMs: 3000 });
   const replies = r.lines.slice(1).map((l) => JSON.parse(l));
   assert.deepEqual(
     replies.map((x) => [x.id, x.ok, x.error?.code]),
@@ -288,13 +310,13 @@ test('a client that does not read is dropped; the others and the registry are un
   // Ask for far more than the bound and never read it.
   const many = Array.from({ length: 400 }, (_, i) => encode({ id: i, cmd: 'sessions', args: {} })).join('');
   slow.socket.write(many);
-  await waitFor(() => server.droppedClientCount === 1, 5000, 'the slow client to be dropped');
+  await waitFor('the slow client to be dropped', () => server.droppedClientCount === 1, { timeoutMs: 5000 });
   // It never read, so it learns of the drop only when it reads again.
   slow.socket.resume();
   await slow.closed;
   // The good client still gets events and answers.
   const s = new FakeSession(t.registry).open();
-  await waitFor(() => got.events.find((e) => e.type === 'opened' && e.session.id === s.record.id), 3000, 'the opened event on the good client');
+  await waitFor('the opened event on the good client', () => got.events.find((e) => e.type === 'opened' && e.session.id === s.record.id), { timeoutMs: 3000 });
   const st = await good.request('status', {});
   assert.equal(st.sessions, 201);
   assert.equal(st.control.dropped, 1);
@@ -309,7 +331,7 @@ test('too many events in one interval: a bounded batch with a dropped count', as
   const got = collect(c);
   await c.subscribe();
   for (let i = 0; i < 50; i++) t.registry.refused('imaps', '192.0.2.1', 'test');
-  const b = await waitFor(() => got.batches.find((x) => x.dropped > 0), 3000, 'a batch with drops');
+  const b = await waitFor('a batch with drops', () => got.batches.find((x) => x.dropped > 0), { timeoutMs: 3000 });
   assert.equal(b.events.filter((e) => e.type === 'refused').length, 10);
   assert.equal(b.dropped, 40);
   assert.equal(b.counters.find((x) => x.listener === 'imaps')?.refused, 50, 'counters stay exact');
@@ -327,7 +349,7 @@ test('a subscriber gets nothing twice: events before its snapshot are not replay
   const got = collect(second);
   const snap = await second.subscribe();
   assert.ok(snap.sessions.some((x) => x.id === s.record.id));
-  await waitFor(() => got.batches.length > 0, 3000, 'a batch');
+  await waitFor('a batch', () => got.batches.length > 0, { timeoutMs: 3000 });
   assert.equal(got.events.filter((e) => e.type === 'opened').length, 0, 'the opened event is already in the snapshot');
   first.close();
   second.close();
@@ -355,7 +377,7 @@ test('slow commands are bounded per client (BUSY) while quick ones still answer'
   const second = c.request('slow', {});
   await assert.rejects(c.request('slow', {}), (e: ControlRequestError) => e.code === 'BUSY');
   assert.equal((await c.request('status', {})).sessions, 0, 'quick commands are not held up');
-  await waitFor(() => gates.length === 2, 1000, 'both slow handlers');
+  await waitFor('both slow handlers', () => gates.length === 2, { timeoutMs: 1000 });
   for (const g of gates) g();
   assert.deepEqual(await Promise.all([first, second]), ['done', 'done']);
   c.close();

@@ -15,7 +15,7 @@ import { ImapAdapter, imapProtocol } from '../../../src/protocols/imap.ts';
 import { Pop3Adapter, pop3Protocol } from '../../../src/protocols/pop3.ts';
 import { SmtpAdapter, smtpProtocol } from '../../../src/protocols/smtp.ts';
 import type { BackendCapabilities, Credentials, LoginResult, MailAdapter, ProtocolModule } from '../../../src/protocols/types.ts';
-import { facts, listener } from '../helpers.ts';
+import { facts, listener } from '../../helpers/adapters.ts';
 import { count, crlfLines, nastyText, params, ScriptLink, within } from './helpers.ts';
 
 const garbage = nastyText(40).map((s) => s.replace(/\n/g, ''));

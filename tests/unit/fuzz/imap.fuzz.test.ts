@@ -11,7 +11,7 @@ import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { validTag } from '../../../src/protocols/imap-syntax.ts';
 import { ImapAdapter } from '../../../src/protocols/imap.ts';
-import { facts, listener } from '../helpers.ts';
+import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, params, split } from './helpers.ts';
 import { imapStream as stream } from './streams.ts';
 

@@ -10,7 +10,7 @@ import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { Pop3Adapter } from '../../../src/protocols/pop3.ts';
 import { encodePlain } from '../../../src/protocols/sasl.ts';
-import { facts, listener } from '../helpers.ts';
+import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, params, split } from './helpers.ts';
 import { pop3Stream as stream } from './streams.ts';
 

@@ -27,9 +27,10 @@ import { smtpProtocol } from '../../../src/protocols/smtp.ts';
 import type { ProtocolModule } from '../../../src/protocols/types.ts';
 import { SessionRegistry } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
-import { startFakeImap, startFakePop3, startFakeSmtp, type FakeBackend } from '../../e2e/harness/fake-backends.ts';
+import { startFakeImap, startFakePop3, startFakeSmtp, type FakeBackend } from '../../helpers/fake-backends.ts';
 import { count, crlfLines, cutsArb, params, split } from './helpers.ts';
 import { imapStream, pop3Stream, smtpStream } from './streams.ts';
+import { waitFor } from '../../helpers/wait.ts';
 
 const logs: string[] = [];
 const log = createLogger('debug', { write: (l: string) => void logs.push(l) });
@@ -171,9 +172,7 @@ test('fuzz: live SMTP sessions (plain and STARTTLS listeners)', async () => {
 });
 
 test('every fuzzed session ended and left the registry', async () => {
-  const deadline = Date.now() + 5000;
-  while (registry.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  assert.equal(registry.size, 0, `sessions left: ${JSON.stringify(registry.list().map((r) => [r.listener, r.state]))}`);
+  await waitFor('every session to leave the registry', () => registry.size === 0, { detail: () => `sessions left: ${JSON.stringify(registry.list().map((r) => [r.listener, r.state]))}` });
   const ends = logs.filter((l) => l.includes('"msg":"session end"')).length;
   assert.ok(ends > 0);
 });

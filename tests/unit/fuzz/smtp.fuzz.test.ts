@@ -11,7 +11,7 @@ import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { SmtpRelay } from '../../../src/protocols/smtp-relay.ts';
 import { SmtpAdapter } from '../../../src/protocols/smtp.ts';
 import type { RelayHost, RelayUnit } from '../../../src/protocols/types.ts';
-import { facts, listener } from '../helpers.ts';
+import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, nastyBytes, params, split } from './helpers.ts';
 import { smtpStream as stream } from './streams.ts';
 

@@ -43,7 +43,7 @@ test('the shipped config enables brute-force protection and per-address limits, 
     assert.ok(l && l.protocol === 'smtp' && l.auth === 'required', `${name} requires AUTH`);
     const c = { listener: l, clientIp: '203.0.113.5', tls: true, now: Date.now(), session: `doc-${name}` };
     assert.equal(engine.onConnect(c).action, 'allow');
-    assert.deepEqual(await engine.onAuth(login(c, null), null), { action: 'deny', reason: 'Authentication required' });
+    assert.deepEqual(await engine.onAuth(login(c, null), null), { action: 'deny', code: 'access-denied', text: 'Authentication required' });
     engine.onDisconnect(c);
   }
 });

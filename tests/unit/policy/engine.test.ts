@@ -47,7 +47,7 @@ test('local: the right password logs in and is replayed; a wrong one or an unkno
   const unknown = creds('mallory@example.org', 'alice-pw');
   const a = await engine.onAuth(login(c, wrong), wrong);
   const b = await engine.onAuth(login(c, unknown), unknown);
-  assert.deepEqual(a, { action: 'deny', reason: 'Authentication failed' });
+  assert.deepEqual(a, { action: 'deny', code: 'bad-login', text: 'Authentication failed' });
   assert.deepEqual(b, a);
 });
 
@@ -154,18 +154,18 @@ access:
     - { action: deny, protocols: [http], addresses: ["::ffff:198.51.100.0/120"] }
 ${LOCAL_LISTENERS}`);
   const { engine } = await engineFor(config);
-  assert.deepEqual(engine.onConnect(connect(config, 'imaps', '203.0.113.5')), { action: 'deny', reason: 'Your network is blocked' });
+  assert.deepEqual(engine.onConnect(connect(config, 'imaps', '203.0.113.5')), { action: 'deny', code: 'access-denied', text: 'Your network is blocked' });
   const c = connect(config, 'imaps', '192.0.2.1');
   assert.deepEqual(engine.onConnect(c), { action: 'allow' });
   const bob = creds('bob@new.example.org', 'bob-pw');
-  assert.deepEqual(await engine.onAuth(login(c, bob), bob), { action: 'tempfail', reason: 'Try again later' });
+  assert.deepEqual(await engine.onAuth(login(c, bob), bob), { action: 'tempfail', code: 'access-tempfail', text: 'Try again later' });
   // The MX listener: a relay client from inside is allowed, from outside refused at its first transaction.
   const inside = connect(config, 'mx', '10.1.2.3');
   assert.equal(engine.onConnect(inside).action, 'allow');
   assert.equal((await engine.onAuth(login(inside, null), null)).action, 'allow');
   const outside = connect(config, 'mx', '192.0.2.1');
   assert.equal(engine.onConnect(outside).action, 'allow', 'the relay rule needs the login phase');
-  assert.deepEqual(await engine.onAuth(login(outside, null), null), { action: 'deny', reason: 'Access denied' });
+  assert.deepEqual(await engine.onAuth(login(outside, null), null), { action: 'deny', code: 'access-denied', text: 'Access denied' });
   // HTTP has no login, so every rule is decided at connect; IPv4-mapped ranges match plain IPv4 clients.
-  assert.deepEqual(engine.onConnect(connect(config, 'https', '198.51.100.77')), { action: 'deny', reason: 'Access denied' });
+  assert.deepEqual(engine.onConnect(connect(config, 'https', '198.51.100.77')), { action: 'deny', code: 'access-denied', text: 'Access denied' });
 });

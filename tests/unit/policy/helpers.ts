@@ -2,9 +2,12 @@
 import { scryptSync } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { parseConfig, type Config, type Listener } from '../../../src/config/load.ts';
+import { PolicyAdmin } from '../../../src/control/bans.ts';
 import { createLogger, type Logger } from '../../../src/core/log.ts';
 import { PolicyEngine, type AuthFacts, type ConnectFacts } from '../../../src/policy/engine.ts';
-import { formatScrypt, passwordBytes } from '../../../src/policy/passwords.ts';
+import { readPolicyFiles } from '../../../src/policy/files.ts';
+import { formatScrypt } from '../../../src/core/password-hash.ts';
+import { passwordBytes } from '../../../src/policy/passwords.ts';
 import { PolicyState } from '../../../src/policy/state.ts';
 import type { Credentials } from '../../../src/protocols/types.ts';
 
@@ -37,10 +40,19 @@ export function memoryLog(): { log: Logger; lines: Record<string, unknown>[] } {
 
 export const silentLog = createLogger('silent');
 
-export async function engineFor(config: Config, opts: { state?: PolicyState; clock?: () => number; log?: Logger } = {}): Promise<{ engine: PolicyEngine; state: PolicyState }> {
+/** An engine on a fresh (or given) state, and the admin view of that state (control/bans.ts). */
+export async function engineFor(
+  config: Config,
+  opts: { state?: PolicyState; clock?: () => number; log?: Logger } = {},
+): Promise<{ engine: PolicyEngine; state: PolicyState; admin: PolicyAdmin }> {
   const log = opts.log ?? silentLog;
   const state = opts.state ?? (await PolicyState.create({ store: config.policy_store, log, ...(opts.clock ? { clock: opts.clock } : {}) }));
-  return { engine: new PolicyEngine(config, state, log), state };
+  return { engine: engineOn(config, state, log), state, admin: new PolicyAdmin(state, config.brute_force, log) };
+}
+
+/** An engine for `config` on a given state (a reload, another worker), with the config's policy files read. */
+export function engineOn(config: Config, state: PolicyState, log: Logger = silentLog): PolicyEngine {
+  return new PolicyEngine(config, readPolicyFiles(config), state, log);
 }
 
 export function listenerOf(config: Config, name: string): Listener {

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { PolicyEngine } from '../../../src/policy/engine.ts';
-import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog, silentLog } from './helpers.ts';
+import { cheapScrypt, configFrom, connect, creds, engineFor, engineOn, login, memoryLog } from './helpers.ts';
 
 const T0 = 1_700_000_000_000;
 
@@ -73,7 +73,7 @@ test('concurrent sessions per address: the slot is freed when the session ends',
   const b = connect(config, 'pop3s', '192.0.2.1');
   assert.equal(engine.onConnect(a).action, 'allow');
   assert.equal(engine.onConnect(b).action, 'allow');
-  assert.deepEqual(engine.onConnect(connect(config, 'imaps', '192.0.2.1')), { action: 'tempfail', reason: 'Too many connections from your address' });
+  assert.deepEqual(engine.onConnect(connect(config, 'imaps', '192.0.2.1')), { action: 'tempfail', code: 'concurrent-address', text: 'Too many connections from your address' });
   assert.equal(engine.onConnect(connect(config, 'smtps', '192.0.2.1')).action, 'allow', 'SMTP is out of scope (and counts nowhere in it)');
   engine.onDisconnect(a);
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
@@ -87,7 +87,7 @@ test('concurrent sessions per user: counted at login, released when the login fa
   const s2 = connect(config, 'imap-pass', '192.0.2.2');
   const c = creds('carol', 'x');
   assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow');
-  assert.deepEqual(await engine.onAuth(login(s2, c), c), { action: 'tempfail', reason: 'Too many sessions for this user' });
+  assert.deepEqual(await engine.onAuth(login(s2, c), c), { action: 'tempfail', code: 'concurrent-user', text: 'Too many sessions for this user' });
   engine.onAuthResult(login(s1, c), false);
   assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'a refused backend login frees the slot');
   engine.onDisconnect(s2);
@@ -107,7 +107,7 @@ test('SMTP messages per user: the message that reaches the limit ends the sessio
   assert.deepEqual(await engine.onSmtpMessage(login(s, alice)), { action: 'allow' });
   const second = await engine.onSmtpMessage(login(s, alice));
   assert.equal(second?.action, 'tempfail');
-  assert.equal(second?.action === 'tempfail' && second.reason, 'Message limit reached, try again later');
+  assert.equal(second?.action === 'tempfail' && second.text, 'Message limit reached, try again later');
   const again = await engine.onAuth(login(s, alice), alice);
   assert.equal(again.action, 'tempfail');
   assert.ok(again.action === 'tempfail' && again.retryAfterMs !== undefined && again.retryAfterMs <= 3_600_000);
@@ -116,7 +116,7 @@ test('SMTP messages per user: the message that reaches the limit ends the sessio
   for (let i = 1; i <= 5; i++) assert.deepEqual(await engine.onSmtpRecipient(login(s, bob)), { action: 'allow' }, `recipient ${i} of 5 per address`);
   const sixth = await engine.onSmtpRecipient(login(s, bob));
   assert.equal(sixth?.action, 'tempfail', 'the recipient that crosses the limit is refused');
-  assert.equal(sixth?.action === 'tempfail' && sixth.reason, 'Too many recipients, try again later');
+  assert.equal(sixth?.action === 'tempfail' && sixth.text, 'Too many recipients, try again later');
   assert.equal((await engine.onAuth(login(s, bob), bob)).action, 'tempfail', 'the address used up its recipients: logins wait for the window');
   tick(3_600_001);
   assert.equal((await engine.onAuth(login(s, alice), alice)).action, 'allow');
@@ -161,7 +161,7 @@ test('HTTP requests per address: 429 material (tempfail with Retry-After) past t
     await engine.settled();
   }
   const r = engine.onHttpRequest({ ...c, method: 'GET', path: '/' });
-  assert.deepEqual(r, { action: 'tempfail', reason: 'Too many requests', retryAfterMs: 10_000 });
+  assert.deepEqual(r, { action: 'tempfail', code: 'request-rate', text: 'Too many requests', retryAfterMs: 10_000 });
   assert.equal(engine.onHttpRequest({ ...connect(config, 'https', '192.0.2.2') }).action, 'allow');
   tick(10_001);
   assert.equal(engine.onHttpRequest({ ...c }).action, 'allow');
@@ -195,7 +195,7 @@ test('per address+user: 3 failures block that user from that address, even with 
   const { engine } = await engineFor(config);
   for (let i = 0; i < 3; i++) assert.equal((await fail(engine, config, '192.0.2.1', 'alice')).action, 'deny');
   const blocked = await good(engine, config, '192.0.2.1', 'alice');
-  assert.deepEqual(blocked, { action: 'tempfail', reason: 'Too many failed logins, try again later', retryAfterMs: 15 * 60_000 });
+  assert.deepEqual(blocked, { action: 'tempfail', code: 'banned', text: 'Too many failed logins, try again later', retryAfterMs: 15 * 60_000 });
   assert.equal((await good(engine, config, '192.0.2.1', 'bob')).action, 'allow', 'other users from that address are fine');
   assert.equal((await good(engine, config, '192.0.2.2', 'alice')).action, 'allow', 'alice from elsewhere is fine');
   tick(15 * 60_000 - 1);
@@ -212,7 +212,7 @@ test('per address: 6 failures over several users ban the address before the gree
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
   await fail(engine, config, '192.0.2.1', 'u6');
   const v = engine.onConnect(connect(config, 'imaps', '192.0.2.1'));
-  assert.deepEqual(v, { action: 'tempfail', reason: 'Too many failed logins, try again later', retryAfterMs: 3_600_000 });
+  assert.deepEqual(v, { action: 'tempfail', code: 'banned', text: 'Too many failed logins, try again later', retryAfterMs: 3_600_000 });
   assert.equal(engine.onConnect(connect(config, 'https', '192.0.2.1')).action, 'tempfail', 'every listener');
   assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'tempfail', 'the right password does not pass a ban');
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.2')).action, 'allow');
@@ -234,7 +234,7 @@ test('per user: a locked user is refused from addresses that failed for it, neve
 test('a good login clears the address+user count; exempt addresses are never counted', async (t) => {
   clock(t);
   const config = configFrom(BF + LOCAL);
-  const { engine } = await engineFor(config);
+  const { engine, admin } = await engineFor(config);
   await fail(engine, config, '192.0.2.1', 'alice');
   await fail(engine, config, '192.0.2.1', 'alice');
   assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow');
@@ -243,13 +243,13 @@ test('a good login clears the address+user count; exempt addresses are never cou
   assert.equal((await good(engine, config, '192.0.2.1', 'alice')).action, 'allow', 'two failures after the reset, not four');
   for (let i = 0; i < 10; i++) await fail(engine, config, '198.51.100.4', 'alice');
   assert.equal((await good(engine, config, '198.51.100.4', 'alice')).action, 'allow');
-  assert.deepEqual((await engine.admin.inspect({ address: '198.51.100.4', user: 'alice' })).failures, { address: 0, pair: 0, user: 4 }, 'only the four failures from the counted address');
+  assert.deepEqual((await admin.inspect({ address: '198.51.100.4', user: 'alice' })).failures, { address: 0, pair: 0, user: 4 }, 'only the four failures from the counted address');
 });
 
 test('passthrough: the backend refusing a login counts as a failure, and its success clears the pair count', async (t) => {
   clock(t);
   const config = configFrom(BF + LOCAL);
-  const { engine } = await engineFor(config);
+  const { engine, admin } = await engineFor(config);
   const c = connect(config, 'imap-pass', '192.0.2.1');
   const cr = creds('dave', 'whatever');
   for (let i = 0; i < 3; i++) {
@@ -263,7 +263,7 @@ test('passthrough: the backend refusing a login counts as a failure, and its suc
   engine.onAuthResult(login(c, e), false);
   engine.onAuthResult(login(c, e), true);
   await engine.settled();
-  assert.equal((await engine.admin.inspect({ address: '192.0.2.1', user: 'erin' })).failures?.pair, 0);
+  assert.equal((await admin.inspect({ address: '192.0.2.1', user: 'erin' })).failures?.pair, 0);
 });
 
 test('brute_force.enabled: false counts nothing', async (t) => {
@@ -293,7 +293,7 @@ test('bans survive a reload: a new engine on the same state keeps bans, counts a
 
   // Reload with different rules and thresholds (same windows): bans and counts carry over.
   const next = configFrom(BF + `rate_limits:\n  - { limit: concurrent, per: address, max: 1 }\naccess:\n  rules: [{ action: allow }]\n` + LOCAL);
-  const reloaded = new PolicyEngine(next, state, silentLog);
+  const reloaded = engineOn(next, state);
   assert.equal(reloaded.onConnect(connect(next, 'imaps', '192.0.2.1')).action, 'tempfail', 'the address ban survived');
   assert.equal((await fail(reloaded, next, '192.0.2.2', 'alice')).action, 'deny');
   assert.equal((await good(reloaded, next, '192.0.2.2', 'alice')).action, 'tempfail', 'the third failure across the reload made the pair ban');
@@ -308,8 +308,7 @@ test('admin: add, list, inspect and remove bans of every kind; bad requests are 
   clock(t);
   const { log, lines } = memoryLog();
   const config = configFrom(BF + LOCAL);
-  const { engine } = await engineFor(config, { log });
-  const admin = engine.admin;
+  const { engine, admin } = await engineFor(config, { log });
   await admin.addBan({ kind: 'address', address: '::ffff:192.0.2.77', durationMs: 60_000, reason: 'test' });
   await admin.addBan({ kind: 'range', address: '203.0.113.0/24', durationMs: 60_000 });
   await admin.addBan({ kind: 'user', user: 'Mallory', durationMs: 60_000 });
@@ -333,8 +332,8 @@ test('admin: add, list, inspect and remove bans of every kind; bad requests are 
 test('the control socket view (BanAdmin): ban, list, unban and change events for addresses and ranges', async (t) => {
   clock(t);
   const config = configFrom(BF + LOCAL);
-  const { engine } = await engineFor(config);
-  const bans = engine.bans;
+  const { engine, admin } = await engineFor(config);
+  const bans = admin.banList();
   const events: string[] = [];
   const off = bans.onChange?.((c) => events.push(c.kind === 'banned' ? `+${c.ban.ip}` : `-${c.ip}`));
   bans.ban('192.0.2.9', 120, 'manual');

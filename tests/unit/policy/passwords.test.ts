@@ -5,8 +5,10 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import bcrypt from 'bcryptjs';
 import { ConfigError } from '../../../src/core/errors.ts';
-import { dummyHashLike, hashPassword, parseHash, verifyPassword, type PasswordHash } from '../../../src/policy/passwords.ts';
-import { readUsersFile, UserDirectory } from '../../../src/policy/users.ts';
+import { parseHash, type PasswordHash } from '../../../src/core/password-hash.ts';
+import { dummyHashLike, hashPassword, verifyPassword } from '../../../src/policy/passwords.ts';
+import { readPolicyFiles, readUsersFile } from '../../../src/policy/files.ts';
+import { mostCommonHash, UserDirectory } from '../../../src/policy/users.ts';
 import { cheapScrypt, configFrom } from './helpers.ts';
 
 function parsed(text: string): PasswordHash {
@@ -67,19 +69,19 @@ test('parseHash refuses plaintext, argon2, malformed and too-expensive hashes wi
 });
 
 test('an unknown user is verified against a dummy hash of the most common kind and cost, and fails', async () => {
-  const dir = new UserDirectory([
+  const entries = [
     { name: 'a', password_hash: bcrypt.hashSync('x', 5), groups: [] },
     { name: 'b', password_hash: bcrypt.hashSync('y', 5), groups: [] },
     { name: 'c', password_hash: cheapScrypt('z'), groups: [] },
-  ]);
-  const d = dir.dummyHash;
+  ];
+  const dir = new UserDirectory(entries);
+  const d = dummyHashLike(mostCommonHash(entries.map((e) => parsed(e.password_hash))));
   assert.equal(d.kind, 'bcrypt');
   assert.equal(d.kind === 'bcrypt' && d.cost, 5);
   assert.equal(await dir.verify('nobody', 'x'), undefined);
   assert.equal((await dir.verify('A', 'x'))?.name, 'a', 'names compare case-insensitively');
   assert.equal(await dir.verify('a', 'y'), undefined);
-  const scryptOnly = new UserDirectory([{ name: 'c', password_hash: cheapScrypt('z', 12), groups: [] }]);
-  const ds = scryptOnly.dummyHash;
+  const ds = dummyHashLike(mostCommonHash([parsed(cheapScrypt('z', 12))]));
   assert.deepEqual(ds.kind === 'scrypt' && [ds.ln, ds.r, ds.p, ds.hash.length], [12, 8, 1, 32]);
   assert.equal(dummyHashLike(undefined).kind, 'scrypt');
 });
@@ -138,7 +140,7 @@ users:
   groups:
     staff: ["*@staff.example.org"]
 `, join(dir, 'mailgate.yaml'));
-    const users = UserDirectory.fromConfig(config.users, config.baseDir);
+    const users = UserDirectory.fromConfig(config.users, readPolicyFiles(config));
     assert.equal(users.size, 2);
     assert.deepEqual([...users.groupsOf('BOB@example.org')], ['migrated']);
     assert.deepEqual([...users.groupsOf('carol@staff.example.org')], ['staff'], 'group patterns cover users mailgate does not know');
@@ -149,7 +151,7 @@ users:
     );
     writeFileSync(join(dir, 'dup.yaml'), `- { name: alice, password_hash: "${good}" }\n`);
     const dupConfig = configFrom(`users:\n  file: dup.yaml\n  list:\n    - { name: alice, password_hash: "${good}" }\n`, join(dir, 'mailgate.yaml'));
-    assert.throws(() => UserDirectory.fromConfig(dupConfig.users, dupConfig.baseDir), /defined twice/);
+    assert.throws(() => UserDirectory.fromConfig(dupConfig.users, readPolicyFiles(dupConfig)), /defined twice/);
     assert.throws(() => readUsersFile(join(dir, 'missing.yaml')), (e: unknown) => e instanceof Error && 'code' in e && e.code === 'CONFIG_READ');
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -7,9 +7,11 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../../../src/config/load.ts';
+import type { PolicyAdmin } from '../../../src/control/bans.ts';
 import type { PolicyEngine } from '../../../src/policy/engine.ts';
 import type { PolicyState } from '../../../src/policy/state.ts';
-import { redisMissing, startRedis, type RedisServer } from '../../e2e/harness/redis.ts';
+import { redisMissing, startRedis, type RedisServer } from '../../helpers/redis.ts';
+import { waitFor } from '../../helpers/wait.ts';
 import { cheapScrypt, configFrom, connect, creds, engineFor, login, memoryLog } from './helpers.ts';
 
 test('prerequisite: redis-server is installed (.ci/install-deps.sh)', () => {
@@ -49,12 +51,12 @@ listeners:
 `);
 }
 
-async function gateways(prefix: string, extra = ''): Promise<{ config: Config; a: PolicyEngine; b: PolicyEngine }> {
+async function gateways(prefix: string, extra = ''): Promise<{ config: Config; a: PolicyEngine; b: PolicyEngine; admin: { a: PolicyAdmin; b: PolicyAdmin } }> {
   const config = redisConfig(prefix, extra);
   const one = await engineFor(config);
   const two = await engineFor(config);
   states.push(one.state, two.state);
-  return { config, a: one.engine, b: two.engine };
+  return { config, a: one.engine, b: two.engine, admin: { a: one.admin, b: two.admin } };
 }
 
 async function attempt(engine: PolicyEngine, config: Config, ip: string, password: string) {
@@ -63,51 +65,43 @@ async function attempt(engine: PolicyEngine, config: Config, ip: string, passwor
   return engine.onAuth(login(c, cr), cr);
 }
 
-async function until(what: string, cond: () => boolean, ms = 3_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await sleep(20);
-  }
-}
-
 test('failed logins on two gateways add up to one ban that both enforce, and it expires in Redis', async () => {
-  const { config, a, b } = await gateways('t1');
+  const { config, a, b, admin } = await gateways('t1');
   assert.equal((await attempt(a, config, '192.0.2.1', 'wrong')).action, 'deny');
   assert.equal((await attempt(b, config, '192.0.2.1', 'wrong')).action, 'deny');
   assert.equal((await attempt(a, config, '192.0.2.1', 'wrong')).action, 'deny');
   assert.equal((await attempt(b, config, '192.0.2.1', 'right')).action, 'tempfail', 'gateway B refuses the right password after failures on both');
-  assert.deepEqual((await b.admin.inspect({ address: '192.0.2.1', user: 'alice' })).failures, { address: 3, pair: 3, user: 3 });
+  assert.deepEqual((await admin.b.inspect({ address: '192.0.2.1', user: 'alice' })).failures, { address: 3, pair: 3, user: 3 });
   await sleep(2_100);
   assert.equal((await attempt(b, config, '192.0.2.1', 'right')).action, 'allow', 'the ban ended (Redis TTL)');
 });
 
 test('an address ban made on one gateway refuses connections on the other before the greeting', async () => {
-  const { config, a, b } = await gateways('t2');
+  const { config, a, b, admin } = await gateways('t2');
   for (const ip of ['192.0.2.9', '192.0.2.9', '192.0.2.9', '192.0.2.9']) {
     const c = connect(config, 'imaps', ip);
     const cr = creds(`u${Math.random()}`, 'x');
     await a.onAuth(login(c, cr), cr);
   }
   assert.equal(a.onConnect(connect(config, 'imaps', '192.0.2.9')).action, 'tempfail');
-  await until('gateway B hears of the ban', () => b.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'tempfail');
-  assert.ok(b.bans.list().some((x) => x.ip === '192.0.2.9' && x.source === 'auto'));
+  await waitFor('gateway B hears of the ban', () => b.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'tempfail');
+  assert.ok(admin.b.banList().list().some((x) => x.ip === '192.0.2.9' && x.source === 'auto'));
   // Lifting it on B lifts it on A.
-  assert.equal(b.bans.unban('192.0.2.9'), true);
-  await until('gateway A hears of the unban', () => a.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'allow');
+  assert.equal(admin.b.banList().unban('192.0.2.9'), true);
+  await waitFor('gateway A hears of the unban', () => a.onConnect(connect(config, 'imaps', '192.0.2.9')).action === 'allow');
 });
 
 test('manual bans are shared and listed by both gateways', async () => {
-  const { config, a, b } = await gateways('t3');
-  await a.admin.addBan({ kind: 'pair', address: '192.0.2.40', user: 'alice', durationMs: 60_000, reason: 'test' });
-  assert.deepEqual((await b.admin.listBans()).map((x) => x.id), ['pair:192.0.2.40|alice']);
+  const { config, a, b, admin } = await gateways('t3');
+  await admin.a.addBan({ kind: 'pair', address: '192.0.2.40', user: 'alice', durationMs: 60_000, reason: 'test' });
+  assert.deepEqual((await admin.b.listBans()).map((x) => x.id), ['pair:192.0.2.40|alice']);
   assert.equal((await attempt(b, config, '192.0.2.40', 'right')).action, 'tempfail');
-  assert.equal(await b.admin.removeBan('pair:192.0.2.40|alice'), true);
+  assert.equal(await admin.b.removeBan('pair:192.0.2.40|alice'), true);
   assert.equal((await attempt(a, config, '192.0.2.40', 'right')).action, 'allow');
 });
 
 test('a connection limit is counted across gateways', async () => {
-  const { config, a, b } = await gateways('t4', 'rate_limits:\n  - { limit: connections, per: address, max: 3, window: 1m }\n');
+  const { config, a, b, admin } = await gateways('t4', 'rate_limits:\n  - { limit: connections, per: address, max: 3, window: 1m }\n');
   assert.equal(a.onConnect(connect(config, 'imaps', '192.0.2.7')).action, 'allow');
   await a.settled();
   assert.equal(a.onConnect(connect(config, 'imaps', '192.0.2.7')).action, 'allow');

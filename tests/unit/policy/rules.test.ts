@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import type { AccessRule } from '../../../src/config/schema-policy.ts';
-import { AddressSet, parseCidr, type Cidr } from '../../../src/policy/cidr.ts';
+import { AddressSet, parseCidr, type Cidr } from '../../../src/net/cidr.ts';
 import { globMatch, nameMatcher } from '../../../src/policy/names.ts';
 import { RuleSet, type RuleAction, type RuleFacts } from '../../../src/policy/rules.ts';
 

@@ -1,0 +1,155 @@
+/**
+ * Bans and failed-login counts as the control socket and the dashboard see
+ * and change them: an adapter over the policy state (src/policy/state.ts),
+ * which keeps them (memory or Redis, and across workers).
+ *
+ *   PolicyAdmin  every ban kind, failed logins counted, sessions open
+ *   BanAdmin     the control socket's address ban list (target.ts): addresses,
+ *                ranges, and user-from-address bans shown by their address
+ */
+import { isIP } from 'node:net';
+import type { PolicySections } from '../config/schema-policy.ts';
+import { MailgateError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { normalizeIp } from '../net/address.ts';
+import { parseCidr } from '../net/cidr.ts';
+import { banId, type Ban, type BanKind } from '../policy/bans.ts';
+import { MAX_USER } from '../policy/decide.ts';
+import { canonicalUser } from '../policy/names.ts';
+import type { FailureCounts, PolicyState } from '../policy/state.ts';
+import type { Ban as ControlBan } from './protocol.ts';
+import type { BanAdmin } from './target.ts';
+
+export interface BanRequest {
+  kind: BanKind;
+  /** An address ("range": a CIDR); for "address", "range" and "pair". */
+  address?: string;
+  /** For "user" and "pair". */
+  user?: string;
+  durationMs: number;
+  reason?: string;
+}
+
+const MAX_BAN_MS = 10 * 365 * 86_400_000;
+
+export class PolicyAdmin {
+  private readonly state: PolicyState;
+  private readonly bruteForce: PolicySections['brute_force'];
+  private readonly log: Logger;
+
+  /** `bruteForce`: the config's thresholds (their windows are the failure counters'). */
+  constructor(state: PolicyState, bruteForce: PolicySections['brute_force'], log: Logger) {
+    this.state = state;
+    this.bruteForce = bruteForce;
+    this.log = log.child({ part: 'policy' });
+  }
+
+  /** Every ban, from the store. */
+  listBans(): Promise<Ban[]> {
+    return this.state.bans.list(this.state.clock());
+  }
+
+  /** Validates and adds a ban; a bad request is a BAN_INVALID error. */
+  async addBan(req: BanRequest): Promise<Ban> {
+    const now = this.state.clock();
+    const ban = makeBan(req, now);
+    await this.state.bans.add(ban, now);
+    this.log.info({ ban: ban.kind, client: ban.address, user: ban.user, until: new Date(ban.until).toISOString() }, 'ban added');
+    return ban;
+  }
+
+  async removeBan(id: string): Promise<boolean> {
+    const removed = await this.state.bans.remove(id);
+    if (removed) this.log.info({ ban: id }, 'ban removed');
+    return removed;
+  }
+
+  /** Failed logins counted in the current windows, and bans, for an address and/or user. */
+  async inspect(query: { address?: string; user?: string }): Promise<{ failures: FailureCounts | null; bans: Ban[] }> {
+    const address = query.address === undefined ? undefined : normalizeIp(query.address);
+    const user = query.user === undefined ? undefined : canonicalUser(query.user);
+    const failures = await this.state.failures({ ...(address === undefined ? {} : { address }), ...(user === undefined ? {} : { user }) }, this.bruteForce);
+    const bans = (await this.listBans()).filter((b) => (address !== undefined && b.address === address) || (user !== undefined && b.user === user));
+    return { failures, bans };
+  }
+
+  /** Sessions open from an address, logged in for a user (this gateway, all its workers). */
+  open(query: { address?: string; user?: string }): { address: number | null; user: number | null } {
+    return {
+      address: query.address === undefined ? null : this.state.openFrom(normalizeIp(query.address)),
+      user: query.user === undefined ? null : this.state.loggedIn(canonicalUser(query.user)),
+    };
+  }
+
+  /** The control socket's ban list: addresses and ranges; bans of a user from one address show as that address. */
+  banList(): BanAdmin {
+    const state = this.state;
+    const shown = (b: Ban) => b.kind !== 'user' && b.address !== null;
+    return {
+      list: () => state.bans.cachedList(state.clock()).filter(shown).map(toControlBan),
+      ban: (ip, seconds, reason) => {
+        const kind: BanKind = ip.includes('/') ? 'range' : 'address';
+        const req: BanRequest = { kind, address: ip, durationMs: seconds * 1000, reason };
+        makeBan(req, state.clock()); // validates now, so a bad address is the caller's error
+        state.track('ban', this.addBan(req));
+      },
+      unban: (ip) => {
+        const address = ip.includes('/') ? ip : normalizeIp(ip);
+        const ids = state.bans
+          .cachedList(state.clock())
+          .filter((b) => b.address === address && b.kind !== 'user')
+          .map((b) => b.id);
+        for (const id of ids) state.track('unban', this.removeBan(id));
+        return ids.length > 0;
+      },
+      onChange: (listener) =>
+        state.bans.onChange((change) => {
+          const b = change.ban;
+          if (!shown(b) || b.address === null) return;
+          if (change.kind === 'banned') listener({ kind: 'banned', ban: toControlBan(b) });
+          else listener({ kind: 'unbanned', ip: b.address });
+        }),
+    };
+  }
+}
+
+function makeBan(req: BanRequest, now: number): Ban {
+  if (!Number.isFinite(req.durationMs) || req.durationMs < 1000 || req.durationMs > MAX_BAN_MS) {
+    throw new MailgateError('BAN_INVALID', 'a ban lasts from 1 second to 10 years');
+  }
+  let address: string | null = null;
+  let user: string | null = null;
+  if (req.kind === 'range') {
+    const cidr = req.address === undefined ? 'missing' : parseCidr(req.address);
+    if (typeof cidr === 'string') throw new MailgateError('BAN_INVALID', `not an address range: ${cidr}`);
+    address = cidr.text;
+  } else if (req.kind === 'address' || req.kind === 'pair') {
+    const a = normalizeIp(req.address);
+    if (isIP(a) === 0) throw new MailgateError('BAN_INVALID', `"${req.address ?? ''}" is not an IP address`);
+    address = a;
+  }
+  if (req.kind === 'user' || req.kind === 'pair') {
+    if (!req.user || req.user.length > MAX_USER) throw new MailgateError('BAN_INVALID', 'a user ban needs a user name');
+    user = canonicalUser(req.user);
+  }
+  return {
+    id: banId(req.kind, address, user),
+    kind: req.kind,
+    address,
+    user,
+    until: now + req.durationMs,
+    createdAt: now,
+    reason: req.reason ?? 'banned by an administrator',
+    source: 'manual',
+  };
+}
+
+function toControlBan(b: Ban): ControlBan {
+  return {
+    ip: b.address ?? '',
+    reason: b.kind === 'pair' ? `user ${b.user ?? ''}: ${b.reason}` : b.reason,
+    createdAt: b.createdAt,
+    expiresAt: b.until,
+    source: b.source === 'manual' ? 'manual' : 'auto',
+  };
+}

@@ -1,0 +1,110 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { parseConfig } from '../../../src/config/load.ts';
+import { ConfigError } from '../../../src/core/errors.ts';
+
+const ok = `
+listeners:
+  - name: imaps
+    protocol: imap
+    listen: ["127.0.0.1:993", "[::1]:993"]
+    tls: implicit
+    backend: 127.0.0.1:143
+    timeouts: { preauth_idle: 30s }
+`;
+
+function problems(text: string) {
+  try {
+    parseConfig(text, '/etc/mailgate/test.yaml');
+  } catch (err) {
+    assert.ok(err instanceof ConfigError, `expected a ConfigError, got ${String(err)}`);
+    assert.equal(err.code, 'CONFIG_INVALID');
+    return err.problems;
+  }
+  assert.fail('expected the config to be refused');
+}
+
+test('a valid config gets defaults merged per listener and is frozen', () => {
+  const c = parseConfig(ok, '/etc/mailgate/test.yaml');
+  const l = c.listeners[0]!;
+  assert.equal(l.timeouts.preauth_idle, 30_000);
+  assert.equal(l.timeouts.backend_connect, 5_000);
+  assert.deepEqual(l.listen, [{ host: '127.0.0.1', port: 993 }, { host: '::1', port: 993 }]);
+  assert.equal(c.tls.dir, '/etc/certs');
+  assert.ok(Object.isFrozen(l.timeouts));
+  assert.throws(() => {
+    (l as { name: string }).name = 'x';
+  });
+});
+
+test('workers: auto by default, a number from 1 to 64; worker_timeout at least 1s; each mistake named where it is', () => {
+  const c = parseConfig(ok, '/etc/mailgate/test.yaml');
+  assert.equal(c.workers, 'auto');
+  assert.equal(c.worker_timeout, 30_000);
+  const set = parseConfig(`workers: 3\nworker_timeout: 5s\n${ok}`, '/etc/mailgate/test.yaml');
+  assert.equal(set.workers, 3);
+  assert.equal(set.worker_timeout, 5_000);
+  const p = problems(`workers: 0\nworker_timeout: 500ms\n${ok}`);
+  const byPath = Object.fromEntries(p.map((x) => [x.path, x]));
+  assert.equal(byPath.workers?.line, 1);
+  assert.equal(byPath.worker_timeout?.line, 2);
+  assert.match(byPath.worker_timeout?.message ?? '', /at least 1s/);
+  assert.ok(problems(`workers: many\n${ok}`).some((x) => x.path === 'workers'));
+});
+
+test('an unknown key names file, line, column and key path', () => {
+  const p = problems(ok.replace('    tls: implicit', '    tls: implicit\n    colour: blue'));
+  assert.deepEqual(p, [{ file: '/etc/mailgate/test.yaml', line: 7, column: 5, path: 'listeners[0].colour', message: 'unknown key "colour"' }]);
+});
+
+test('wrong types, bad addresses, bad durations and bad enums are each reported where they are', () => {
+  const p = problems(`
+listeners:
+  - name: imaps
+    protocol: imap
+    listen: "[::1:993"
+    tls: sometimes
+    backend: 127.0.0.1:99999
+    timeouts: { preauth_idle: soon }
+`);
+  const byPath = Object.fromEntries(p.map((x) => [x.path, x]));
+  assert.equal(byPath['listeners[0].listen[0]']?.line, 5);
+  assert.match(byPath['listeners[0].listen[0]']!.message, /IPv6/);
+  assert.equal(byPath['listeners[0].tls']?.line, 6);
+  assert.match(byPath['listeners[0].backend']!.message, /out of range/);
+  assert.equal(byPath['listeners[0].timeouts.preauth_idle']?.line, 8);
+});
+
+test('a missing required key points at its parent, YAML syntax errors at their line', () => {
+  const p = problems('listeners:\n  - name: x\n    protocol: pop3\n    tls: none\n    listen: "127.0.0.1:110"\n');
+  assert.deepEqual(p.map((x) => [x.path, x.message, x.line]), [['listeners[0].backend', 'is required', 2]]);
+  const s = problems('listeners: [\n  - a: b\n');
+  assert.ok(s[0]!.line >= 1);
+});
+
+test('duplicate listener names and addresses are refused; an SMTP listener that could be an open relay is warned about', () => {
+  const twice = `${ok}  - name: imaps\n    protocol: imap\n    listen: "127.0.0.1:993"\n    tls: implicit\n    backend: 127.0.0.1:143\n`;
+  const p = problems(twice);
+  assert.ok(p.some((x) => /duplicate listener name/.test(x.message)));
+  assert.ok(p.some((x) => /already used by listener "imaps"/.test(x.message)));
+  const relay = parseConfig(
+    'listeners:\n  - name: mx\n    protocol: smtp\n    listen: "127.0.0.1:25"\n    tls: starttls\n    backend: 127.0.0.1:2525\n    auth: none\n    xclient: false\n',
+    'x.yaml',
+  );
+  assert.match(relay.warnings[0]!, /open relay/);
+});
+
+test('the shipped config/mailgate.yaml is valid and has the documented listeners', () => {
+  const file = new URL('../../../config/mailgate.yaml', import.meta.url).pathname;
+  const c = parseConfig(readFileSync(file, 'utf8'), file);
+  const summary = c.listeners.map((l) => [l.name, l.protocol, l.tls, l.listen[0]!.port, l.backend.port]);
+  assert.deepEqual(summary, [
+    ['imaps', 'imap', 'implicit', 993, 143],
+    ['pop3s', 'pop3', 'implicit', 995, 110],
+    ['smtps', 'smtp', 'implicit', 465, 25],
+    ['submission', 'smtp', 'starttls', 587, 25],
+    ['https', 'http', 'implicit', 443, 80],
+  ]);
+  assert.deepEqual(c.warnings, []);
+});
