@@ -168,14 +168,13 @@ export class Gateway implements Daemon {
   private async startListener(l: Listener): Promise<void> {
     const handle =
       l.protocol === 'http'
-        ? await startHttpListener(l, this.deps())
+        ? await startHttpListener(l, { ...this.deps(), acmeHttp01: this.http01 })
         : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
     this.running.set(l.name, { listener: l, handle });
-    this.acme?.attachListener(l, handle);
-    if (this.worker && l.protocol === 'http' && l.tls === 'none') {
-      (handle as ListenerHandle & { setChallengeResponder?: (r: (token: string) => string | undefined) => void }).setChallengeResponder?.(this.worker.http01);
-    }
   }
+
+  /** HTTP-01 answers for plain http listeners: this process's ACME, or (in a worker) the primary's tokens. */
+  private readonly http01 = (token: string): string | undefined => (this.worker ? this.worker.http01(token) : this.acme?.http01Responder(token));
 
   /** Renewal state of a served certificate for the control socket; null when ACME does not manage it. */
   certRenewal(info: CertInfo): { failing: boolean; lastError: string | null; nextAttemptAt: number | null } | null {
@@ -188,7 +187,6 @@ export class Gateway implements Daemon {
     this.acme = acme;
     if (!created || !acme) return;
     this.watchAcme?.(acme);
-    for (const r of this.running.values()) acme.attachListener(r.listener, r.handle);
     await acme.start();
   }
 

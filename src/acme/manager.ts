@@ -170,7 +170,7 @@ export class AcmeManager {
     this.account = this.newAccount();
   }
 
-  /** For plain http listeners: `/.well-known/acme-challenge/<token>`. */
+  /** For plain http listeners (the gateway passes it to them as a dependency): `/.well-known/acme-challenge/<token>`. */
   readonly http01Responder = (token: string): string | undefined => this.tokens.get(token);
 
   /** Told of every change of the pending HTTP-01 answers: a cluster primary hands them to its workers. */
@@ -186,13 +186,6 @@ export class AcmeManager {
 
   private tokensChanged(): void {
     for (const l of this.tokenListeners) l(this.tokens);
-  }
-
-  /** Gives a started listener what it needs to answer challenges (HTTP-01 on plain http listeners). */
-  attachListener(listener: Listener, handle: ListenerHandle): void {
-    if (listener.protocol !== 'http' || listener.tls !== 'none') return;
-    const h = handle as ListenerHandle & { setChallengeResponder?: (r: ((token: string) => string | undefined) | undefined) => void };
-    h.setChallengeResponder?.(this.http01Responder);
   }
 
   /** Loads what storage holds and starts every name's schedule. */
