@@ -17,6 +17,7 @@ PACKAGES=(
   swaks                                      # SMTP client used by the tests
   pebble                                     # ACME test CA
   curl openssl ca-certificates               # HTTP client, TLS tooling
+  nghttp2-client                             # h2load: HTTP/2 load client for the HTTP/2 tests and the bench
   python3                                    # imaplib/poplib/smtplib clients used by the tests
   procps                                     # ps (leak checks in the tests)
   tmux                                       # interactive TUI tests
@@ -89,7 +90,7 @@ done
 
 # Sanity check: the binaries the e2e harness uses.
 for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/postfix/sbin/master /usr/sbin/smtp-sink \
-           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux \
+           /usr/sbin/nginx /usr/bin/swaks /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/curl /usr/bin/h2load /usr/bin/openssl /usr/bin/python3 /usr/bin/tmux \
            /usr/bin/testssl; do
   if [ ! -x "$bin" ]; then
     echo "install-deps.sh: missing $bin" >&2
