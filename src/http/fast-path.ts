@@ -38,6 +38,8 @@ import type { LocalAnswer, Router } from './router.ts';
 
 /** Client bytes buffered while a response is outstanding, before the client is paused. */
 const MAX_PENDING = 2 * MAX_HEAD_BYTES;
+/** Response bytes queued towards a client before the backend is paused (its reads are 64 KiB at most). */
+const MAX_CLIENT_BUFFER = 128 * 1024;
 
 export interface FastPathDeps {
   router: Router;
@@ -75,6 +77,8 @@ interface Exchange {
   /** The backend connection may serve the next request. */
   reusable: boolean;
   responseTimer: NodeJS.Timeout | undefined;
+  /** The client's response head, held back to go out with the first body bytes. */
+  head: string | null;
 }
 
 export class FastPath implements ConnectionHandler {
@@ -253,6 +257,7 @@ export class FastPath implements ConnectionHandler {
       chunks: undefined,
       reusable: false,
       responseTimer: undefined,
+      head: null,
     };
     this.ex = ex;
     c.record.backend = this.backendName;
@@ -420,7 +425,8 @@ export class FastPath implements ConnectionHandler {
     const keepAlive = head.minor === 1 ? !head.connection.has('close') : head.connection.has('keep-alive');
     ex.reusable = keepAlive && mode !== 'close';
     if (mode === 'close' || this.conn.draining) ex.closeClient = true;
-    this.toClient(ex, clientResponseHead(head, { hsts: this.hsts, close: ex.closeClient }));
+    // Held back until the first body bytes (usually in the same read): one write, one TLS record, one syscall.
+    ex.head = clientResponseHead(head, { hsts: this.hsts, close: ex.closeClient });
     this.backend?.setTimeout(s.timeouts.postauth_idle);
     if (mode === 'none') this.finish(ex);
   }
@@ -450,9 +456,25 @@ export class FastPath implements ConnectionHandler {
   }
 
   private toClient(ex: Exchange, data: Buffer | string): void {
-    const n = typeof data === 'string' ? data.length : data.length;
-    ex.sent += n;
-    if (!this.write(data)) this.backend?.pause();
+    let out = data;
+    if (ex.head !== null) {
+      const head = ex.head;
+      ex.head = null;
+      out = typeof data === 'string' ? head + data : concatHead(head, data);
+    }
+    ex.sent += out.length;
+    this.write(out);
+    // Past the bound the backend waits for the client to read: a client that stops reading holds little of ours.
+    if (this.client.writableLength > MAX_CLIENT_BUFFER) this.backend?.pause();
+  }
+
+  /** A response head still held back (no body followed): out it goes. */
+  private flushHead(ex: Exchange): void {
+    if (ex.head === null) return;
+    const head = ex.head;
+    ex.head = null;
+    ex.sent += head.length;
+    this.write(head);
   }
 
   private write(data: Buffer | string): boolean {
@@ -462,6 +484,7 @@ export class FastPath implements ConnectionHandler {
 
   /** The response is complete. */
   private finish(ex: Exchange): void {
+    this.flushHead(ex);
     clearTimeout(ex.responseTimer);
     this.ex = undefined;
     this.accessLog(ex.method, ex.target, ex.status, ex.started);
@@ -539,6 +562,7 @@ export class FastPath implements ConnectionHandler {
 
   /** The backend went away (or broke its framing) mid-response: the client is cut too, so it cannot take a part for the whole. */
   private cut(ex: Exchange, why: string): void {
+    this.flushHead(ex);
     this.conn.log.warn({ backend: this.backendName, err: this.backendError ? errorMessage(this.backendError) : why, status: ex.status }, 'backend response cut short');
     clearTimeout(ex.responseTimer);
     this.ex = undefined;
@@ -645,4 +669,11 @@ function isWebSocket(head: RequestHead): boolean {
     if (f.name === 'upgrade' && f.value.split(',').some((t) => t.trim().toLowerCase() === 'websocket')) return true;
   }
   return false;
+}
+
+function concatHead(head: string, body: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(head.length + body.length);
+  out.write(head, 0, 'latin1');
+  body.copy(out, head.length);
+  return out;
 }

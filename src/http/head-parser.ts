@@ -183,7 +183,8 @@ export function parseRequestHead(buf: Buffer): RequestHead {
   const m = REQUEST_LINE.exec(first);
   if (!m) {
     if (first.includes('\0')) throw new HeadError('nul');
-    if (/^\S+ \S+ HTTP\/\d/.test(first)) throw new HeadError('bad-version');
+    const version = /^\S+ \S+ (HTTP\/\S*)$/.exec(first)?.[1];
+    if (version !== undefined && version !== 'HTTP/1.1' && version !== 'HTTP/1.0') throw new HeadError('bad-version');
     throw new HeadError('bad-request-line');
   }
   const method = m[1]!;

@@ -28,7 +28,7 @@ import { rawResponse, sendText } from './responses.ts';
 
 /** Connections per backend from the shared agent, and how many idle ones it keeps. */
 const BACKEND_MAX_SOCKETS = 256;
-const BACKEND_MAX_FREE_SOCKETS = 32;
+const BACKEND_MAX_FREE_SOCKETS = 256;
 /** Fields an HTTP/2 response must not carry (RFC 9113 §8.2.2); the backend's HTTP/1.1 ones are dropped. */
 const H2_FORBIDDEN = ['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'te'];
 
