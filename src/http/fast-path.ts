@@ -630,8 +630,10 @@ export class FastPath implements ConnectionHandler {
     this.conn.close('idle-timeout');
   };
 
+  /** The access line, at debug (its fields are not even built at info: this runs for every request). */
   private accessLog(method: string, target: string, status: number, started: number): void {
-    this.conn.log.debug({ method, path: logPath(target), status, durationMs: Date.now() - started }, 'request');
+    const log = this.conn.log;
+    if (log.isLevelEnabled('debug')) log.debug({ method, path: logPath(target), status, durationMs: Date.now() - started }, 'request');
   }
 
   drain(): void {
