@@ -31,8 +31,6 @@ import { ALPN_IDS, alpnSelector } from '../tls/options.ts';
 import type { ListenerDeps, ListenerHandle } from './types.ts';
 
 export type { HttpListener } from '../http/connection.ts';
-export { ACME_CHALLENGE_PREFIX, type ChallengeResponder } from '../http/router.ts';
-export { MAX_HEAD_BYTES as MAX_HEADER_BYTES } from '../http/head-parser.ts';
 
 const H2_ALPN = ['h2', ...ALPN_IDS.http];
 
