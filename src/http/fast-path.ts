@@ -31,7 +31,7 @@ import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { CloseReason } from '../protocols/types.ts';
 import { connectBackend } from './backend-socket.ts';
 import type { ConnectionHandler, HttpConnection } from './connection.ts';
-import { ChunkedReader, findHeadEnd, HeadError, MAX_HEAD_BYTES, MAX_RESPONSE_HEAD_BYTES, parseRequestHead, parseResponseHead, skipLeadingCrlf, type RequestHead } from './head-parser.ts';
+import { checkRequestLine, ChunkedReader, findHeadEnd, HeadError, MAX_HEAD_BYTES, MAX_RESPONSE_HEAD_BYTES, parseRequestHead, parseResponseHead, skipLeadingCrlf, type RequestHead } from './head-parser.ts';
 import { clientResponseHead, forwardedRequestHead, logPath } from './headers.ts';
 import { rawAnswer } from './responses.ts';
 import type { LocalAnswer, Router } from './router.ts';
@@ -166,6 +166,7 @@ export class FastPath implements ConnectionHandler {
       try {
         end = findHeadEnd(buf, MAX_HEAD_BYTES, this.scanned);
         if (end === undefined) {
+          checkRequestLine(buf);
           this.scanned = buf.length;
           return;
         }

@@ -175,11 +175,7 @@ function connectionTokens(fields: Field[]): Set<string> {
   return tokens;
 }
 
-/** Parses a complete request head: `buf` holds exactly the head (from findHeadEnd), leading CRLFs skipped. */
-export function parseRequestHead(buf: Buffer): RequestHead {
-  const text = buf.toString('latin1');
-  const ls = lines(text);
-  const first = ls[0] ?? '';
+function parseRequestLine(first: string): { method: string; target: string; minor: 0 | 1 } {
   const m = REQUEST_LINE.exec(first);
   if (!m) {
     if (first.includes('\0')) throw new HeadError('nul');
@@ -189,7 +185,6 @@ export function parseRequestHead(buf: Buffer): RequestHead {
   }
   const method = m[1]!;
   const target = m[2]!;
-  const minor = m[3] === '1' ? 1 : 0;
   if (method === 'CONNECT') throw new HeadError('connect');
   if (target[0] !== '/') {
     if (target === '*' && method === 'OPTIONS') {
@@ -197,6 +192,25 @@ export function parseRequestHead(buf: Buffer): RequestHead {
     } else if (ABSOLUTE.test(target)) throw new HeadError('absolute-form');
     else throw new HeadError('authority-form');
   }
+  return { method, target, minor: m[3] === '1' ? 1 : 0 };
+}
+
+/**
+ * Checks the request line as soon as it is complete, before the rest of the
+ * head arrived: a client speaking another protocol (an IMAP command on 443)
+ * is answered at its first line, not at the head deadline. Throws a HeadError.
+ */
+export function checkRequestLine(buf: Buffer): void {
+  const lf = buf.indexOf(10);
+  if (lf < 1 || buf[lf - 1] !== 13) return;
+  parseRequestLine(buf.toString('latin1', 0, lf - 1));
+}
+
+/** Parses a complete request head: `buf` holds exactly the head (from findHeadEnd), leading CRLFs skipped. */
+export function parseRequestHead(buf: Buffer): RequestHead {
+  const text = buf.toString('latin1');
+  const ls = lines(text);
+  const { method, target, minor } = parseRequestLine(ls[0] ?? '');
   const fields = parseFields(ls);
   let host: string | undefined;
   let hosts = 0;

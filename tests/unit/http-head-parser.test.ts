@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { ChunkedReader, findHeadEnd, HeadError, MAX_CHUNK_LINE, MAX_HEAD_BYTES, parseRequestHead, parseResponseHead, skipLeadingCrlf, type Refusal } from '../../src/http/head-parser.ts';
+import { checkRequestLine, ChunkedReader, findHeadEnd, HeadError, MAX_CHUNK_LINE, MAX_HEAD_BYTES, parseRequestHead, parseResponseHead, skipLeadingCrlf, type Refusal } from '../../src/http/head-parser.ts';
 import { clientResponseHead, forwardedRequestHead } from '../../src/http/headers.ts';
 
 /** Finds the end and parses, as the fast path does; returns the refusal code or the head. */
@@ -95,6 +95,13 @@ test('every ambiguous or malformed head is refused with its own code', () => {
     [`GET / HTTP/1.1\r\n${H}${'X-A: b\r\n'.repeat(201)}\r\n`, 'too-many-headers'],
   ];
   for (const [text, code] of cases) assert.equal(refusal(text), code, JSON.stringify(text.slice(0, 90)));
+});
+
+test('a request line that can never start a request is refused as soon as it is complete (an IMAP command on 443)', () => {
+  assert.throws(() => checkRequestLine(Buffer.from('a LOGIN alice secret\r\n')), (e: unknown) => (e as HeadError).code === 'bad-request-line');
+  assert.throws(() => checkRequestLine(Buffer.from('CONNECT h:443 HTTP/1.1\r\nHo')), (e: unknown) => (e as HeadError).code === 'connect');
+  checkRequestLine(Buffer.from('GET /x HTTP/1.1\r\nHost: gw'));
+  checkRequestLine(Buffer.from('a LOGIN alice sec'));
 });
 
 test('a head is found (or refused) the same wherever the bytes are split', () => {
