@@ -326,6 +326,26 @@ test('a backend that accepts but never answers gets 504 after postauth_idle', as
   assert.ok(Date.now() - started < 5_000);
 });
 
+test('response_timeout: a backend that accepts and never answers gets 504 after it, though postauth_idle is long', async (t) => {
+  const silent: Socket[] = [];
+  const server = createServer();
+  server.on('connection', (s) => silent.push(s));
+  server.on('request', () => undefined);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of silent) s.destroy();
+    return new Promise<void>((resolve) => server.close(() => resolve()));
+  });
+  const gw = await startGateway(t, httpListener(portOf(server), { response_timeout: 300, timeouts: { ...DEFAULT_TIMEOUTS, postauth_idle: 1_800_000 } }));
+  for (const proto of ['--http1.1', '--http2']) {
+    const r = await curl(['-k', proto, ...gw.resolve, gw.url('/slow')]);
+    assert.equal(r.status, 504, proto);
+    assert.match(r.body, /Gateway Timeout/);
+  }
+  const warn = gw.logs.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === 'backend timed out');
+  assert.equal(warn.length, 2, 'logged once per request, at warn');
+});
+
 test('a WebSocket upgrade round-trips through the gateway with the forwarded headers', async (t) => {
   const backend = await startBackend(t);
   const gw = await startGateway(t, httpListener(backend.port));
