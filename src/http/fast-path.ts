@@ -25,7 +25,7 @@
  * postauth_idle) for the backend to begin its response (then 504).
  */
 import type { Socket } from 'node:net';
-import { errorCode, errorMessage } from '../core/errors.ts';
+import { errorCode, errorMessage, MailgateError } from '../core/errors.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
 import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { CloseReason } from '../protocols/types.ts';
@@ -527,7 +527,7 @@ export class FastPath implements ConnectionHandler {
       this.badGateway(ex, this.backendError ?? new Error(`backend ${this.backendName} closed the connection without an answer`));
       return;
     }
-    this.cut(ex, 'backend response cut short');
+    this.cut(ex, 'the backend closed the connection mid-response');
   }
 
   private readonly onResponseTimeout = (): void => {
@@ -535,7 +535,7 @@ export class FastPath implements ConnectionHandler {
     if (!ex || ex.headDone || this.phase === 'gone') return;
     const s = this.conn.settings;
     const ms = Math.min(s.response_timeout, s.timeouts.postauth_idle);
-    this.badGateway(ex, Object.assign(new Error(`backend ${this.backendName} sent no response head within ${ms} ms`), { code: 'BACKEND_TIMEOUT' }));
+    this.badGateway(ex, new MailgateError('BACKEND_TIMEOUT', `backend ${this.backendName} sent no response head within ${ms} ms`));
   };
 
   /** No usable answer from the backend: 502 (504 when it was a deadline), and the connection ends. */

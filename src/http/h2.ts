@@ -19,6 +19,7 @@ import { constants, createServer, type Http2Server, type Http2ServerRequest, typ
 import type { TLSSocket } from 'node:tls';
 import { errorCode, errorMessage } from '../core/errors.ts';
 import type { HttpConnection } from './connection.ts';
+import { headerBytes } from './headers.ts';
 import { MAX_HEAD_BYTES, MAX_HEADERS } from './head-parser.ts';
 import type { LibraryPath } from './library-path.ts';
 import type { LocalAnswer, Router } from './router.ts';
@@ -164,11 +165,4 @@ export class H2Front {
       req.stream.session?.close();
     }
   }
-}
-
-/** Application-level size of a header list: names, values and a separator each, as HTTP/1.1 would carry them. */
-export function headerBytes(raw: readonly string[]): number {
-  let n = 0;
-  for (const s of raw) n += s.length + 2;
-  return n;
 }

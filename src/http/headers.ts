@@ -233,3 +233,10 @@ export function clientResponseHead(r: ResponseHead, f: ResponseFacts): string {
   if (f.close) out += 'Connection: close\r\n';
   return `${out}\r\n`;
 }
+
+/** Application-level size of a header list (rawHeaders: names and values): each with a separator, as HTTP/1.1 carries them. */
+export function headerBytes(raw: readonly string[]): number {
+  let n = 0;
+  for (const s of raw) n += s.length + 2;
+  return n;
+}

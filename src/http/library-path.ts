@@ -22,8 +22,7 @@ import { proxyHeader } from '../net/proxy-protocol.ts';
 import { BackendAgent } from './backend-agent.ts';
 import type { HttpConnection } from './connection.ts';
 import type { RequestHead } from './head-parser.ts';
-import { headerBytes } from './h2.ts';
-import { applyForwardedHeaders, logPath, stripHopByHop } from './headers.ts';
+import { applyForwardedHeaders, headerBytes, logPath, stripHopByHop } from './headers.ts';
 import { rawResponse, sendText } from './responses.ts';
 
 /** Connections per backend from the shared agent, and how many idle ones it keeps. */
@@ -95,9 +94,12 @@ export class LibraryPath {
     const s = conn.settings;
     const ex = this.exchangeFor(conn, req);
     this.prepare(conn, req.headers, false);
-    req.on('data', (chunk: Buffer) => conn.countIn(chunk.length));
-    res.once('close', () => conn.log.debug({ method: req.method, path: logPath(req.url), status: ex.status || res.statusCode, durationMs: Date.now() - ex.started }, 'request'));
+    res.once('close', () => {
+      if (conn.log.isLevelEnabled('debug')) conn.log.debug({ method: req.method, path: logPath(req.url), status: ex.status || res.statusCode, durationMs: Date.now() - ex.started }, 'request');
+    });
     this.proxy.web(req as IncomingMessage, res as ServerResponse, { target: target(s.backend), agent: this.agentFor(conn), toProxy: true }, (err, r, t) => this.onError(err, r, t));
+    // Counted once the proxy piped the body on (a 'data' listener before that would start the flow).
+    req.on('data', (chunk: Buffer) => conn.countIn(chunk.length));
   }
 
   private onUpgrade(conn: HttpConnection, req: IncomingMessage, socket: Socket, head: Buffer): void {
