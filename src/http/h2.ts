@@ -76,7 +76,7 @@ export class H2Front {
     // it is connecting. Only sockets node's own tls.Server made stop saying so; one made with new TLSSocket (the
     // listener's, so that the connection is registered and policed before its handshake) never does, and the
     // session would wait forever. The handshake is over here: the documented event tells the session so.
-    // tests/unit/http-listener.test.ts ("HTTP/2 …") fails should node change this.
+    // The HTTP/2 tests (tests/e2e/http-front.test.ts, the unit tests that run curl --http2) fail should node change this.
     socket.emit('secureConnect');
     if (this.arriving === conn) {
       // No session was made (node refused the socket): nothing can run on it.
@@ -104,11 +104,17 @@ export class H2Front {
     });
     // Idle without streams: preauth_idle, as between HTTP/1.1 requests. Streams waiting on the backend are bounded
     // by its response deadline; a connection quiet for postauth_idle altogether ends whatever it holds.
-    session.setTimeout(s.timeouts.preauth_idle, () => {
+    session.on('timeout', () => {
       quiet += s.timeouts.preauth_idle;
-      if (active > 0 && quiet < s.timeouts.postauth_idle) return;
+      if (conn.closed) return;
+      if (active > 0 && quiet < s.timeouts.postauth_idle) {
+        // A fired session timer waits for activity to start again; with streams stalled there is none, so re-arm.
+        session.setTimeout(s.timeouts.preauth_idle);
+        return;
+      }
       conn.close('idle-timeout');
     });
+    session.setTimeout(s.timeouts.preauth_idle);
     conn.attach({
       drain: () => session.close(),
       teardown: () => {

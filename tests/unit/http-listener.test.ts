@@ -346,6 +346,28 @@ test('response_timeout: a backend that accepts and never answers gets 504 after 
   assert.equal(warn.length, 2, 'logged once per request, at warn');
 });
 
+test('HTTP/2: a client that stops reading a large response is cut after postauth_idle of silence, with its backend connection', async (t) => {
+  const big = Buffer.alloc(8 * 1024 * 1024, 0x61);
+  const server = createServer((_req, res) => {
+    res.writeHead(200, { 'Content-Length': big.length });
+    res.end(big);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => closeHttpServer(server));
+  const gw = await startGateway(t, httpListener(portOf(server), { timeouts: { ...DEFAULT_TIMEOUTS, preauth_idle: 200, postauth_idle: 1_000 } }));
+  const { connect } = await import('node:http2');
+  const session = connect(`https://127.0.0.1:${gw.port}`, { rejectUnauthorized: false, servername: HOST });
+  session.on('error', () => undefined);
+  t.after(() => void session.destroy());
+  const req = session.request({ ':path': '/big', ':authority': HOST });
+  req.on('error', () => undefined);
+  // Read the head, then nothing: flow control stalls the stream and, behind it, the backend.
+  await new Promise<void>((resolve) => req.once('response', () => resolve()));
+  req.pause();
+  await waitFor('the stalled session to be closed', () => gw.closed.length === 1, 5_000);
+  assert.equal(gw.closed[0]?.closeReason, 'idle-timeout');
+});
+
 test('a WebSocket upgrade round-trips through the gateway with the forwarded headers', async (t) => {
   const backend = await startBackend(t);
   const gw = await startGateway(t, httpListener(backend.port));
