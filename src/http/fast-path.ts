@@ -312,7 +312,12 @@ export class FastPath implements ConnectionHandler {
       if (rest && rest.length > MAX_PENDING) this.client.pause();
       return;
     }
-    // A dropped body (after a local answer) is over: the next head.
+    // A dropped body (after a local answer) is over: the next head, unless the gateway is shutting down.
+    if (this.conn.draining) {
+      this.phase = 'gone';
+      this.conn.close('shutdown', '');
+      return;
+    }
     this.phase = 'head';
     this.armHeadTimer();
     this.heads();
