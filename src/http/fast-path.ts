@@ -104,6 +104,8 @@ export class FastPath implements ConnectionHandler {
   private timer: NodeJS.Timeout | undefined;
   private timerReason: 'head' | 'body' = 'head';
   private pausedForBackend = false;
+  /** Stopped reading the client until it reads our own answers (pipelined requests answered locally). */
+  private pausedForClient = false;
 
   constructor(conn: HttpConnection, client: Socket, deps: FastPathDeps) {
     this.conn = conn;
@@ -143,6 +145,11 @@ export class FastPath implements ConnectionHandler {
   private readonly onClientDrain = (): void => {
     if (this.phase === 'gone') return;
     if (this.backend?.isPaused()) this.backend.resume();
+    if (this.pausedForClient) {
+      this.pausedForClient = false;
+      this.client.resume();
+      this.heads();
+    }
   };
 
   private readonly onClientError = (err: Error): void => {
@@ -151,7 +158,7 @@ export class FastPath implements ConnectionHandler {
 
   /** Reads request heads from `pending` while no exchange is in progress. */
   private heads(): void {
-    while (this.phase === 'head' && this.pending !== null) {
+    while (this.phase === 'head' && this.pending !== null && !this.pausedForClient) {
       let buf = this.pending;
       if (this.scanned === 0) {
         const skip = skipLeadingCrlf(buf);
@@ -208,6 +215,11 @@ export class FastPath implements ConnectionHandler {
       return;
     }
     this.write(text);
+    // Pipelined requests answered here write without a backend to pause: past the bound, stop reading the client.
+    if (this.client.writableLength > MAX_CLIENT_BUFFER) {
+      this.pausedForClient = true;
+      this.client.pause();
+    }
     // A body we do not want is read and dropped, so that the next head is found where it starts.
     if (head.body.kind !== 'none') this.startBody(head, null);
     else this.armHeadTimer();
@@ -508,7 +520,7 @@ export class FastPath implements ConnectionHandler {
     }
     this.phase = 'head';
     this.armHeadTimer();
-    if (this.client.isPaused() && !this.pausedForBackend) this.client.resume();
+    if (this.client.isPaused() && !this.pausedForBackend && !this.pausedForClient) this.client.resume();
     this.heads();
   }
 

@@ -368,6 +368,28 @@ test('HTTP/2: a client that stops reading a large response is cut after postauth
   assert.equal(gw.closed[0]?.closeReason, 'idle-timeout');
 });
 
+test('pipelined requests the gateway answers itself (redirects) stop being read while the client reads no answers', async (t) => {
+  const backend = await startBackend(t);
+  const gw = await startGateway(t, httpListener(backend.port, { tls: 'none', redirect_https: true }));
+  const s = netConnect(gw.port, '127.0.0.1');
+  s.on('error', () => undefined);
+  t.after(() => void s.destroy());
+  await new Promise<void>((resolve) => s.once('connect', () => resolve()));
+  s.pause();
+  const n = 20_000;
+  s.write(`GET /a-rather-long-path/to/make/each/answer/longer?x=1 HTTP/1.1\r\nHost: ${HOST}\r\n\r\n`.repeat(n));
+  await waitFor('the session', () => gw.registry.size === 1);
+  await new Promise((r) => setTimeout(r, 500));
+  const conn = gw.registry.get(gw.registry.list()[0]!.id) as unknown as { client: Socket };
+  assert.ok(conn.client.writableLength < 256 * 1024, `the gateway queued ${conn.client.writableLength} bytes for a client that reads nothing`);
+  // Reading resumes it: every answer arrives, in order.
+  let got = '';
+  s.on('data', (d: Buffer) => (got += d.toString('latin1')));
+  s.resume();
+  await waitFor('every answer', () => (got.match(/HTTP\/1\.1 301 /g) ?? []).length === n, 20_000);
+  assert.equal(backend.requests.length, 0);
+});
+
 test('a WebSocket upgrade round-trips through the gateway with the forwarded headers', async (t) => {
   const backend = await startBackend(t);
   const gw = await startGateway(t, httpListener(backend.port));
