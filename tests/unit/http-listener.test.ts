@@ -390,6 +390,24 @@ test('pipelined requests the gateway answers itself (redirects) stop being read 
   assert.equal(backend.requests.length, 0);
 });
 
+test('pipelined requests: the gateway\'s own 429s come in order between the backend\'s answers, and the refused requests never reach it', async (t) => {
+  const backend = await startBackend(t);
+  let n = 0;
+  const policy: Policy = {
+    onConnect: () => ({ action: 'allow' }),
+    onAuth: async () => ({ action: 'deny', reason: 'unused' }),
+    onAuthResult: () => undefined,
+    onDisconnect: () => undefined,
+    // Every third request is over the limit.
+    onHttpRequest: () => (++n % 3 === 0 ? { action: 'tempfail', reason: 'window', retryAfterMs: 5_000 } : { action: 'allow' }),
+  };
+  const gw = await startGateway(t, httpListener(backend.port, { tls: 'none' }), policy);
+  const heads = Array.from({ length: 12 }, (_, i) => `GET /r${i} HTTP/1.1\r\nHost: ${HOST}\r\n\r\n`);
+  const statuses = await rawRequests(gw.port, heads);
+  assert.deepEqual(statuses, heads.map((_, i) => ((i + 1) % 3 === 0 ? 'HTTP/1.1 429' : 'HTTP/1.1 200')));
+  assert.deepEqual(backend.requests.map((r) => r.url), heads.map((_, i) => `/r${i}`).filter((_, i) => (i + 1) % 3 !== 0));
+});
+
 test('a WebSocket upgrade round-trips through the gateway with the forwarded headers', async (t) => {
   const backend = await startBackend(t);
   const gw = await startGateway(t, httpListener(backend.port));
