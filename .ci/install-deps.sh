@@ -18,6 +18,7 @@ PACKAGES=(
   libnet-ssleay-perl libio-socket-ssl-perl   # swaks's TLS (Recommends of swaks, left out by --no-install-recommends)
   pebble                                     # ACME test CA
   curl openssl ca-certificates               # HTTP client, TLS tooling
+  nghttp2-client                             # h2load: HTTP/2 load client for the HTTP/2 tests and the bench
   python3                                    # imaplib/poplib/smtplib clients used by the tests
   procps                                     # ps (leak checks in the tests)
   tmux                                       # interactive TUI tests
@@ -116,6 +117,7 @@ check pebble sh -c '/usr/bin/pebble -h 2>&1 | grep -q -- -config'
 check 'swaks with TLS' sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"'
 check 'swaks with AUTH' sh -c 'swaks --support 2>&1 | grep -q "^=== Basic AUTH supported"'
 check 'curl with imaps, pop3s, smtps' sh -c 'curl -V | grep -q "imaps.*pop3s.*smtps"'
+check 'h2load (HTTP/2 load client)' sh -c 'h2load --version | grep -q nghttp2'
 check 'openssl with TLS 1.3' sh -c 'openssl s_client -help 2>&1 | grep -q -- -tls1_3'
 check 'openssl GOST engine (testssl)' openssl engine gost -t -c
 check 'testssl' sh -c 'testssl --version 2>&1 | grep -q "testssl.sh"'

@@ -194,7 +194,7 @@ http {
     keepalive 64;
   }
   server {
-    listen ${HOST}:${o.p.http} ssl backlog=4096;
+    listen ${HOST}:${o.p.http} ssl http2 backlog=4096;
     ${tls}
     location / {
       proxy_pass http://backend;

@@ -34,6 +34,7 @@ export function rowDefs(idleConns: number, users: number): RowDef[] {
     { id: '3b', label: 'HTTPS GET 100 MiB, MB/s', unit: 'MB/s', scenario: 'https_bulk', metric: 'mbps', better: 'higher', goal: geNginx },
     { id: '4', label: 'HTTPS 1 KiB keep-alive req/s (wrk, 32 conns)', unit: '/s', scenario: 'https_small', metric: 'rps', better: 'higher', goal: geNginx },
     { id: '4p', label: '  same, p99 latency, ms', unit: 'ms', scenario: 'https_small', metric: 'p99_ms', better: 'lower' },
+    { id: '4h', label: 'HTTP/2 1 KiB req/s (h2load, 1 conn, 100 streams)', unit: '/s', scenario: 'https_h2', metric: 'rps', better: 'higher' },
     {
       id: '5',
       label: `RSS per idle TLS IMAP connection, KiB (${idleConns / 2} → ${idleConns} held)`,
@@ -52,6 +53,7 @@ export function rowDefs(idleConns: number, users: number): RowDef[] {
     { id: '8.3', label: '  per MB of IMAP FETCH (row 3a), µs', unit: 'µs', scenario: 'fetch', metric: 'cpu_us_per_mb', better: 'lower' },
     { id: '8.3b', label: '  per MB of HTTPS GET (row 3b), µs', unit: 'µs', scenario: 'https_bulk', metric: 'cpu_us_per_mb', better: 'lower' },
     { id: '8.4', label: 'proxy CPU per HTTPS request (row 4), µs', unit: 'µs', scenario: 'https_small', metric: 'cpu_us', better: 'lower', goal: leNginx },
+    { id: '8.4h', label: '  per HTTP/2 request (row 4h), µs', unit: 'µs', scenario: 'https_h2', metric: 'cpu_us', better: 'lower' },
     { id: '8.7', label: 'proxy CPU per SMTP message (row 7), µs', unit: 'µs', scenario: 'smtp', metric: 'cpu_us', better: 'lower', goal: leNginx },
     { id: '9', label: 'connect + TLS + greeting, 1 connection, p50 ms', unit: 'ms', scenario: 'single', metric: 'p50_ms', better: 'lower', goal: { text: '≤ 3 ms', met: (m) => m <= 3 } },
     { id: '9p', label: '  same, p99 ms', unit: 'ms', scenario: 'single', metric: 'p99_ms', better: 'lower' },
@@ -180,6 +182,7 @@ export function saturation(
     ['fetch', (v) => mul(v.mbps, v.cpu_us_per_mb)],
     ['https_bulk', (v) => mul(v.mbps, v.cpu_us_per_mb)],
     ['https_small', (v) => mul(v.rps, v.cpu_us)],
+    ['https_h2', (v) => mul(v.rps, v.cpu_us)],
     ['smtp', (v) => mul(v.rate, v.cpu_us)],
   ];
   const out = [];

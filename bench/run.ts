@@ -17,7 +17,7 @@ import { startBenchDovecot, startBenchNginx, startBenchPostfix, startBenchSmtpSi
 import { REPO_ROOT, SNI, startHaproxy, startMailgate, startNginxProxy, type Proxy } from './proxies.ts';
 import { buildRows, renderSaturation, renderTable, rowDefs, saturation, type Samples } from './report.ts';
 import { idleMemory, SCENARIOS, writeSmtpMessage, type Ctx, type Settings, type Target } from './scenarios.ts';
-import { buildLoadgen, Loadgen, machineCpu, makeCertificate, Wrk } from './tools.ts';
+import { buildLoadgen, H2load, Loadgen, machineCpu, makeCertificate, Wrk } from './tools.ts';
 
 const USAGE = `usage: node bench/run.ts [options]
   --quick                 fast smoke: 1 round, 1 s per measure, 500 idle connections
@@ -116,6 +116,7 @@ const NEEDED: [string, string][] = [
   ['/usr/lib/nginx/modules/ngx_mail_module.so', 'libnginx-mod-mail'],
   ['/usr/sbin/haproxy', 'haproxy'],
   ['/usr/bin/wrk', 'wrk'],
+  ['/usr/bin/h2load', 'nghttp2-client'],
   ['/usr/bin/cc', 'build-essential'],
   ['/usr/include/openssl/ssl.h', 'libssl-dev'],
   ['/usr/sbin/dovecot', 'dovecot-imapd'],
@@ -174,6 +175,7 @@ async function main(): Promise<void> {
     const cert = await makeCertificate(work, SNI);
     const loadgen = new Loadgen(await buildLoadgen(work), work, SNI);
     const wrk = await Wrk.create(work);
+    const h2load = await H2load.create(work);
     const smtpMessageFile = await writeSmtpMessage(work);
     log(`starting backends (Dovecot with ${opts.settings.users} users, nginx, Postfix smtpd + smtp-sink)`);
     const [dovecot, nginxBackend, sink] = await Promise.all([startBenchDovecot(opts.settings.users), startBenchNginx(), startBenchSmtpSink()]);
@@ -208,7 +210,7 @@ async function main(): Promise<void> {
     for (const p of proxies) targets.push({ name: p.name, direct: false, ports: p.ports, pgid: p.pgid });
     log(`targets: ${targets.map((t) => t.name).join(', ')}`);
 
-    const ctx: Ctx = { loadgen, wrk, settings: opts.settings, smtpMessageFile };
+    const ctx: Ctx = { loadgen, wrk, h2load, settings: opts.settings, smtpMessageFile };
     if (opts.serve) {
       const info = { work, loadgen: loadgen.bin, smtpMessageFile, targets: targets.map((t) => ({ name: t.name, ports: t.ports, pgid: t.pgid })) };
       process.stdout.write(`${JSON.stringify(info, null, 2)}\nserving until Ctrl-C or SIGUSR2\n`);
@@ -294,6 +296,7 @@ async function main(): Promise<void> {
         dovecot: version('/usr/sbin/dovecot', ['--version']),
         openssl: version('openssl', ['version']),
         wrk: version('wrk', ['-v']),
+        h2load: version('h2load', ['--version']),
       },
       settings: { rounds: opts.rounds, workers: opts.workers, ...opts.settings, backendPgids: undefined },
       seconds: Math.round((Date.now() - started) / 1000),

@@ -7,7 +7,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BENCH_PASSWORD, BULK_USER } from './backends.ts';
 import type { Ports } from './proxies.ts';
-import type { Loadgen, LoadResult, Step, Wrk } from './tools.ts';
+import type { H2load, Loadgen, LoadResult, Step, Wrk } from './tools.ts';
 import { groupRssBytes } from './tools.ts';
 
 export interface Target {
@@ -46,6 +46,7 @@ export interface Sample {
 export interface Ctx {
   loadgen: Loadgen;
   wrk: Wrk;
+  h2load: H2load;
   settings: Settings;
   /** The 10 KiB SMTP message, dot-terminated. */
   smtpMessageFile: string;
@@ -256,6 +257,21 @@ export const SCENARIOS: Scenario[] = [
         values: { rps: r.requests / r.seconds, p99_ms: r.p99_us / 1000, ...proxyCpuPerOp(t, r.cpu_s, r.requests) },
         client: clientShare(r, r.seconds),
         warnings: r.errors > 0 ? [`https small: ${r.errors} errors`] : [],
+      };
+    },
+  },
+  {
+    id: 'https_h2',
+    title: 'HTTP/2 GET of 1 KiB, one connection, 100 concurrent streams (h2load)',
+    async run(t, ctx) {
+      // The plaintext backend speaks no HTTP/2, and HAProxy here terminates TLS in TCP mode (no ALPN h2).
+      if (t.direct || t.name.startsWith('haproxy')) return { values: {}, warnings: [] };
+      const s = ctx.settings;
+      const r = await ctx.h2load.run(`https://127.0.0.1:${t.ports.http}/1k.bin`, 1, 100, Math.max(1, Math.round(s.duration + s.warmup)), [t.pgid ?? 0]);
+      return {
+        values: { rps: r.requests / r.seconds, ...proxyCpuPerOp(t, r.cpu_s, r.requests) },
+        client: clientShare(r, r.seconds),
+        warnings: r.errors > 0 ? [`h2: ${r.errors} errors`] : [],
       };
     },
   },

@@ -339,3 +339,57 @@ export function childrenCpuSeconds(): number {
   const f = statFields(process.pid);
   return f ? (Number(f[13]) + Number(f[14])) / CLK_TCK : 0;
 }
+
+// ---- h2load ------------------------------------------------------------------------
+
+export interface H2loadResult {
+  requests: number;
+  seconds: number;
+  errors: number;
+  cpu_s: number[];
+  client_cpu_s: number;
+}
+
+/**
+ * nghttp2's h2load (Debian: nghttp2-client): HTTP/2 over TLS, one or more
+ * connections with many concurrent streams each. Same OpenSSL offer as wrk.
+ */
+export class H2load {
+  private readonly opensslConf: string;
+
+  private constructor(opensslConf: string) {
+    this.opensslConf = opensslConf;
+  }
+
+  static async create(dir: string): Promise<H2load> {
+    return new H2load(await writeClientOpensslConf(dir));
+  }
+
+  async run(url: string, clients: number, streams: number, seconds: number, cpuPgids: number[]): Promise<H2loadResult> {
+    const before = cpuPgids.map(groupCpuSeconds);
+    const clientBefore = childrenCpuSeconds();
+    const args = ['-c', String(clients), '-m', String(streams), '-D', String(seconds), '-T', '20', url];
+    const child = spawn('h2load', args, { env: { ...process.env, OPENSSL_CONF: this.opensslConf }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? -1)));
+    const after = cpuPgids.map(groupCpuSeconds);
+    const clientCpu = childrenCpuSeconds() - clientBefore;
+    // "finished in 2.00s, 12345.60 req/s, 13.45MB/s" and "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+    const fin = /finished in ([\d.]+)(m?s), ([\d.]+) req\/s/.exec(out);
+    const req = /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out);
+    if (code !== 0 || !fin || !req) throw new Error(`h2load ${args.join(' ')} failed (${code}):\n${out.slice(-1500)}${err.slice(-500)}`);
+    const seconds_ = Number(fin[1]) / (fin[2] === 'ms' ? 1000 : 1);
+    const succeeded = Number(req[4]);
+    if (succeeded === 0) throw new Error(`h2load: no request succeeded:\n${out.slice(-1500)}`);
+    return {
+      requests: succeeded,
+      seconds: seconds_,
+      errors: Number(req[5]) + Number(req[6]),
+      cpu_s: after.map((a, i) => a - (before[i] ?? 0)),
+      client_cpu_s: clientCpu,
+    };
+  }
+}

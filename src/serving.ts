@@ -164,14 +164,10 @@ export class Serving {
   }
 
   private async startListener(l: Listener): Promise<void> {
-    let handle: ListenerHandle;
-    if (l.protocol === 'http') {
-      const http = await startHttpListener(l, this.deps());
-      if (l.tls === 'none') http.setChallengeResponder(this.parts.http01);
-      handle = http;
-    } else {
-      handle = await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
-    }
+    const handle =
+      l.protocol === 'http'
+        ? await startHttpListener(l, { ...this.deps(), acmeHttp01: this.parts.http01 })
+        : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
     this.running.set(l.name, { listener: l, handle });
   }
 }

@@ -169,7 +169,7 @@ export class AcmeManager {
     this.account = this.newAccount();
   }
 
-  /** For plain http listeners: `/.well-known/acme-challenge/<token>`. */
+  /** For plain http listeners (the gateway passes it to them as a dependency): `/.well-known/acme-challenge/<token>`. */
   readonly http01Responder = (token: string): string | undefined => this.tokens.get(token);
 
   /** Told of every change of the pending HTTP-01 answers (http01.ts follows them for the serving part). */

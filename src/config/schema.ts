@@ -106,6 +106,16 @@ const httpListener = z.strictObject({
   hsts: z.number().int().min(0).max(63_072_000).default(0),
   /** Keep the client's own X-Forwarded-For chain only from these proxies (none by default: the header is replaced). */
   trust_forwarded: z.boolean().default(false),
+  /** Offer HTTP/2 (ALPN h2) to clients of a TLS listener; HTTP/1.1 stays the fallback. The backend is always HTTP/1.1. */
+  http2: z.boolean().default(true),
+  /** Concurrent HTTP/2 streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS). */
+  http2_max_streams: z.number().int().min(1).max(1000).default(100),
+  /**
+   * How long the backend may take to begin its response (status line and
+   * headers) before the client gets 504, like nginx's proxy_read_timeout.
+   * postauth_idle bounds it too, when shorter.
+   */
+  response_timeout: duration.refine((ms) => ms >= 100, 'at least 100ms').default(60_000),
 });
 
 export const listenerSchema = z.discriminatedUnion('protocol', [imapListener, pop3Listener, smtpListener, httpListener]);

@@ -1,27 +1,37 @@
 /**
  * One accepted TCP connection on an HTTP listener, as the session registry
  * sees it: from accept (and TLS handshake) to close, across any number of
- * keep-alive requests or one WebSocket. `close(reason)` and `end(reason)`
- * are the only ways out; `finalize` runs once, records the reason, counts
- * the bytes and writes the one 'session end' line.
+ * keep-alive requests, HTTP/2 streams or one WebSocket. The protocol that
+ * runs on it (fast path, HTTP/2, the proxy library) is its handler.
+ *
+ * `close(reason)` is the only way out: it records the reason, lets the
+ * handler release its backend side and ends the client socket (after a last
+ * answer, when one is given). `finalize` runs once, when the socket is gone,
+ * and writes the one 'session end' line with the application-level byte
+ * counts the handlers reported.
  */
-import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { Listener } from '../config/load.ts';
 import type { Logger } from '../core/log.ts';
 import { normalizeIp } from '../net/address.ts';
-import { proxyHeader } from '../net/proxy-protocol.ts';
 import type { ConnectFacts, Policy, Verdict } from '../policy/engine.ts';
 import type { CloseReason } from '../protocols/types.ts';
 import { newSessionRecord, type SessionRecord } from '../session/record.ts';
 import type { SessionControl, SessionRegistry } from '../session/registry.ts';
-import { BackendAgent } from './backend-agent.ts';
 
-type HttpListener = Listener & { protocol: 'http' };
+export type HttpListener = Listener & { protocol: 'http' };
 
-/** After end() asks politely (FIN, TLS close_notify), how long the socket gets before it is destroyed. */
+/** After a last answer is written and the socket ended, how long it gets before it is destroyed. */
 const CLOSE_GRACE_MS = 2_000;
+
+/** What runs on a connection once it speaks HTTP: the fast path, an HTTP/2 session or the proxy library. */
+export interface ConnectionHandler {
+  /** Shutdown: finish what is in progress, then close the connection (a WebSocket waits for the drain deadline). */
+  drain(): void;
+  /** The connection is closing: release backend connections and timers. Called once, from close(). */
+  teardown(): void;
+}
 
 export interface HttpConnectionDeps {
   registry: SessionRegistry;
@@ -37,54 +47,44 @@ export interface HttpConnectionDeps {
 export class HttpConnection implements SessionControl {
   readonly record: SessionRecord;
   readonly log: Logger;
-  /** The accepted TCP socket: byte counts come from here (what crossed the wire, TLS included). */
+  /** The accepted TCP socket. */
   readonly tcp: Socket;
-  /** The socket HTTP is parsed from: the TLSSocket once secure, else the TCP socket. */
-  app: Socket | undefined;
+  /** The socket HTTP is read from: the TLSSocket once secure, else the TCP socket. */
+  client: Socket;
+  readonly settings: HttpListener;
   readonly tls: boolean;
   readonly localPort: number;
   readonly connectFacts: ConnectFacts;
   verdict: Verdict = { action: 'allow' };
   requests = 0;
   draining = false;
-  /** A WebSocket took the connection over; it runs until either side ends it. */
-  upgraded = false;
-  /** Requests whose backend response timer is armed: while any is, the client side's idle timer defers to it. */
-  backendWaits = 0;
+  private handler: ConnectionHandler | undefined;
   private readonly deps: HttpConnectionDeps;
-  private readonly live = new Set<ServerResponse>();
   private allowed = false;
   /** Why the connection will end if nothing more specific happens (a refused one after its 403). */
   private pendingReason: CloseReason | null = null;
-  private privateAgent: BackendAgent | undefined;
   private graceTimer: NodeJS.Timeout | undefined;
 
-  constructor(tcp: Socket, listener: HttpListener, id: string, deps: HttpConnectionDeps) {
+  constructor(tcp: Socket, settings: HttpListener, id: string, deps: HttpConnectionDeps) {
     const now = Date.now();
     const clientIp = normalizeIp(tcp.remoteAddress);
     this.tcp = tcp;
+    this.client = tcp;
     this.deps = deps;
-    this.tls = listener.tls === 'implicit';
+    this.settings = settings;
+    this.tls = settings.tls === 'implicit';
     this.localPort = tcp.localPort ?? 0;
     this.record = newSessionRecord(
-      { id, listener: listener.name, protocol: 'http', clientIp, clientPort: tcp.remotePort ?? 0, state: this.tls ? 'handshake' : 'relaying' },
+      { id, listener: settings.name, protocol: 'http', clientIp, clientPort: tcp.remotePort ?? 0, state: this.tls ? 'handshake' : 'relaying' },
       now,
     );
     this.log = deps.log.child({ conn: id, client: clientIp });
-    this.connectFacts = { listener, clientIp, tls: this.tls, now };
+    this.connectFacts = { listener: settings, clientIp, tls: this.tls, now };
     tcp.on('close', () => this.finalize());
-    if (!this.tls) this.app = tcp;
   }
 
   get closed(): boolean {
     return this.record.state === 'closing' || this.record.state === 'closed';
-  }
-
-  /** Per-request policy (requests per window); undefined when the policy has no such rule. */
-  requestVerdict(method: string, path: string): Verdict | undefined {
-    const verdict = this.deps.policy.onHttpRequest?.({ ...this.connectFacts, now: Date.now(), method, path });
-    if (verdict && verdict.action !== 'allow') this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.code, verdict.text);
-    return verdict;
   }
 
   /** Registers with the registry and asks the policy; a refusal is answered per request (403/429), then closed. */
@@ -101,13 +101,16 @@ export class HttpConnection implements SessionControl {
     this.log.info({ reason: verdict.text, code: verdict.code, action: verdict.action }, 'connection refused by policy');
   }
 
+  /** Per-request policy (requests per window); undefined when the policy has no such rule. */
+  requestVerdict(method: string, path: string): Verdict | undefined {
+    const verdict = this.deps.policy.onHttpRequest?.({ ...this.connectFacts, now: Date.now(), method, path });
+    if (verdict && verdict.action !== 'allow') this.deps.registry.refused(this.record.listener, this.record.clientIp, verdict.code, verdict.text);
+    return verdict;
+  }
+
   /** The TLS handshake is done: HTTP runs on `socket` from now on. */
   secured(socket: TLSSocket): void {
-    if (this.closed) {
-      socket.destroy();
-      return;
-    }
-    this.app = socket;
+    this.client = socket;
     this.record.state = 'relaying';
     this.record.tlsVersion = socket.getProtocol() ?? 'unknown';
     this.record.tlsCipher = socket.getCipher()?.name ?? 'unknown';
@@ -115,23 +118,30 @@ export class HttpConnection implements SessionControl {
     socket.on('close', () => this.finalize());
   }
 
-  requestStarted(res: ServerResponse): void {
+  /** The protocol that runs on the connection from now on. */
+  attach(handler: ConnectionHandler): void {
+    this.handler = handler;
+  }
+
+  /** Application-level bytes from the client (request heads and bodies, HTTP/2 frames' payloads, WebSocket bytes). */
+  countIn(n: number): void {
+    this.record.bytesIn += n;
+  }
+
+  /** Application-level bytes to the client. */
+  countOut(n: number): void {
+    this.record.bytesOut += n;
+  }
+
+  /** A request started: activity for the registry. */
+  requestStarted(): void {
     this.requests++;
-    this.live.add(res);
     this.record.lastActivity = Date.now();
-    if (this.draining && !res.headersSent) res.setHeader('Connection', 'close');
   }
 
-  requestEnded(res: ServerResponse): void {
-    this.live.delete(res);
-    this.record.lastActivity = Date.now();
-    this.countBytes();
-    if (this.draining && this.live.size === 0 && !this.upgraded) this.end('shutdown');
-  }
-
-  /** A response is being written (a late protocol error must not write a second one into it). */
-  get busy(): boolean {
-    return this.live.size > 0 || this.upgraded;
+  /** The reason noted for this connection, else `fallback`. */
+  reasonOr(fallback: CloseReason): CloseReason {
+    return this.pendingReason ?? fallback;
   }
 
   /** Sets the reason this connection will end with unless something more specific closes it first. */
@@ -139,83 +149,58 @@ export class HttpConnection implements SessionControl {
     this.pendingReason ??= reason;
   }
 
-  /**
-   * The agent for this connection's backend requests when the listener sends
-   * the PROXY protocol: the header names one client, so its backend
-   * connections are private to this connection (and reused only by it).
-   */
-  agentFor(listener: HttpListener, connectTimeoutMs: () => number): BackendAgent | undefined {
-    if (listener.proxy_protocol === false) return undefined;
-    this.privateAgent ??= new BackendAgent({
-      connectTimeoutMs,
-      maxSockets: 2,
-      maxFreeSockets: 1,
-      prelude: proxyHeader(listener.proxy_protocol, {
-        clientIp: this.record.clientIp,
-        clientPort: this.record.clientPort,
-        localIp: normalizeIp(this.tcp.localAddress),
-        localPort: this.localPort,
-      }),
-    });
-    return this.privateAgent;
-  }
-
   kill(reason: CloseReason): void {
     this.close(reason);
   }
 
-  /** Shutdown: an idle connection ends now, a busy one after its current response; a WebSocket waits for the drain deadline. */
+  /** Shutdown: a connection still in its handshake ends now; the handler finishes what is in progress. */
   drain(): void {
     if (this.closed) return;
     this.draining = true;
-    if (this.record.state === 'handshake') {
+    if (this.record.state === 'handshake' || !this.handler) {
       this.close('shutdown');
       return;
     }
-    if (this.upgraded) return;
-    if (this.live.size === 0) {
-      this.end('shutdown');
+    this.handler.drain();
+  }
+
+  /**
+   * The one way out. With `farewell`, those bytes (a last HTTP answer) are
+   * written and the socket ended politely, destroyed if still open after a
+   * grace period; without, both sockets are destroyed now.
+   */
+  close(reason: CloseReason, farewell?: string | Buffer): void {
+    if (this.closed) return;
+    this.record.state = 'closing';
+    this.record.closeReason = reason;
+    const handler = this.handler;
+    this.handler = undefined;
+    handler?.teardown();
+    if (farewell !== undefined && this.client.writable) {
+      this.countOut(typeof farewell === 'string' ? Buffer.byteLength(farewell, 'latin1') : farewell.length);
+      this.client.end(farewell);
+      this.graceTimer = setTimeout(() => this.destroySockets(), CLOSE_GRACE_MS);
+      this.graceTimer.unref();
       return;
     }
-    for (const res of this.live) if (!res.headersSent) res.setHeader('Connection', 'close');
+    this.destroySockets();
   }
 
-  /** The hard way out: both sockets destroyed now. */
-  close(reason: CloseReason): void {
-    if (this.closed) return;
-    this.record.state = 'closing';
-    this.record.closeReason = reason;
-    this.app?.destroy();
+  private destroySockets(): void {
+    this.client.destroy();
     this.tcp.destroy();
-  }
-
-  /** The polite way out: FIN (and close_notify) now, destroyed if still open after a grace period. */
-  end(reason: CloseReason): void {
-    if (this.closed) return;
-    this.record.state = 'closing';
-    this.record.closeReason = reason;
-    (this.app ?? this.tcp).end();
-    this.graceTimer = setTimeout(() => {
-      this.app?.destroy();
-      this.tcp.destroy();
-    }, CLOSE_GRACE_MS);
-    this.graceTimer.unref();
-  }
-
-  private countBytes(): void {
-    this.record.bytesIn = this.tcp.bytesRead;
-    this.record.bytesOut = this.tcp.bytesWritten;
   }
 
   private finalize(): void {
     if (this.record.state === 'closed') return;
     const r = this.record;
-    if (r.closeReason === null) r.closeReason = this.pendingReason ?? (this.deps.listenerClosing() ? 'shutdown' : 'client-closed');
+    if (r.closeReason === null) r.closeReason = this.pendingReason ?? (this.deps.listenerClosing() || this.draining ? 'shutdown' : 'client-closed');
     r.state = 'closed';
+    const handler = this.handler;
+    this.handler = undefined;
+    handler?.teardown();
     clearTimeout(this.graceTimer);
-    this.app?.destroy();
-    this.privateAgent?.destroy();
-    this.countBytes();
+    this.destroySockets();
     this.deps.registry.remove(r.id);
     if (this.allowed) this.deps.policy.onDisconnect(this.connectFacts);
     this.log.info(

@@ -5,6 +5,7 @@
  */
 import type { IncomingHttpHeaders } from 'node:http';
 import { isIP } from 'node:net';
+import type { RequestHead, ResponseHead } from './head-parser.ts';
 
 export interface ForwardFacts {
   /** The address the TCP connection came from (normalized, no ::ffff: prefix). */
@@ -30,7 +31,13 @@ const SPOOFABLE = [
   'x-client-ip',
   'x-cluster-client-ip',
   'true-client-ip',
+  // Routing overrides some frameworks (IIS, Symfony, Spring) honour: a client must not pick the backend's path or prefix.
+  'x-original-url',
+  'x-rewrite-url',
+  'x-forwarded-prefix',
+  'x-forwarded-server',
 ] as const;
+const SPOOFABLE_SET: ReadonlySet<string> = new Set(SPOOFABLE);
 
 /** Sets X-Forwarded-For/-Proto/-Host/-Port and X-Real-IP in place. */
 export function applyForwardedHeaders(headers: IncomingHttpHeaders, facts: ForwardFacts): void {
@@ -49,6 +56,13 @@ export function applyForwardedHeaders(headers: IncomingHttpHeaders, facts: Forwa
 
 /** RFC 9110 §7.6.1: these belong to one hop and are not forwarded. */
 const HOP_BY_HOP = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'upgrade'];
+const HOP_BY_HOP_SET: ReadonlySet<string> = new Set(HOP_BY_HOP);
+/** The forwarded set we write ourselves (a trusted upstream's values are kept or extended). */
+const FORWARDED_SET: ReadonlySet<string> = new Set(['x-forwarded-for', 'x-real-ip', 'x-forwarded-proto', 'x-forwarded-port', 'x-forwarded-host']);
+/** Named in Connection but never dropped for it: they frame the message or name the server. */
+const NOT_DROPPABLE: ReadonlySet<string> = new Set(['transfer-encoding', 'host', 'content-length']);
+/** Headers a response to an HTTP/1.1 client does not carry on from the backend's hop. */
+const RESPONSE_HOP_BY_HOP: ReadonlySet<string> = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'upgrade']);
 
 /**
  * Removes hop-by-hop headers (and those the Connection header names) before a
@@ -148,4 +162,81 @@ export function logPath(url: string | undefined): string {
   const bare = cut >= 0 ? path.slice(0, cut) : path;
   const printable = bare.replace(/[^\x21-\x7e]/g, '?');
   return printable.length > 256 ? `${printable.slice(0, 256)}...` : printable;
+}
+
+/** What the fast path needs to rewrite a request head; see forwardedRequestHead. */
+export interface HeadFacts extends ForwardFacts {
+  /** Host for an HTTP/1.0 request that named none (the gateway's host name). */
+  fallbackHost: string;
+}
+
+/**
+ * The request head the backend gets from the fast path: the request line as
+ * the client sent it, its fields as they came (same bytes, same order) minus
+ * hop-by-hop, spoofable and routing-override fields, then Host when an
+ * HTTP/1.0 client sent none, and our X-Forwarded-* and X-Real-IP.
+ */
+export function forwardedRequestHead(h: RequestHead, f: HeadFacts): string {
+  let out = `${h.method} ${h.target} HTTP/1.${h.minor}\r\n`;
+  const named = h.connection;
+  let chain = '';
+  const kept: Record<string, string> = {};
+  for (const field of h.fields) {
+    const name = field.name;
+    if (HOP_BY_HOP_SET.has(name) || (named.has(name) && !NOT_DROPPABLE.has(name))) continue;
+    if (FORWARDED_SET.has(name)) {
+      if (f.trust && field.value !== '') {
+        if (name === 'x-forwarded-for') chain = chain === '' ? field.value : `${chain}, ${field.value}`;
+        else kept[name] ??= field.value;
+      }
+      continue;
+    }
+    if (!f.trust && SPOOFABLE_SET.has(name)) continue;
+    out += field.line;
+    out += '\r\n';
+  }
+  let host = h.host;
+  if (host === undefined) {
+    host = f.fallbackHost;
+    out += `Host: ${host}\r\n`;
+  }
+  out += `X-Forwarded-For: ${chain === '' ? f.clientIp : `${chain}, ${f.clientIp}`}\r\n`;
+  out += `X-Real-IP: ${kept['x-real-ip'] ?? f.clientIp}\r\n`;
+  out += `X-Forwarded-Proto: ${kept['x-forwarded-proto'] ?? f.proto}\r\n`;
+  out += `X-Forwarded-Port: ${kept['x-forwarded-port'] ?? f.localPort}\r\n`;
+  out += `X-Forwarded-Host: ${kept['x-forwarded-host'] ?? host}\r\n\r\n`;
+  return out;
+}
+
+export interface ResponseFacts {
+  /** Strict-Transport-Security value to add when the backend sent none. */
+  hsts: string | undefined;
+  /** The client connection ends after this response: say so. */
+  close: boolean;
+}
+
+/** The response head the client gets: the backend's, minus its hop-by-hop fields, plus HSTS and Connection: close as needed. */
+export function clientResponseHead(r: ResponseHead, f: ResponseFacts): string {
+  let out = `${r.statusLine}\r\n`;
+  const named = r.connection;
+  let hasHsts = false;
+  for (const field of r.fields) {
+    const name = field.name;
+    if (RESPONSE_HOP_BY_HOP.has(name) || (named.has(name) && !NOT_DROPPABLE.has(name))) continue;
+    // Chunked wins over a length (RFC 9112 §6.3); the length is not passed on beside it.
+    if (name === 'content-length' && r.chunked !== undefined) continue;
+    if (name === 'strict-transport-security') hasHsts = true;
+    out += field.line;
+    out += '\r\n';
+  }
+  if (f.hsts !== undefined && !hasHsts) out += `Strict-Transport-Security: ${f.hsts}\r\n`;
+  if (f.close) out += 'Connection: close\r\n';
+  return `${out}\r\n`;
+}
+
+/** Application-level size of a header list (rawHeaders: names and values): each with a separator, as HTTP/1.1 carries them. */
+export function headerBytes(raw: readonly string[]): number {
+  let n = 0;
+  for (const s of raw) n += s.length + 2;
+  return n;
 }

@@ -1,9 +1,11 @@
 /**
- * The gateway's own short answers (403, 429, 502, 504, redirects), either on
- * a ServerResponse or, for a WebSocket handshake that never became a
- * response object, as raw bytes on the socket.
+ * The gateway's own short answers (400, 403, 429, 502, 504, redirects, ACME
+ * and well-known answers): as raw HTTP/1.1 bytes for the fast path and for
+ * sockets taken over by an upgrade, or on a response object of node:http or
+ * the HTTP/2 compatibility API.
  */
 import { STATUS_CODES, type ServerResponse } from 'node:http';
+import type { Http2ServerResponse } from 'node:http2';
 
 /** Headers of ours that survive when a half-prepared proxied response is replaced by an error. */
 const KEEP_ON_REPLACE = new Set(['strict-transport-security', 'connection']);
@@ -15,10 +17,11 @@ const KEEP_ON_REPLACE = new Set(['strict-transport-security', 'connection']);
  * honest end is to cut the connection, so the client cannot mistake a
  * truncated response for a complete one.
  */
-export function sendText(res: ServerResponse, status: number, body: string, headers: Record<string, string | number> = {}): void {
+export function sendText(res: ServerResponse | Http2ServerResponse, status: number, body: string, headers: Record<string, string | number> = {}): void {
   if (res.writableEnded || res.destroyed) return;
   if (res.headersSent) {
-    res.destroy();
+    if ('stream' in res) res.stream.close();
+    else res.destroy();
     return;
   }
   for (const name of res.getHeaderNames()) if (!KEEP_ON_REPLACE.has(name)) res.removeHeader(name);
@@ -30,15 +33,27 @@ export function sendText(res: ServerResponse, status: number, body: string, head
   res.end(body);
 }
 
+export interface RawOptions {
+  /** Ends the connection after it (Connection: close). */
+  close: boolean;
+  /** Strict-Transport-Security value, on TLS listeners that send one. */
+  hsts?: string | undefined;
+  /** The answer to a HEAD request: the head alone. */
+  headOnly?: boolean;
+}
+
+/** A complete HTTP/1.1 response with a short text body. */
+export function rawAnswer(status: number, body: string, headers: Record<string, string | number> = {}, o: RawOptions = { close: true }): string {
+  let out = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n`;
+  for (const [name, value] of Object.entries(headers)) out += `${name}: ${value}\r\n`;
+  if (o.hsts !== undefined) out += `Strict-Transport-Security: ${o.hsts}\r\n`;
+  out += `Content-Length: ${Buffer.byteLength(body)}\r\n`;
+  if (o.close) out += 'Connection: close\r\n';
+  out += '\r\n';
+  return o.headOnly ? out : out + body;
+}
+
 /** A complete HTTP/1.1 response that closes the connection, for sockets taken over by an upgrade. */
 export function rawResponse(status: number, body: string, headers: Record<string, string | number> = {}): string {
-  const lines = [
-    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}`,
-    'Content-Type: text/plain; charset=utf-8',
-    'Cache-Control: no-store',
-    ...Object.entries(headers).map(([name, value]) => `${name}: ${value}`),
-    `Content-Length: ${Buffer.byteLength(body)}`,
-    'Connection: close',
-  ];
-  return `${lines.join('\r\n')}\r\n\r\n${body}`;
+  return rawAnswer(status, body, headers, { close: true });
 }

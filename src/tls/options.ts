@@ -50,8 +50,10 @@ export const ALPN_IDS: Record<'imap' | 'pop3' | 'smtp' | 'http', readonly string
   http: ['http/1.1', 'http/1.0'],
 };
 
-export function alpnSelector(protocol: keyof typeof ALPN_IDS): (this: unknown, arg: { servername: string; protocols: string[] }) => string | undefined {
-  const ours = ALPN_IDS[protocol];
+export function alpnSelector(
+  protocol: keyof typeof ALPN_IDS,
+  ours: readonly string[] = ALPN_IDS[protocol],
+): (this: unknown, arg: { servername: string; protocols: string[] }) => string | undefined {
   // A function, not an arrow: node calls it with `this` set to the TLSSocket (see acme-alpn.ts).
   return function (this: unknown, { servername, protocols }) {
     if (selectAcmeTlsAlpn(this, servername, protocols)) return ACME_TLS_ALPN;

@@ -31,7 +31,7 @@ function curl(port: number, path: string, extra: string[] = []) {
 }
 
 test('GET through HTTPS returns the backend page, with HSTS, verified against the gateway certificate', async () => {
-  const r = await curl(gw.ports.https!, '/', ['-i']);
+  const r = await curl(gw.ports.https!, '/', ['-i', '--http1.1']);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /^HTTP\/1\.1 200/);
   assert.match(r.stdout, /strict-transport-security: max-age=31536000/i);
@@ -57,12 +57,12 @@ test('the backend sees the real client address and protocol; a forged X-Forwarde
 
 test('a client that asks for Connection: close gets it, and its next request a new connection', async () => {
   const url = `https://${gw.hostname}:${gw.ports.https}/`;
-  const close = await run('curl', ['-sS', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-H', 'Connection: close', '-D', '-', '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
+  const close = await run('curl', ['-sS', '--http1.1', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-H', 'Connection: close', '-D', '-', '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
   assert.equal(close.code, 0, close.stderr);
   assert.deepEqual(close.stdout.match(/^code=.*$/gm), ['code=200 connects=1', 'code=200 connects=1']);
   assert.equal(close.stdout.match(/^connection: close\r?$/gim)?.length, 2);
   // Without it, the connection is kept and reused.
-  const keep = await run('curl', ['-sS', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
+  const keep = await run('curl', ['-sS', '--http1.1', '--cacert', gw.certFile, '--resolve', `${gw.hostname}:${gw.ports.https}:127.0.0.1`, '-w', 'code=%{http_code} connects=%{num_connects}\n', '-o', '/dev/null', url, '-o', '/dev/null', url]);
   assert.deepEqual(keep.stdout.match(/^code=.*$/gm), ['code=200 connects=1', 'code=200 connects=0']);
 });
 

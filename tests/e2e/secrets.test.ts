@@ -163,7 +163,7 @@ async function everyLogin(gw: Gateway, transcript: string[]): Promise<void> {
   // HTTP: Basic auth (curl -u), a bearer-like token in the query string, and a broken request carrying the header.
   const url = `https://127.0.0.1:${gw.ports.https}`;
   for (const args of [['-u', `${alice.name}:${alice.password}`, `${url}/private`], ['-u', `${alice.name}:${WRONG}`, `${url}/private?token=${TOKEN}`]]) {
-    const r = await run('curl', ['-sk', '-i', '--max-time', '10', ...args]);
+    const r = await run('curl', ['-sk', '-i', '--http1.1', '--max-time', '10', ...args]);
     transcript.push(r.stdout, r.stderr);
     assert.match(r.stdout, /^HTTP\/1\.1 401/);
   }

@@ -108,3 +108,28 @@ test('the shipped config/mailgate.yaml is valid and has the documented listeners
   ]);
   assert.deepEqual(c.warnings, []);
 });
+
+test('HTTP listeners: http2 on, 100 streams and a 60s response deadline by default; each key checked where it is', () => {
+  const web = `
+listeners:
+  - name: https
+    protocol: http
+    listen: 127.0.0.1:443
+    tls: implicit
+    backend: 127.0.0.1:80
+`;
+  const l = parseConfig(web, '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.equal(l.protocol, 'http');
+  if (l.protocol !== 'http') return;
+  assert.equal(l.http2, true);
+  assert.equal(l.http2_max_streams, 100);
+  assert.equal(l.response_timeout, 60_000);
+  const set = parseConfig(`${web}    http2: false\n    http2_max_streams: 20\n    response_timeout: 90s\n`, '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.ok(set.protocol === 'http' && !set.http2 && set.http2_max_streams === 20 && set.response_timeout === 90_000);
+  const p = problems(`${web}    http2: sometimes\n    http2_max_streams: 0\n    response_timeout: 10ms\n`);
+  const byPath = Object.fromEntries(p.map((x) => [x.path, x]));
+  assert.equal(byPath['listeners[0].http2']?.line, 8);
+  assert.equal(byPath['listeners[0].http2_max_streams']?.line, 9);
+  assert.match(byPath['listeners[0].response_timeout']?.message ?? '', /at least 100ms/);
+  assert.ok(problems(web.replace('protocol: http', 'protocol: imap') + '    response_timeout: 60s\n').some((x) => x.path === 'listeners[0].response_timeout'), 'an HTTP key on a mail listener is unknown');
+});

@@ -47,11 +47,14 @@ before(async () => {
     redirect_https: false,
     hsts: 0,
     trust_forwarded: false,
+    http2: true,
+    http2_max_streams: 100,
+    response_timeout: 60_000,
     timeouts: { ...DEFAULT_TIMEOUTS, preauth_idle: 2000, postauth_idle: 3000, backend_connect: 2000 },
     limits: { ...DEFAULT_LIMITS },
   };
   const log = createLogger('debug', { write: (l: string) => void logs.push(l) });
-  handle = await startHttpListener(listener, { hostname: 'gw.test', certs: new CertStore('TLSv1.2'), registry, policy: () => new PassthroughPolicy(), log, minVersion: 'TLSv1.2' });
+  handle = await startHttpListener(listener, { hostname: 'gw.test', certs: new CertStore('TLSv1.2'), registry, policy: () => new PassthroughPolicy(), log, minVersion: 'TLSv1.2', acmeHttp01: () => undefined });
   port = Number(/:(\d+)$/.exec(handle.addresses[0] ?? '')?.[1]);
 });
 

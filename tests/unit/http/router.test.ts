@@ -1,0 +1,103 @@
+/**
+ * The HTTP router (src/http/router.ts) and the well-known registry
+ * (src/http/well-known.ts): the order ACME challenge → well-known endpoints →
+ * redirect → policy → proxy, on a stub connection (no sockets).
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
+import type { HttpConnection, HttpListener } from '../../../src/http/connection.ts';
+import { Router, type LocalAnswer, type Route } from '../../../src/http/router.ts';
+import { WellKnownRegistry } from '../../../src/http/well-known.ts';
+import type { Verdict } from '../../../src/policy/engine.ts';
+
+function settings(overrides: Partial<HttpListener> = {}): HttpListener {
+  return {
+    name: 'web',
+    protocol: 'http',
+    listen: [{ host: '127.0.0.1', port: 0 }],
+    backend: { host: '127.0.0.1', port: 8080 },
+    proxy_protocol: false,
+    tls: 'none',
+    redirect_https: false,
+    hsts: 0,
+    trust_forwarded: false,
+    http2: true,
+    http2_max_streams: 100,
+    response_timeout: 60_000,
+    timeouts: { ...DEFAULT_TIMEOUTS },
+    limits: { ...DEFAULT_LIMITS },
+    ...overrides,
+  };
+}
+
+/** The part of HttpConnection the router reads: settings, tls, the connection verdict and the per-request one. */
+function conn(s: HttpListener, verdict: Verdict = { action: 'allow' }, perRequest?: Verdict): HttpConnection & { asked: string[] } {
+  const asked: string[] = [];
+  const c = {
+    settings: s,
+    tls: s.tls === 'implicit',
+    verdict,
+    asked,
+    requestVerdict: (method: string, path: string) => {
+      asked.push(`${method} ${path}`);
+      return perRequest;
+    },
+  };
+  return c as unknown as HttpConnection & { asked: string[] };
+}
+
+function answer(r: Route): LocalAnswer {
+  assert.equal(r.kind, 'answer', 'a local answer');
+  return (r as { kind: 'answer'; answer: LocalAnswer }).answer;
+}
+
+test('order: ACME challenge, then well-known endpoints, then redirect, then policy, then proxy', () => {
+  const tokens = new Map([['tok-1', 'tok-1.thumb']]);
+  const wellKnown = new WellKnownRegistry();
+  wellKnown.register({ path: '/.well-known/mta-sts.txt', methods: ['GET'], handle: () => ({ status: 200, body: 'version: STSv1\n' }) });
+  const router = new Router({ hostname: 'gw.example', acmeHttp01: (t) => tokens.get(t), wellKnown });
+  const denied: Verdict = { action: 'deny', code: 'access-denied', text: 'blocked' };
+  const redirecting = conn(settings({ redirect_https: true }), denied);
+  const get = (target: string, c = redirecting) => router.route({ method: 'GET', target, host: 'mail.example:80' }, c);
+
+  assert.deepEqual(answer(get('/.well-known/acme-challenge/tok-1')), { status: 200, body: 'tok-1.thumb' }, 'before redirect and policy');
+  assert.equal(answer(get('/.well-known/acme-challenge/other')).status, 404, 'an unknown token on a redirect listener');
+  assert.equal(answer(get('/.well-known/mta-sts.txt?x=1')).body, 'version: STSv1\n', 'well-known before redirect and policy');
+  const redirect = answer(get('/a?b=1'));
+  assert.equal(redirect.status, 301);
+  assert.equal(redirect.headers?.Location, 'https://mail.example/a?b=1');
+  assert.equal(answer(router.route({ method: 'POST', target: '/f', host: undefined }, redirecting)).status, 308);
+
+  const https = conn(settings({ tls: 'implicit' }), denied);
+  assert.equal(router.route({ method: 'GET', target: '/.well-known/acme-challenge/tok-1', host: 'h' }, https).kind, 'answer', 'policy answers on TLS');
+  assert.deepEqual(answer(router.route({ method: 'GET', target: '/.well-known/acme-challenge/tok-1', host: 'h' }, https)).close, 'policy-denied', 'no HTTP-01 on TLS');
+  const tempfail = conn(settings({ tls: 'implicit' }), { action: 'tempfail', code: 'connection-rate', text: 'rate', retryAfterMs: 1500 });
+  const t = answer(router.route({ method: 'GET', target: '/', host: 'h' }, tempfail));
+  assert.equal(t.status, 429);
+  assert.equal(t.headers?.['Retry-After'], 2);
+  assert.equal(t.close, 'policy-tempfail');
+
+  const allowed = conn(settings({ tls: 'implicit' }), { action: 'allow' }, { action: 'tempfail', code: 'request-rate', text: 'window', retryAfterMs: 30_000 });
+  const limited = answer(router.route({ method: 'GET', target: '/p?secret=1', host: 'h' }, allowed));
+  assert.equal(limited.status, 429);
+  assert.equal(limited.close, undefined, 'a per-request limit keeps the connection');
+  assert.deepEqual(allowed.asked, ['GET /p'], 'the per-request policy sees the path without its query');
+  const proxied = conn(settings(), { action: 'allow' });
+  assert.deepEqual(router.route({ method: 'GET', target: '/.well-known/acme-challenge/unknown', host: 'h' }, proxied), { kind: 'proxy' }, 'unknown tokens go to the backend on a proxying listener');
+  assert.deepEqual(router.route({ method: 'POST', target: '/.well-known/mta-sts.txt', host: 'h' }, proxied), { kind: 'proxy' }, 'other methods go on');
+});
+
+test('the well-known registry: exact paths and prefixes, one handler per path, undefined lets the request go on', () => {
+  const r = new WellKnownRegistry();
+  r.register({ path: '/.well-known/autoconfig/', methods: ['GET'], handle: (req) => (req.target.includes('mail') ? { status: 200, body: 'xml' } : undefined) });
+  assert.throws(() => r.register({ path: '/.well-known/autoconfig/', methods: ['GET'], handle: () => undefined }), /already registered/);
+  assert.equal(r.size, 1);
+  assert.ok(r.match('/.well-known/autoconfig/mail/config-v1.1.xml', 'GET'));
+  assert.equal(r.match('/.well-known/autoconfig/mail/config-v1.1.xml', 'PUT'), undefined);
+  assert.equal(r.match('/.well-known/other', 'GET'), undefined);
+  const router = new Router({ hostname: 'gw', acmeHttp01: () => undefined, wellKnown: r });
+  const c = conn(settings({ tls: 'implicit' }));
+  assert.equal(answer(router.route({ method: 'GET', target: '/.well-known/autoconfig/mail/config-v1.1.xml', host: 'h' }, c)).body, 'xml');
+  assert.deepEqual(router.route({ method: 'GET', target: '/.well-known/autoconfig/x', host: 'h' }, c), { kind: 'proxy' });
+});
