@@ -1,8 +1,9 @@
 /**
- * One mail session, start to end: TLS, greeting, the adapter's pre-auth
- * dialogue, the policy decision, the backend login replay, then the splice.
- * The session owns both sockets; `close(reason)` is the only way out and it
- * records why. Every event handler first checks for the terminal state.
+ * One mail session, start to end: TLS, greeting, the dialogue before login
+ * (preauth-loop.ts, which knows no socket), the policy decision, the backend
+ * login replay, then the splice. The session owns both sockets;
+ * `close(reason)` is the only way out and it records why. Every event
+ * handler first checks for the terminal state.
  */
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
@@ -13,23 +14,21 @@ import { connectBackend } from '../backend/connector.ts';
 import type { CapabilityCache } from '../backend/capabilities.ts';
 import { SocketLink } from '../backend/link.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
-import { LINE_TOO_LONG, LineReader } from '../net/line-reader.ts';
 import type { AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
 import type {
   BackendCapabilities,
   CloseReason,
   Credentials,
-  MailAdapter,
   ProtocolModule,
   Refusal,
   RelayFilter,
   RelayHost,
   RelayUnit,
   SessionFacts,
-  Step,
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
+import { PreauthLoop, type PreauthHost } from './preauth-loop.ts';
 import { newSessionRecord, type SessionRecord, type SessionState } from './record.ts';
 import type { SessionControl, SessionRegistry } from './registry.ts';
 
@@ -53,10 +52,9 @@ export class MailSession implements SessionControl {
   private readonly listener: Listener;
   private readonly deps: MailSessionDeps;
   private readonly log: Logger;
-  private readonly reader: LineReader;
+  private readonly loop: PreauthLoop;
   private readonly facts: SessionFacts;
   private readonly connectFacts: ConnectFacts;
-  private adapter: MailAdapter | undefined;
   private caps: BackendCapabilities | undefined;
   private backend: Socket | undefined;
   /** The protocol's filter for the spliced stream (SMTP), if it has one. */
@@ -65,11 +63,8 @@ export class MailSession implements SessionControl {
   private authFacts: AuthFacts | undefined;
   /** The relay is waiting for the backend's last replies before it ends the session; past this deadline the driver ends it. */
   private closingTimer: NodeJS.Timeout | undefined;
-  private literalBytes: number | undefined;
-  private busy = false;
   private greeted = false;
   private allowed = false;
-  private authFailures = 0;
   private draining = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private totalTimer: NodeJS.Timeout | undefined;
@@ -90,7 +85,6 @@ export class MailSession implements SessionControl {
       now,
     );
     this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
-    this.reader = new LineReader(listener.limits.max_line);
     const record = this.record;
     this.facts = {
       id: record.id,
@@ -103,6 +97,7 @@ export class MailSession implements SessionControl {
       tls: () => record.tlsVersion !== null,
     };
     this.connectFacts = { listener, clientIp, tls: false, now, session: this.record.id };
+    this.loop = new PreauthLoop(deps.module, this.facts, this.loopHost());
   }
 
   get state(): SessionState {
@@ -128,7 +123,7 @@ export class MailSession implements SessionControl {
       this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.code, verdict.text);
       this.log.info({ reason: verdict.text, code: verdict.code }, 'connection refused by policy');
       // Deny before greeting: the client hears the refusal and nothing else (after TLS on implicit ports).
-      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.text));
+      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.loop.adapter.refusal(why, verdict.text));
       if (this.listener.tls === 'implicit') this.startTls(refuse);
       else refuse();
       return;
@@ -140,7 +135,7 @@ export class MailSession implements SessionControl {
 
   kill(reason: CloseReason): void {
     if (this.closed) return;
-    const notice = this.record.state === 'relaying' ? this.spliceGoodbye() : this.adapter?.refusal(reason === 'shutdown' ? 'shutdown' : 'internal-error');
+    const notice = this.record.state === 'relaying' ? this.spliceGoodbye() : this.lastWords(reason === 'shutdown' ? 'shutdown' : 'internal-error');
     this.close(reason, notice);
   }
 
@@ -149,8 +144,13 @@ export class MailSession implements SessionControl {
     this.draining = true;
     // Before login nothing is lost by ending now; a spliced session runs until it ends or the drain deadline kills it.
     if (this.record.state === 'preauth' || this.record.state === 'handshake' || this.record.state === 'starttls') {
-      this.close('shutdown', this.adapter?.refusal('shutdown'));
+      this.close('shutdown', this.lastWords('shutdown'));
     }
+  }
+
+  /** The words before login, once the client has been greeted. */
+  private lastWords(why: Refusal): string | undefined {
+    return this.greeted ? this.loop.adapter.refusal(why) : undefined;
   }
 
   // ---- TLS -------------------------------------------------------------
@@ -192,9 +192,26 @@ export class MailSession implements SessionControl {
 
   // ---- pre-auth dialogue --------------------------------------------------
 
-  private adapterFor(): MailAdapter {
-    this.adapter ??= this.deps.module.createAdapter(this.facts, this.caps);
-    return this.adapter;
+  private loopHost(): PreauthHost {
+    return {
+      write: (data) => this.write(data),
+      startTls: () => {
+        this.client.off('data', this.onClientData);
+        this.startTls(() => {
+          this.record.state = 'preauth';
+          this.client.on('data', this.onClientData);
+          this.loop.tlsStarted();
+        });
+      },
+      login: (credentials) => {
+        this.client.pause();
+        this.login(credentials).then(
+          () => undefined,
+          (err: unknown) => this.internalError('login', err),
+        );
+      },
+      close: (reason, words) => this.close(reason, words),
+    };
   }
 
   private greet(): void {
@@ -211,22 +228,22 @@ export class MailSession implements SessionControl {
       replayTimeoutMs: l.timeouts.login_replay,
       maxLine: l.limits.max_line,
     };
-    const greetDelay = l.protocol === 'smtp' ? l.greet_delay : 0;
+    const rules = this.loop.rules;
     // The common case: capabilities already known and no greet delay, so no promise or timer per connection.
-    const known = greetDelay > 0 ? undefined : this.deps.capabilities.peek(target);
+    const known = rules.greetDelayMs > 0 ? undefined : this.deps.capabilities.peek(target);
     if (known) {
       this.caps = known;
       // After a TLS handshake, one event loop turn later: OpenSSL writes the TLS 1.3 session tickets
       // once this handler returns, and they should precede the greeting, so that a client reading
-      // the greeting has them (resumption) and has nothing unread when it hangs up. Not for SMTP:
-      // bytes that came with the client's Finished would meet an ungreeted session (early talker).
-      if (this.record.tlsVersion !== null && l.protocol !== 'smtp') setImmediate(MailSession.greetNow, this);
+      // the greeting has them (resumption) and has nothing unread when it hangs up. Not where early
+      // talkers are refused: bytes that came with the client's Finished would meet an ungreeted session.
+      if (this.record.tlsVersion !== null && !rules.refuseEarlyTalkers) setImmediate(MailSession.greetNow, this);
       else this.sendGreeting();
       return;
     }
     // A hung backend must not hold the greeting: past backend_connect, greet with defaults.
     const capsOrDefaults = withDeadline(this.deps.capabilities.get(target), l.timeouts.backend_connect);
-    Promise.all([capsOrDefaults, delay(greetDelay)]).then(
+    Promise.all([capsOrDefaults, delay(rules.greetDelayMs)]).then(
       ([caps]) => {
         this.caps = caps;
         this.sendGreeting();
@@ -241,96 +258,21 @@ export class MailSession implements SessionControl {
 
   private sendGreeting(): void {
     if (this.closed) return;
-    this.write(this.adapterFor().greeting());
     this.greeted = true;
-    this.process();
+    this.loop.greet(this.caps);
   }
 
   private clientData(chunk: Buffer): void {
     if (this.closed || this.record.state !== 'preauth' && this.record.state !== 'authenticating') return;
     this.record.bytesIn += chunk.length;
     this.record.lastActivity = Date.now();
-    if (!this.greeted && this.deps.module.protocol === 'smtp') {
-      // RFC 5321 §4.3.1: a client must wait for the greeting; one that does not is a spam engine.
-      this.close('early-talker', this.adapterFor().refusal('early-talker'));
-      return;
-    }
-    this.reader.push(chunk);
-    const l = this.listener.limits;
-    if (this.reader.buffered > l.max_line + l.max_literal) {
-      this.close('line-too-long', this.adapterFor().refusal('line-too-long'));
-      return;
-    }
-    this.process();
-  }
-
-  private process(): void {
-    const adapter = this.adapterFor();
-    while (!this.busy && this.greeted && this.record.state === 'preauth') {
-      let step: Step;
-      if (this.literalBytes !== undefined) {
-        const data = this.reader.takeBytes(this.literalBytes);
-        if (!data) return;
-        this.literalBytes = undefined;
-        step = adapter.onLiteral(data);
-      } else {
-        const line = this.reader.nextLine();
-        if (line === null) return;
-        if (line === LINE_TOO_LONG) {
-          this.close('line-too-long', adapter.refusal('line-too-long'));
-          return;
-        }
-        step = adapter.onLine(line);
-      }
-      this.handle(step);
-    }
-  }
-
-  private handle(step: Step): void {
-    switch (step.kind) {
-      case 'reply':
-        this.write(step.data);
-        return;
-      case 'literal':
-        this.write(step.data);
-        this.literalBytes = step.size;
-        return;
-      case 'starttls':
-        this.write(step.data);
-        // Anything the client sent after STARTTLS came in plaintext: discard it (CVE-2011-0411).
-        this.client.off('data', this.onClientData);
-        this.reader.drain();
-        this.busy = true;
-        this.startTls(() => {
-          this.busy = false;
-          this.adapterFor().tlsStarted();
-          this.record.state = 'preauth';
-          this.client.on('data', this.onClientData);
-          this.process();
-        });
-        return;
-      case 'login':
-        this.busy = true;
-        this.client.pause();
-        this.login(step.credentials).then(
-          () => undefined,
-          (err: unknown) => this.internalError('login', err),
-        );
-        return;
-      case 'close':
-        this.close(step.reason, step.data);
-        return;
-      default: {
-        const never: never = step;
-        throw new Error(`unknown step ${JSON.stringify(never)}`);
-      }
-    }
+    this.loop.push(chunk);
   }
 
   // ---- authentication and backend ----------------------------------------
 
   private async login(credentials: Credentials | null): Promise<void> {
-    const adapter = this.adapterFor();
+    const adapter = this.loop.adapter;
     const l = this.listener;
     this.record.state = 'authenticating';
     const facts: AuthFacts = {
@@ -412,20 +354,14 @@ export class MailSession implements SessionControl {
   }
 
   private loginFailed(reply: string): void {
-    this.authFailures++;
-    if (this.authFailures >= this.listener.limits.max_auth_attempts) {
-      this.close('too-many-auth-failures', reply + this.adapterFor().refusal('too-many-auth-failures'));
-      return;
-    }
-    this.write(reply);
+    if (this.loop.loginFailed(reply) === 'closed') return;
     if (this.draining) {
-      this.close('shutdown', this.adapterFor().refusal('shutdown'));
+      this.close('shutdown', this.loop.adapter.refusal('shutdown'));
       return;
     }
     this.record.state = 'preauth';
-    this.busy = false;
     this.client.resume();
-    this.process();
+    this.loop.resume();
   }
 
   // ---- splice ---------------------------------------------------------------
@@ -437,7 +373,7 @@ export class MailSession implements SessionControl {
     clearTimeout(this.totalTimer);
     client.off('data', this.onClientData);
     this.setIdle(this.listener.timeouts.postauth_idle);
-    const relay = this.adapterFor().relay?.(this.relayHost(client, backend));
+    const relay = this.loop.adapter.relay?.(this.relayHost(client, backend));
     this.relay = relay;
 
     backend.on('error', (err) => this.socketError('backend', err));
@@ -445,7 +381,7 @@ export class MailSession implements SessionControl {
     client.on('end', () => this.close('client-closed'));
 
     // Bytes each side sent past the login exchange belong to the other side, in order.
-    const pending = this.reader.drain();
+    const pending = this.loop.handOver();
     if (leftover.length > 0) this.fromBackend(leftover);
     if (pending.length > 0) this.fromClient(pending);
 
@@ -552,7 +488,7 @@ export class MailSession implements SessionControl {
 
   private spliceGoodbye(): string | undefined {
     if (this.relay && !this.relay.atBoundary()) return undefined;
-    return this.adapter?.shutdownNotice();
+    return this.loop.adapter.shutdownNotice();
   }
 
   // ---- timers, errors, close --------------------------------------------------
@@ -563,7 +499,7 @@ export class MailSession implements SessionControl {
       case 'preauth':
       case 'handshake':
       case 'starttls':
-        this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
+        this.close('idle-timeout', this.lastWords('idle-timeout'));
         return;
       case 'relaying':
         this.close('idle-timeout', this.spliceGoodbye());
@@ -583,7 +519,7 @@ export class MailSession implements SessionControl {
 
   private preauthExpired(): void {
     if (this.closed || this.record.state === 'relaying') return;
-    this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
+    this.close('idle-timeout', this.lastWords('idle-timeout'));
   }
 
   private socketError(side: 'client' | 'backend', err: Error): void {
@@ -594,7 +530,7 @@ export class MailSession implements SessionControl {
 
   private internalError(where: string, err: unknown): void {
     this.log.error({ where, err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'internal error');
-    if (!this.closed) this.close('internal-error', this.adapter?.refusal('internal-error'));
+    if (!this.closed) this.close('internal-error', this.lastWords('internal-error'));
   }
 
   private write(data: string): void {
