@@ -261,6 +261,8 @@ export class ImapAdapter implements MailAdapter {
         return '* BYE Protocol error\r\n';
       case 'shutdown':
         return '* BYE [UNAVAILABLE] Server shutting down\r\n';
+      case 'killed':
+        return '* BYE Connection closed by the administrator\r\n';
       case 'internal-error':
         return '* BYE [SERVERBUG] Internal error\r\n';
       default:

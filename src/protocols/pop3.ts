@@ -184,6 +184,8 @@ export class Pop3Adapter implements MailAdapter {
         return '-ERR Protocol error\r\n';
       case 'shutdown':
         return '-ERR [SYS/TEMP] Server shutting down\r\n';
+      case 'killed':
+        return '-ERR Connection closed by the administrator\r\n';
       case 'internal-error':
         return '-ERR [SYS/TEMP] Internal error\r\n';
       default:

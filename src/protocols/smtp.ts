@@ -299,6 +299,8 @@ export class SmtpAdapter implements MailAdapter {
         return '554 5.5.1 Protocol error: talked before the greeting\r\n';
       case 'shutdown':
         return '421 4.3.2 Service shutting down\r\n';
+      case 'killed':
+        return '421 4.3.2 Connection closed by the administrator\r\n';
       case 'internal-error':
         return '421 4.3.0 Internal error\r\n';
       default:

@@ -83,6 +83,7 @@ export type Refusal =
   | 'too-many-auth-failures'
   | 'early-talker'
   | 'shutdown'
+  | 'killed'
   | 'internal-error';
 
 /**

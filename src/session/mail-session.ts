@@ -202,7 +202,7 @@ export class MailSession implements SessionControl {
 
   kill(reason: CloseReason): void {
     if (!this.open) return;
-    this.end(reason, reason === 'shutdown' ? 'shutdown' : 'internal-error');
+    this.end(reason, goodbyeFor(reason));
   }
 
   drain(): void {
@@ -665,6 +665,18 @@ export class MailSession implements SessionControl {
       },
       'session end',
     );
+  }
+}
+
+/** The words a kill or a timer ends a session with: a kill is never called an internal error unless it is one. */
+function goodbyeFor(reason: CloseReason): Refusal {
+  switch (reason) {
+    case 'shutdown':
+    case 'idle-timeout':
+    case 'internal-error':
+      return reason;
+    default:
+      return 'killed';
   }
 }
 

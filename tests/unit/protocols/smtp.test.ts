@@ -467,6 +467,7 @@ describe('SMTP housekeeping commands and bounds', () => {
     assert.equal(a.refusal('shutdown'), '421 4.3.2 Service shutting down\r\n');
     assert.equal(a.refusal('internal-error'), '421 4.3.0 Internal error\r\n');
     assert.equal(a.shutdownNotice(), '421 4.3.2 Service shutting down\r\n');
+    assert.equal(a.refusal('killed'), '421 4.3.2 Connection closed by the administrator\r\n');
   });
 
   it('answers a failed AUTH as an authentication failure and lets the client try again', () => {
