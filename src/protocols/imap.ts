@@ -7,6 +7,7 @@
 import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { astring, quotable, quote, tokenizeLine, validTag, type ImapToken } from './imap-syntax.ts';
+import { ImapRelay } from './imap-relay.ts';
 import {
   assertNever,
   echoVerb,
@@ -16,12 +17,15 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type Goodbye,
   type LineTally,
   type LoginRefusal,
   type LoginResult,
   type MailAdapter,
   type ProtocolModule,
   type Refusal,
+  type RelayFilter,
+  type RelayHost,
   type SessionFacts,
   type Step,
 } from './types.ts';
@@ -285,8 +289,13 @@ export class ImapAdapter implements MailAdapter {
     }
   }
 
-  shutdownNotice(): string {
-    return '* BYE [UNAVAILABLE] Server shutting down\r\n';
+  goodbye(why: Goodbye): string {
+    // An untagged BYE may come at any time (RFC 9051 §7.1.5), once the response before it is complete.
+    return this.refusal(why);
+  }
+
+  relay(host: RelayHost): RelayFilter {
+    return new ImapRelay(host);
   }
 
   async login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult> {

@@ -14,6 +14,7 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type Goodbye,
   type LineTally,
   type LoginRefusal,
   type LoginResult,
@@ -207,8 +208,8 @@ export class Pop3Adapter implements MailAdapter {
     }
   }
 
-  shutdownNotice(): undefined {
-    // POP3 has no unsolicited responses: a spliced session is simply closed at the drain deadline.
+  goodbye(_why: Goodbye): undefined {
+    // POP3 has no unsolicited responses: a spliced session is simply closed.
     return undefined;
   }
 

@@ -19,6 +19,7 @@ import {
   type BackendLink,
   type Credentials,
   type Dialogue,
+  type Goodbye,
   type LineTally,
   type LoginRefusal,
   type LoginResult,
@@ -335,8 +336,8 @@ export class SmtpAdapter implements MailAdapter {
     }
   }
 
-  shutdownNotice(): string {
-    return '421 4.3.2 Service shutting down\r\n';
+  goodbye(why: Goodbye): string {
+    return this.refusal(why);
   }
 
   async login(backend: BackendLink, credentials: Credentials | null, _caps: BackendCapabilities | undefined): Promise<LoginResult> {

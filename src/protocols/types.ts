@@ -86,6 +86,9 @@ export type Refusal =
   | 'killed'
   | 'internal-error';
 
+/** Why a spliced session is ended by the gateway: the words for it, where the protocol has unsolicited ones. */
+export type Goodbye = 'shutdown' | 'killed' | 'idle-timeout' | 'internal-error';
+
 /**
  * Hears what the line an adapter was given was, for the bounds the pre-login
  * loop enforces (session/preauth-loop.ts). Unless told otherwise a line is a
@@ -145,11 +148,15 @@ export interface MailAdapter {
   loginRefusal(why: LoginRefusal, text?: string): string;
   /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
-  /** A goodbye that can be written into a spliced stream at shutdown, if the protocol has one. */
-  shutdownNotice(): string | undefined;
+  /**
+   * Words the gateway may write into a spliced stream between two responses
+   * when it ends the session, or undefined where the protocol has none (POP3).
+   */
+  goodbye(why: Goodbye): string | undefined;
   /**
    * After a successful login: the filter for the spliced stream, when the
-   * protocol needs one (SMTP); without one the driver pipes bytes as they are.
+   * protocol needs one (SMTP: what a client may say, counting; IMAP: where a
+   * response ends); without one the driver pipes bytes as they are.
    */
   relay?(host: RelayHost): RelayFilter;
 }
@@ -201,6 +208,16 @@ export interface RelayFilter {
   holding(): boolean;
   /** True when a goodbye could be written to the client without cutting a reply or a message in half. */
   atBoundary(): boolean;
+  /**
+   * Stop politely: read nothing more from the client and end the session
+   * (host.close) with `words` where they cut nothing in half: at once when
+   * the stream is at a boundary, else at the next one if the relay can wait
+   * for it (the driver bounds that wait and then closes without words), else
+   * at once without words.
+   */
+  goodbye(reason: CloseReason, words: string | undefined): void;
+  /** The relay counts units for rate limits (the session's end reports them). */
+  readonly counts: boolean;
 }
 
 export interface ProtocolModule {

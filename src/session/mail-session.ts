@@ -22,6 +22,7 @@ import {
   type BackendCapabilities,
   type CloseReason,
   type Credentials,
+  type Goodbye,
   type LoginResult,
   type ProtocolModule,
   type Refusal,
@@ -48,6 +49,8 @@ export interface MailSessionDeps {
 
 /** After close() ends both sockets politely, how long they get to flush before being destroyed. */
 const CLOSE_GRACE_MS = 2_000;
+/** How long a goodbye in a spliced stream waits for the response in flight to end (then the session ends without it). */
+const GOODBYE_WAIT_MS = 1_000;
 
 type Relaying = {
   kind: 'relaying';
@@ -56,7 +59,7 @@ type Relaying = {
   relay: RelayFilter | undefined;
   /** The login's facts, for the limits counted in the spliced stream. */
   facts: AuthFacts;
-  /** The relay waits for the backend's last replies before it ends the session; past this the driver ends it. */
+  /** The relay waits for the backend's last replies, or a goodbye for the end of a response; past this the driver ends it. */
   wait: NodeJS.Timeout | undefined;
 };
 
@@ -73,7 +76,7 @@ type Phase =
   | { kind: 'login'; draining: boolean }
   /** Logged in: bytes spliced between client and backend. */
   | Relaying
-  /** close() ran: both sides are ending, and are destroyed after a grace. `counts`: a relay counted units (the end log says how many). */
+  /** close() ran: both sides are ending, and are destroyed after a grace. `counts`: the relay counted units (the end log says how many). */
   | { kind: 'closing'; grace: NodeJS.Timeout; backend: Socket | undefined; counts: boolean }
   | { kind: 'closed' };
 
@@ -216,10 +219,10 @@ export class MailSession implements SessionControl {
 
   /**
    * Ends the session where it is, in the protocol's words for `why`: before
-   * login once the client was greeted; a spliced one with the shutdown notice
-   * where the stream is at a boundary.
+   * login at once (once the client was greeted), a spliced one between two
+   * responses (goodbye()).
    */
-  private end(reason: CloseReason, why: Refusal): void {
+  private end(reason: CloseReason, why: Goodbye): void {
     const phase = this.phase;
     switch (phase.kind) {
       case 'handshake':
@@ -232,7 +235,7 @@ export class MailSession implements SessionControl {
         this.close(reason, this.loop.adapter.refusal(why));
         return;
       case 'relaying':
-        this.close(reason, this.spliceGoodbye(phase));
+        this.goodbye(phase, reason, why);
         return;
       case 'closing':
       case 'closed':
@@ -515,9 +518,23 @@ export class MailSession implements SessionControl {
     else this.client.resume();
   }
 
-  private spliceGoodbye(phase: Relaying): string | undefined {
-    if (phase.relay && !phase.relay.atBoundary()) return undefined;
-    return this.loop.adapter.shutdownNotice();
+  /**
+   * Ends a spliced session with the protocol's words where they cut nothing
+   * in half: the relay says where a response ends (and waits for it, if it
+   * can); past GOODBYE_WAIT_MS the session ends without them.
+   */
+  private goodbye(phase: Relaying, reason: CloseReason, why: Goodbye): void {
+    const words = this.loop.adapter.goodbye(why);
+    if (!phase.relay) {
+      this.close(reason, words);
+      return;
+    }
+    this.client.pause();
+    phase.relay.goodbye(reason, words);
+    if (this.phase !== phase) return;
+    clearTimeout(phase.wait);
+    phase.wait = setTimeout(() => this.close(reason), GOODBYE_WAIT_MS);
+    phase.wait.unref();
   }
 
   // ---- the relay's host: counts, limits, the end --------------------------------------
@@ -618,7 +635,7 @@ export class MailSession implements SessionControl {
     if (finalWords) this.write(finalWords);
     // A backend still in a login belongs to that login, which ends it once its answer is in.
     const backend = this.phase.kind === 'relaying' ? this.phase.backend : undefined;
-    const counts = this.phase.kind === 'relaying' && this.phase.relay !== undefined;
+    const counts = this.phase.kind === 'relaying' && this.phase.relay?.counts === true;
     const grace = setTimeout(() => {
       this.client.destroy();
       this.raw.destroy();
@@ -649,7 +666,7 @@ export class MailSession implements SessionControl {
     this.release = undefined;
     release?.();
     const r = this.record;
-    const counts = phase.kind === 'closing' ? phase.counts : phase.kind === 'relaying' && phase.relay !== undefined;
+    const counts = phase.kind === 'closing' ? phase.counts : phase.kind === 'relaying' && phase.relay?.counts === true;
     this.log.info(
       {
         user: r.user,
@@ -669,7 +686,7 @@ export class MailSession implements SessionControl {
 }
 
 /** The words a kill or a timer ends a session with: a kill is never called an internal error unless it is one. */
-function goodbyeFor(reason: CloseReason): Refusal {
+function goodbyeFor(reason: CloseReason): Goodbye {
   switch (reason) {
     case 'shutdown':
     case 'idle-timeout':

@@ -163,10 +163,15 @@ test('a kill says what happened: the administrator closed it, never an internal 
   assert.match(await imap.readLine(), /^\* OK /);
   const pop3 = await LineClient.connect(gw.ports.pop3s!, { tls: true });
   assert.match(await pop3.readLine(), /^\+OK /);
-  for (const c of [imap, pop3]) await w.client.request('kill', { id: (await sessionAt(w.client, c)).id });
+  const spliced = await LineClient.connect(gw.ports.imaps!, { tls: true });
+  await spliced.readLine();
+  spliced.write(`s LOGIN ${carol.name} ${carol.password}\r\n`);
+  assert.match((await spliced.readUntil(/^s /)).at(-1)!, /^s OK/);
+  for (const c of [imap, pop3, spliced]) await w.client.request('kill', { id: (await sessionAt(w.client, c)).id });
   assert.equal(await imap.readLine(), '* BYE Connection closed by the administrator', 'before login, IMAP');
   assert.equal(await pop3.readLine(), '-ERR Connection closed by the administrator', 'before login, POP3');
-  for (const c of [imap, pop3]) assert.ok(await c.waitClosed());
+  assert.equal(await spliced.readLine(), '* BYE Connection closed by the administrator', 'after login, between responses');
+  for (const c of [imap, pop3, spliced]) assert.ok(await c.waitClosed());
   w.client.close();
 });
 

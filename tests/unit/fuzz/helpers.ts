@@ -152,7 +152,7 @@ function watch(adapter: MailAdapter, r: DriveResult): MailAdapter {
     refusal: (why, text) => adapter.refusal(why, text),
     loginRefusal: (why, text) => adapter.loginRefusal(why, text),
     login: (backend, credentials, caps) => adapter.login(backend, credentials, caps),
-    shutdownNotice: () => adapter.shutdownNotice(),
+    goodbye: (why) => adapter.goodbye(why),
   };
 }
 

@@ -466,7 +466,7 @@ describe('SMTP housekeeping commands and bounds', () => {
     assert.equal(a.refusal('early-talker'), '554 5.5.1 Protocol error: talked before the greeting\r\n');
     assert.equal(a.refusal('shutdown'), '421 4.3.2 Service shutting down\r\n');
     assert.equal(a.refusal('internal-error'), '421 4.3.0 Internal error\r\n');
-    assert.equal(a.shutdownNotice(), '421 4.3.2 Service shutting down\r\n');
+    assert.equal(a.goodbye('shutdown'), '421 4.3.2 Service shutting down\r\n');
     assert.equal(a.refusal('killed'), '421 4.3.2 Connection closed by the administrator\r\n');
   });
 
