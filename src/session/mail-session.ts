@@ -109,8 +109,10 @@ export class MailSession implements SessionControl {
   private readonly connectFacts: ConnectFacts;
   private phase: Phase = { kind: 'handshake', timer: undefined };
   private caps: BackendCapabilities | undefined;
-  /** Gives back what policy counted at connect (set when it let the session in; run once). */
+  /** Gives back what policy counted at connect (set when it let the session in; run once, after any login in flight). */
   private release: (() => void) | undefined;
+  /** A login in flight: it runs to the backend's verdict even when the client leaves, so that the guess is counted. */
+  private loginRun: Promise<void> | undefined;
   private totalTimer: NodeJS.Timeout | undefined;
   private readonly onClientData = (chunk: Buffer) => this.clientData(chunk);
   private readonly onTimeout = () => this.idle();
@@ -300,10 +302,15 @@ export class MailSession implements SessionControl {
       login: (credentials) => {
         this.enter({ kind: 'login', draining: false });
         this.client.pause();
-        this.login(credentials).then(
-          () => undefined,
-          (err: unknown) => this.internalError('login', err),
-        );
+        const run: Promise<void> = this.login(credentials)
+          .then(
+            () => undefined,
+            (err: unknown) => this.internalError('login', err),
+          )
+          .finally(() => {
+            if (this.loginRun === run) this.loginRun = undefined;
+          });
+        this.loginRun = run;
       },
       close: (reason, words) => this.close(reason, words),
     };
@@ -382,23 +389,27 @@ export class MailSession implements SessionControl {
       this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text));
       return;
     }
+    // From here the login runs to the backend's verdict even if the client leaves meanwhile: a guess
+    // whose client hangs up before the answer (which the backend may delay) is counted all the same.
     const replayed = await this.replay(decision, facts);
-    if (this.phase.kind !== 'login') {
-      if (replayed.kind === 'answered') replayed.link.destroy();
-      return;
-    }
     if (replayed.kind === 'unavailable') {
-      this.close(replayed.reason, adapter.loginRefusal('backend-unavailable'));
+      if (this.phase.kind === 'login') this.close(replayed.reason, adapter.loginRefusal('backend-unavailable'));
       return;
     }
     const { result, link, backend } = replayed;
+    const here = this.phase.kind === 'login';
     this.deps.policy.onAuthResult(facts, result.ok);
     if (!result.ok) {
       this.deps.registry.authFailed(this.record, facts.user); // control socket + metrics: failed login
       link.destroy();
       this.record.backend = null;
-      this.log.info({ user: facts.user, backend }, 'login failed');
-      this.loginFailed(result.reply);
+      this.log.info({ user: facts.user, backend, clientGone: here ? undefined : true }, 'login failed');
+      if (this.phase.kind === 'login') this.loginFailed(result.reply);
+      return;
+    }
+    if (this.phase.kind !== 'login') {
+      link.destroy();
+      this.log.info({ user: facts.user, backend }, 'login ok, but the client had gone');
       return;
     }
     this.record.user = facts.user;
@@ -633,7 +644,7 @@ export class MailSession implements SessionControl {
   close(reason: CloseReason, finalWords?: string): void {
     if (!this.open) return;
     if (finalWords) this.write(finalWords);
-    // A backend still in a login belongs to that login, which ends it once its answer is in.
+    // A backend still in a login belongs to that login, which ends it once the verdict is in.
     const backend = this.phase.kind === 'relaying' ? this.phase.backend : undefined;
     const counts = this.phase.kind === 'relaying' && this.phase.relay?.counts === true;
     const grace = setTimeout(() => {
@@ -664,7 +675,9 @@ export class MailSession implements SessionControl {
     this.deps.registry.remove(this.record.id);
     const release = this.release;
     this.release = undefined;
-    release?.();
+    // What policy counted for this connection is given back once a login in flight has its verdict.
+    if (release && this.loginRun) void this.loginRun.finally(release);
+    else release?.();
     const r = this.record;
     const counts = phase.kind === 'closing' ? phase.counts : phase.kind === 'relaying' && phase.relay?.counts === true;
     this.log.info(
