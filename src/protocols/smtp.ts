@@ -309,7 +309,7 @@ export class SmtpAdapter implements MailAdapter {
     }
   }
 
-  loginRefusal(why: LoginRefusal, text?: string): string {
+  loginRefusal(why: LoginRefusal, text?: string, fromRule = false): string {
     const pending = this.state.s === 'login' ? this.state.pending : undefined;
     if (this.state.s === 'login') this.state = { s: 'hello', hello: this.state.hello };
     // The driver closes after this one: 421 is the answer RFC 5321 §3.8 gives to any command then.
@@ -325,12 +325,14 @@ export class SmtpAdapter implements MailAdapter {
           return assertNever(why);
       }
     }
+    // An access rule's own reason is shown (the admin wrote it for the client); every other refusal has the
+    // same words as a wrong password or a busy backend, so a guess learns nothing from them.
+    const shown = fromRule && text !== undefined ? sanitizeValue(text, 200) : undefined;
     switch (why) {
       case 'denied':
-        // The same words as a wrong password: the client learns nothing about the rules.
-        return '535 5.7.8 Authentication credentials invalid\r\n';
+        return `535 5.7.8 ${shown ?? 'Authentication credentials invalid'}\r\n`;
       case 'tempfail':
-        return '454 4.7.0 Temporary authentication failure\r\n';
+        return `454 4.7.0 ${shown ?? 'Temporary authentication failure'}\r\n`;
       default:
         return assertNever(why);
     }

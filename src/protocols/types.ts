@@ -144,8 +144,9 @@ export interface MailAdapter {
    * The answer to the pending login command when policy or the backend makes
    * it fail. After 'denied' and 'tempfail' the session stays open; after
    * 'backend-unavailable' the driver closes, so the answer includes the goodbye.
+   * `fromRule`: `text` is an access rule's own `reason`, written to be shown.
    */
-  loginRefusal(why: LoginRefusal, text?: string): string;
+  loginRefusal(why: LoginRefusal, text?: string, fromRule?: boolean): string;
   /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
   /**

@@ -16,6 +16,7 @@ import { connectBackend } from '../backend/connector.ts';
 import type { CapabilityCache } from '../backend/capabilities.ts';
 import { SocketLink } from '../backend/link.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
+import { isRuleReason } from '../policy/decide.ts';
 import type { AuthDecision, AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
 import {
   assertNever,
@@ -386,7 +387,7 @@ export class MailSession implements SessionControl {
       if (this.phase.kind !== 'login') return;
       this.log.info({ user: facts.user, reason: decision.text, code: decision.code }, 'login refused by policy');
       this.deps.registry.refused(this.listener.name, this.record.clientIp, decision.code, decision.text);
-      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text));
+      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text, isRuleReason(decision)));
       return;
     }
     // From here the login runs to the backend's verdict even if the client leaves meanwhile: a guess

@@ -150,7 +150,7 @@ function watch(adapter: MailAdapter, r: DriveResult): MailAdapter {
     onLiteral: (data) => seen(adapter.onLiteral(data), data.length),
     tlsStarted: () => adapter.tlsStarted(),
     refusal: (why, text) => adapter.refusal(why, text),
-    loginRefusal: (why, text) => adapter.loginRefusal(why, text),
+    loginRefusal: (why, text, fromRule) => adapter.loginRefusal(why, text, fromRule),
     login: (backend, credentials, caps) => adapter.login(backend, credentials, caps),
     goodbye: (why) => adapter.goodbye(why),
   };

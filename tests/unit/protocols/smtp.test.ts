@@ -475,6 +475,8 @@ describe('SMTP housekeeping commands and bounds', () => {
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
     assert.equal(s.adapter.loginRefusal('denied', 'rule 7'), '535 5.7.8 Authentication credentials invalid\r\n');
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
+    assert.equal(s.adapter.loginRefusal('denied', 'Use mail2\r\nnow', true), '535 5.7.8 Use mail2now\r\n', 'an access rule\'s own reason is shown, on one line');
+    s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
     assert.equal(s.adapter.loginRefusal('tempfail'), '454 4.7.0 Temporary authentication failure\r\n');
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
     assert.equal(s.adapter.loginRefusal('backend-unavailable'), '421 4.4.1 gw.example.org Backend unavailable, closing connection\r\n');
