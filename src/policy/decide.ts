@@ -211,6 +211,17 @@ function credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): 
   return ALLOW;
 }
 
+/**
+ * The refusal's text is an access rule's own `reason`, written by the admin
+ * to be shown, rather than one of the fixed texts (a protocol that words its
+ * other refusals alike, SMTP AUTH, shows only this one).
+ */
+export function isRuleReason(r: Refusal): boolean {
+  return (r.code === 'access-denied' || r.code === 'access-tempfail') && !FIXED_TEXTS.has(r.text);
+}
+
+const FIXED_TEXTS: ReadonlySet<string> = new Set(Object.values(REFUSAL_TEXT));
+
 /** A rule's refusal: its own reason, else the code's text (a login that named a user is told it failed). */
 function ruleVerdict(action: 'deny' | 'tempfail', reason: string | undefined, authenticated: boolean): Refusal {
   if (action === 'tempfail') return tempfail('access-tempfail', undefined, reason ?? REFUSAL_TEXT['access-tempfail']);

@@ -7,6 +7,7 @@
 import { MailgateError } from '../core/errors.ts';
 import { encodePlain, parseMechanism, SaslExchange, type SaslStep } from './sasl.ts';
 import { astring, quotable, quote, tokenizeLine, validTag, type ImapToken } from './imap-syntax.ts';
+import { ImapRelay } from './imap-relay.ts';
 import {
   assertNever,
   echoVerb,
@@ -16,11 +17,15 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type Goodbye,
+  type LineTally,
   type LoginRefusal,
   type LoginResult,
   type MailAdapter,
   type ProtocolModule,
   type Refusal,
+  type RelayFilter,
+  type RelayHost,
   type SessionFacts,
   type Step,
 } from './types.ts';
@@ -41,7 +46,8 @@ const ATOM = /^[^\x00-\x20\x7f-\xff(){%*"\\\]]+$/;
 
 export class ImapAdapter implements MailAdapter {
   private state: ImapState = { s: 'command' };
-  private commands = 0;
+  /** Hears what the line being read was (the pre-login loop counts). */
+  private tally: LineTally | undefined;
   private clientId: [string, string][] = [];
   private readonly facts: SessionFacts;
   private readonly backendCaps: readonly string[];
@@ -71,11 +77,14 @@ export class ImapAdapter implements MailAdapter {
     this.state = { s: 'command' };
   }
 
-  onLine(line: Buffer): Step {
+  onLine(line: Buffer, tally?: LineTally): Step {
+    this.tally = tally;
     const text = line.toString('latin1');
     switch (this.state.s) {
       case 'sasl':
+        // Too long: the exchange ends, and that counts as a command of its own.
         if (text.length > this.facts.listener.limits.max_sasl) return this.saslTooLong(this.state.tag);
+        tally?.part();
         return this.saslStep(this.state.tag, this.state.exchange.next(text));
       case 'literal':
         // The line after a literal continues the same command.
@@ -115,8 +124,11 @@ export class ImapAdapter implements MailAdapter {
         const tag = first?.t === 'atom' && validTag(first.v) ? first.v : '*';
         // A non-synchronising literal is already on its way: the stream cannot be resynchronised.
         if (r.literal.nonSync) return { kind: 'close', data: `* BYE [TOOBIG] Literal too big\r\n`, reason: 'protocol-error' };
-        return this.countAnd({ kind: 'reply', data: `${tag} NO [TOOBIG] Literal too big\r\n` });
+        this.tally?.error();
+        return reply(`${tag} NO [TOOBIG] Literal too big\r\n`);
       }
+      // The command goes on after the literal: it is counted once, when it is complete.
+      this.tally?.part();
       this.state = { s: 'literal', tokens, size: r.literal.size, bytes };
       return { kind: 'literal', size: r.literal.size, data: r.literal.nonSync ? '' : '+ Ready for literal data\r\n' };
     }
@@ -126,13 +138,11 @@ export class ImapAdapter implements MailAdapter {
 
   private command(tokens: ImapToken[]): Step {
     const first = tokens[0];
-    if (!first) return this.countAnd({ kind: 'reply', data: '* BAD Empty command line\r\n' });
+    if (!first) return this.bad('*', 'Empty command line');
     const tag = first.t === 'atom' ? first.v : '';
     if (!validTag(tag)) return this.bad('*', 'Invalid tag');
     const name = tokens[1]?.t === 'atom' ? tokens[1].v.toUpperCase() : '';
     const args = tokens.slice(2);
-    const over = this.overLimit();
-    if (over) return over;
     switch (name) {
       case 'CAPABILITY':
         return reply(`* CAPABILITY ${this.capabilities()}\r\n${tag} OK CAPABILITY completed\r\n`);
@@ -230,21 +240,9 @@ export class ImapAdapter implements MailAdapter {
     return reply(`* ID ("name" "mailgate")\r\n${tag} OK ID completed\r\n`);
   }
 
-  /** Counts a command; past the bound the session ends instead of answering it. */
-  private countAnd(step: Step): Step {
-    return this.overLimit() ?? step;
-  }
-
-  private overLimit(): Step | undefined {
-    this.commands++;
-    if (this.commands > this.facts.listener.limits.max_preauth_commands) {
-      return { kind: 'close', data: '* BYE Too many commands without logging in\r\n', reason: 'too-many-commands' };
-    }
-    return undefined;
-  }
-
   private bad(tag: string, text: string): Step {
-    return this.countAnd({ kind: 'reply', data: `${tag} BAD ${text}\r\n` });
+    this.tally?.error();
+    return reply(`${tag} BAD ${text}\r\n`);
   }
 
   refusal(why: Refusal, text?: string): string {
@@ -257,12 +255,18 @@ export class ImapAdapter implements MailAdapter {
         return '* BYE Idle timeout, closing\r\n';
       case 'line-too-long':
         return '* BYE [TOOBIG] Line too long\r\n';
+      case 'too-many-commands':
+        return '* BYE Too many commands without logging in\r\n';
+      case 'too-many-errors':
+        return '* BYE Too many errors\r\n';
       case 'too-many-auth-failures':
         return '* BYE Too many failed logins\r\n';
       case 'early-talker':
         return '* BYE Protocol error\r\n';
       case 'shutdown':
         return '* BYE [UNAVAILABLE] Server shutting down\r\n';
+      case 'killed':
+        return '* BYE Connection closed by the administrator\r\n';
       case 'internal-error':
         return '* BYE [SERVERBUG] Internal error\r\n';
       default:
@@ -285,8 +289,13 @@ export class ImapAdapter implements MailAdapter {
     }
   }
 
-  shutdownNotice(): string {
-    return '* BYE [UNAVAILABLE] Server shutting down\r\n';
+  goodbye(why: Goodbye): string {
+    // An untagged BYE may come at any time (RFC 9051 §7.1.5), once the response before it is complete.
+    return this.refusal(why);
+  }
+
+  relay(host: RelayHost): RelayFilter {
+    return new ImapRelay(host);
   }
 
   async login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult> {
@@ -373,9 +382,13 @@ async function untilTagged(backend: BackendLink, tag: string): Promise<string> {
 }
 
 
+/** IMAP has no error bound of its own: a BAD counts as a command. */
+const DIALOGUE = { greetDelayMs: 0, refuseEarlyTalkers: false, maxErrors: undefined } as const;
+
 export const imapProtocol: ProtocolModule = {
   protocol: 'imap',
   createAdapter: (facts, caps) => new ImapAdapter(facts, caps),
+  dialogue: () => DIALOGUE,
   async probe(backend, _hostname) {
     const greeting = await backend.readLine();
     if (!/^\* (OK|PREAUTH)/i.test(greeting)) throw new MailgateError('BACKEND_PROTOCOL', `unexpected IMAP greeting: ${sanitizeValue(greeting, 80)}`);

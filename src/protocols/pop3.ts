@@ -14,6 +14,8 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type Goodbye,
+  type LineTally,
   type LoginRefusal,
   type LoginResult,
   type MailAdapter,
@@ -31,14 +33,13 @@ type Pop3State =
 
 /** CAPA lines the gateway answers for itself. */
 const OWN = /^(STLS|SASL|USER|IMPLEMENTATION|LOGIN-DELAY|APOP)\b/i;
-const MAX_ERRORS = 10;
 /** A CAPA line fit to repeat: a capability name (never "." that ends the list, nor "+OK"), then printable text. */
 const CAPA_LINE = /^[A-Za-z0-9][\x20-\x7e]*$/;
 
 export class Pop3Adapter implements MailAdapter {
   private state: Pop3State = { s: 'command', user: undefined };
-  private commands = 0;
-  private errors = 0;
+  /** Hears what the line being read was (the pre-login loop counts). */
+  private tally: LineTally | undefined;
   private readonly facts: SessionFacts;
   private readonly backendCaps: readonly string[];
 
@@ -67,10 +68,12 @@ export class Pop3Adapter implements MailAdapter {
     this.state = { s: 'command', user: undefined };
   }
 
-  onLine(line: Buffer): Step {
+  onLine(line: Buffer, tally?: LineTally): Step {
+    this.tally = tally;
     const text = line.toString('latin1');
     switch (this.state.s) {
       case 'sasl':
+        tally?.part();
         if (text.length > this.facts.listener.limits.max_sasl) return this.saslTooLong();
         return this.saslStep(this.state.exchange.next(text));
       case 'login':
@@ -87,10 +90,6 @@ export class Pop3Adapter implements MailAdapter {
   }
 
   private command(text: string, user: string | undefined): Step {
-    this.commands++;
-    if (this.commands > this.facts.listener.limits.max_preauth_commands) {
-      return { kind: 'close', data: '-ERR Too many commands without logging in\r\n', reason: 'too-many-commands' };
-    }
     const space = text.indexOf(' ');
     const name = (space < 0 ? text : text.slice(0, space)).toUpperCase();
     const arg = space < 0 ? '' : text.slice(space + 1);
@@ -161,8 +160,7 @@ export class Pop3Adapter implements MailAdapter {
   }
 
   private err(text: string): Step {
-    this.errors++;
-    if (this.errors > MAX_ERRORS) return { kind: 'close', data: `${text}\r\n-ERR Too many errors\r\n`, reason: 'protocol-error' };
+    this.tally?.error();
     return reply(`${text}\r\n`);
   }
 
@@ -176,12 +174,19 @@ export class Pop3Adapter implements MailAdapter {
         return '-ERR Disconnected for inactivity\r\n';
       case 'line-too-long':
         return '-ERR Line too long\r\n';
+      case 'too-many-commands':
+        return '-ERR Too many commands without logging in\r\n';
+      case 'too-many-errors':
+        // The answer to the last error still goes, then this.
+        return `${text ?? ''}-ERR Too many errors\r\n`;
       case 'too-many-auth-failures':
         return '-ERR [AUTH] Too many failed logins\r\n';
       case 'early-talker':
         return '-ERR Protocol error\r\n';
       case 'shutdown':
         return '-ERR [SYS/TEMP] Server shutting down\r\n';
+      case 'killed':
+        return '-ERR Connection closed by the administrator\r\n';
       case 'internal-error':
         return '-ERR [SYS/TEMP] Internal error\r\n';
       default:
@@ -203,8 +208,8 @@ export class Pop3Adapter implements MailAdapter {
     }
   }
 
-  shutdownNotice(): undefined {
-    // POP3 has no unsolicited responses: a spliced session is simply closed at the drain deadline.
+  goodbye(_why: Goodbye): undefined {
+    // POP3 has no unsolicited responses: a spliced session is simply closed.
     return undefined;
   }
 
@@ -243,9 +248,13 @@ export class Pop3Adapter implements MailAdapter {
 }
 
 
+/** Ten client errors before login, then the session ends (-ERR Too many errors). */
+const DIALOGUE = { greetDelayMs: 0, refuseEarlyTalkers: false, maxErrors: 10 } as const;
+
 export const pop3Protocol: ProtocolModule = {
   protocol: 'pop3',
   createAdapter: (facts, caps) => new Pop3Adapter(facts, caps),
+  dialogue: () => DIALOGUE,
   async probe(backend) {
     const greeting = await backend.readLine();
     if (!greeting.startsWith('+OK')) throw new MailgateError('BACKEND_PROTOCOL', `unexpected POP3 greeting: ${sanitizeValue(greeting, 80)}`);

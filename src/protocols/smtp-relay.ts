@@ -113,6 +113,7 @@ export interface SmtpRelayOptions {
 }
 
 export class SmtpRelay implements RelayFilter {
+  readonly counts = true;
   private readonly host: RelayHost;
   private readonly opts: SmtpRelayOptions;
   private chunking: boolean;
@@ -183,6 +184,13 @@ export class SmtpRelay implements RelayFilter {
 
   atBoundary(): boolean {
     return this.mode === 'command' && this.partsLen === 0 && !this.skipLine && !this.bInLine && this.bReplyLines === 0;
+  }
+
+  goodbye(reason: CloseReason, words: string | undefined): void {
+    if (this.ended) return;
+    // Between a reply and the next command the words go at once. Inside a message, a command line or a
+    // reply, the next boundary waits on the client, who is not read any more: the session ends without them.
+    this.end(reason, this.atBoundary() ? (words ?? '') : '');
   }
 
   // ---- client → backend ----------------------------------------------------------

@@ -18,6 +18,9 @@ import {
   type BackendCapabilities,
   type BackendLink,
   type Credentials,
+  type Dialogue,
+  type Goodbye,
+  type LineTally,
   type LoginRefusal,
   type LoginResult,
   type MailAdapter,
@@ -56,7 +59,7 @@ type SmtpState =
 const DEFAULT_EXTENSIONS: readonly string[] = ['PIPELINING', '8BITMIME'];
 /** Commands that exist but that the gateway does not offer before the backend session. */
 const NOT_IMPLEMENTED = new Set(['EXPN', 'ETRN', 'TURN', 'ATRN', 'XCLIENT', 'XFORWARD', 'SEND', 'SOML', 'SAML', 'VERB']);
-/** Errors (syntax, sequence) tolerated before the session is dropped, like Postfix's hard error limit. */
+/** Errors (syntax, sequence) tolerated before login, like Postfix's hard error limit (the pre-login loop counts). */
 const MAX_ERRORS = 10;
 /** Bounds a backend reply read during the login replay; extra lines are read and dropped. */
 const MAX_REPLY_LINES = 100;
@@ -80,8 +83,8 @@ function settingsOf(l: Listener): SmtpSettings {
 
 export class SmtpAdapter implements MailAdapter {
   private state: SmtpState = { s: 'connected' };
-  private commands = 0;
-  private errors = 0;
+  /** Hears what the line being read was (the pre-login loop counts). */
+  private tally: LineTally | undefined;
   private readonly facts: SessionFacts;
   private readonly settings: SmtpSettings;
   private readonly backendExtensions: readonly string[];
@@ -111,10 +114,12 @@ export class SmtpAdapter implements MailAdapter {
     this.state = { s: 'connected' };
   }
 
-  onLine(line: Buffer): Step {
+  onLine(line: Buffer, tally?: LineTally): Step {
+    this.tally = tally;
     const text = line.toString('latin1');
     switch (this.state.s) {
       case 'sasl':
+        tally?.part();
         return this.saslLine(this.state.hello, this.state.exchange, text);
       case 'login':
       case 'discard':
@@ -139,8 +144,6 @@ export class SmtpAdapter implements MailAdapter {
   }
 
   private command(text: string): Step {
-    const over = this.overLimit();
-    if (over) return over;
     // Greedy match and trimEnd(): a lazy group before `[ \t]*$` backtracks quadratically on runs of spaces.
     const m = /^([A-Za-z]+)(?:[ \t]+(.*))?$/s.exec(text);
     if (!m?.[1]) return this.error('500 5.5.2 Syntax error\r\n');
@@ -265,19 +268,9 @@ export class SmtpAdapter implements MailAdapter {
     return { kind: 'literal', size, data: refusal.data };
   }
 
-  /** Counts a command; past the bound the session ends instead of answering it. */
-  private overLimit(): Step | undefined {
-    this.commands++;
-    if (this.commands > this.facts.listener.limits.max_preauth_commands) {
-      return { kind: 'close', data: '421 4.7.0 Too many commands\r\n', reason: 'too-many-commands' };
-    }
-    return undefined;
-  }
-
-  /** A client mistake: answered, counted, and past MAX_ERRORS the end of the session. */
+  /** A client mistake: answered, and counted by the pre-login loop (past MAX_ERRORS the session ends). */
   private error(data: string): Step {
-    this.errors++;
-    if (this.errors > MAX_ERRORS) return { kind: 'close', data: '421 4.7.0 Too many errors\r\n', reason: 'protocol-error' };
+    this.tally?.error();
     return reply(data);
   }
 
@@ -296,12 +289,19 @@ export class SmtpAdapter implements MailAdapter {
         return '421 4.4.2 Idle timeout\r\n';
       case 'line-too-long':
         return '500 5.5.6 Line too long\r\n';
+      case 'too-many-commands':
+        return '421 4.7.0 Too many commands\r\n';
+      case 'too-many-errors':
+        // Instead of the answer to the last error, like Postfix at its hard error limit.
+        return '421 4.7.0 Too many errors\r\n';
       case 'too-many-auth-failures':
         return '421 4.7.0 Too many failed authentications\r\n';
       case 'early-talker':
         return '554 5.5.1 Protocol error: talked before the greeting\r\n';
       case 'shutdown':
         return '421 4.3.2 Service shutting down\r\n';
+      case 'killed':
+        return '421 4.3.2 Connection closed by the administrator\r\n';
       case 'internal-error':
         return '421 4.3.0 Internal error\r\n';
       default:
@@ -309,7 +309,7 @@ export class SmtpAdapter implements MailAdapter {
     }
   }
 
-  loginRefusal(why: LoginRefusal, text?: string): string {
+  loginRefusal(why: LoginRefusal, text?: string, fromRule = false): string {
     const pending = this.state.s === 'login' ? this.state.pending : undefined;
     if (this.state.s === 'login') this.state = { s: 'hello', hello: this.state.hello };
     // The driver closes after this one: 421 is the answer RFC 5321 §3.8 gives to any command then.
@@ -325,19 +325,21 @@ export class SmtpAdapter implements MailAdapter {
           return assertNever(why);
       }
     }
+    // An access rule's own reason is shown (the admin wrote it for the client); every other refusal has the
+    // same words as a wrong password or a busy backend, so a guess learns nothing from them.
+    const shown = fromRule && text !== undefined ? sanitizeValue(text, 200) : undefined;
     switch (why) {
       case 'denied':
-        // The same words as a wrong password: the client learns nothing about the rules.
-        return '535 5.7.8 Authentication credentials invalid\r\n';
+        return `535 5.7.8 ${shown ?? 'Authentication credentials invalid'}\r\n`;
       case 'tempfail':
-        return '454 4.7.0 Temporary authentication failure\r\n';
+        return `454 4.7.0 ${shown ?? 'Temporary authentication failure'}\r\n`;
       default:
         return assertNever(why);
     }
   }
 
-  shutdownNotice(): string {
-    return '421 4.3.2 Service shutting down\r\n';
+  goodbye(why: Goodbye): string {
+    return this.refusal(why);
   }
 
   async login(backend: BackendLink, credentials: Credentials | null, _caps: BackendCapabilities | undefined): Promise<LoginResult> {
@@ -539,6 +541,8 @@ function b64(s: string): string {
 export const smtpProtocol: ProtocolModule = {
   protocol: 'smtp',
   createAdapter: (facts, caps) => new SmtpAdapter(facts, caps),
+  // RFC 5321 §4.3.1: a client waits for the greeting; one that does not is a spam engine (postscreen's pregreet test).
+  dialogue: (l): Dialogue => ({ greetDelayMs: l.protocol === 'smtp' ? l.greet_delay : 0, refuseEarlyTalkers: true, maxErrors: MAX_ERRORS }),
   async probe(backend, hostname) {
     const greeting = await readReply(backend);
     if (greeting.code !== 220) throw new MailgateError('BACKEND_PROTOCOL', `unexpected SMTP greeting: ${sanitizeValue(greeting.lines[0] ?? '', 80)}`);

@@ -78,10 +78,38 @@ export type Refusal =
   | 'tempfail'
   | 'idle-timeout'
   | 'line-too-long'
+  | 'too-many-commands'
+  | 'too-many-errors'
   | 'too-many-auth-failures'
   | 'early-talker'
   | 'shutdown'
+  | 'killed'
   | 'internal-error';
+
+/** Why a spliced session is ended by the gateway: the words for it, where the protocol has unsolicited ones. */
+export type Goodbye = 'shutdown' | 'killed' | 'idle-timeout' | 'internal-error';
+
+/**
+ * Hears what the line an adapter was given was, for the bounds the pre-login
+ * loop enforces (session/preauth-loop.ts). Unless told otherwise a line is a
+ * command of its own (limits.max_preauth_commands) answered without error.
+ */
+export interface LineTally {
+  /** The line continues a command (a SASL response, an IMAP line that announces a literal): not a command of its own. */
+  part(): void;
+  /** The client got it wrong (counted against the protocol's error bound, Dialogue.maxErrors). */
+  error(): void;
+}
+
+/** How a protocol's dialogue before login opens and how many mistakes it forgives (per listener). */
+export interface Dialogue {
+  /** Wait this long before the greeting (SMTP's greet_delay). */
+  readonly greetDelayMs: number;
+  /** A client that talks before the greeting is refused (SMTP, RFC 5321 §4.3.1); otherwise what it sent is read after it. */
+  readonly refuseEarlyTalkers: boolean;
+  /** Client errors tolerated before the session ends (like Postfix's hard error limit); undefined: errors count as commands only. */
+  readonly maxErrors: number | undefined;
+}
 
 /** Why a pending login command fails: policy said no (the session stays open), or the backend cannot be reached (it closes). */
 export type LoginRefusal = 'denied' | 'tempfail' | 'backend-unavailable';
@@ -101,25 +129,35 @@ export type LoginResult =
 
 export interface MailAdapter {
   greeting(): string;
-  onLine(line: Buffer): Step;
+  /** One client line (without its line end); `tally` hears what the line was. The adapter counts nothing itself. */
+  onLine(line: Buffer, tally?: LineTally): Step;
   onLiteral(data: Buffer): Step;
   /** TLS came up after STARTTLS: forget what was said before it (RFC 3207 §4.2, RFC 9051 §6.2.1). */
   tlsStarted(): void;
-  /** The last words before the driver closes, or a failed-login answer when `inLogin`. */
+  /**
+   * The last words before the driver closes. `text`: policy's words for
+   * 'denied' and 'tempfail'; for 'too-many-errors', the answer to the line
+   * that crossed the bound (a protocol may still give it before its goodbye).
+   */
   refusal(why: Refusal, text?: string): string;
   /**
    * The answer to the pending login command when policy or the backend makes
    * it fail. After 'denied' and 'tempfail' the session stays open; after
    * 'backend-unavailable' the driver closes, so the answer includes the goodbye.
+   * `fromRule`: `text` is an access rule's own `reason`, written to be shown.
    */
-  loginRefusal(why: LoginRefusal, text?: string): string;
+  loginRefusal(why: LoginRefusal, text?: string, fromRule?: boolean): string;
   /** Replays the login on a freshly connected backend. Throws BackendProtocolError on nonsense. */
   login(backend: BackendLink, credentials: Credentials | null, caps: BackendCapabilities | undefined): Promise<LoginResult>;
-  /** A goodbye that can be written into a spliced stream at shutdown, if the protocol has one. */
-  shutdownNotice(): string | undefined;
+  /**
+   * Words the gateway may write into a spliced stream between two responses
+   * when it ends the session, or undefined where the protocol has none (POP3).
+   */
+  goodbye(why: Goodbye): string | undefined;
   /**
    * After a successful login: the filter for the spliced stream, when the
-   * protocol needs one (SMTP); without one the driver pipes bytes as they are.
+   * protocol needs one (SMTP: what a client may say, counting; IMAP: where a
+   * response ends); without one the driver pipes bytes as they are.
    */
   relay?(host: RelayHost): RelayFilter;
 }
@@ -171,11 +209,23 @@ export interface RelayFilter {
   holding(): boolean;
   /** True when a goodbye could be written to the client without cutting a reply or a message in half. */
   atBoundary(): boolean;
+  /**
+   * Stop politely: read nothing more from the client and end the session
+   * (host.close) with `words` where they cut nothing in half: at once when
+   * the stream is at a boundary, else at the next one if the relay can wait
+   * for it (the driver bounds that wait and then closes without words), else
+   * at once without words.
+   */
+  goodbye(reason: CloseReason, words: string | undefined): void;
+  /** The relay counts units for rate limits (the session's end reports them). */
+  readonly counts: boolean;
 }
 
 export interface ProtocolModule {
   readonly protocol: 'imap' | 'pop3' | 'smtp';
   createAdapter(facts: SessionFacts, caps: BackendCapabilities | undefined): MailAdapter;
+  /** How the dialogue before login opens and what it forgives, on this listener. */
+  dialogue(listener: Listener): Dialogue;
   /** Learns the backend's pre-login capabilities on a throwaway connection, then says goodbye. */
   probe(backend: BackendLink, hostname: string): Promise<BackendCapabilities>;
 }

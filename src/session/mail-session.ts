@@ -1,8 +1,11 @@
 /**
- * One mail session, start to end: TLS, greeting, the adapter's pre-auth
- * dialogue, the policy decision, the backend login replay, then the splice.
- * The session owns both sockets; `close(reason)` is the only way out and it
- * records why. Every event handler first checks for the terminal state.
+ * One mail session, start to end, over its sockets: TLS, the greeting, the
+ * dialogue before login (preauth-loop.ts, which knows no socket), the policy
+ * decision, the backend login, then the splice. Where the session is, is one
+ * Phase; the record's `state` (registry, dashboard) is derived from it.
+ * `close(reason)` is the only way out and records why; every event handler
+ * first checks that the session is still open. Nothing here knows a
+ * protocol: the adapter, its Dialogue rules and its relay speak for it.
  */
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
@@ -13,23 +16,25 @@ import { connectBackend } from '../backend/connector.ts';
 import type { CapabilityCache } from '../backend/capabilities.ts';
 import { SocketLink } from '../backend/link.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
-import { LINE_TOO_LONG, LineReader } from '../net/line-reader.ts';
-import type { AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
-import type {
-  BackendCapabilities,
-  CloseReason,
-  Credentials,
-  MailAdapter,
-  ProtocolModule,
-  Refusal,
-  RelayFilter,
-  RelayHost,
-  RelayUnit,
-  SessionFacts,
-  Step,
+import { isRuleReason } from '../policy/decide.ts';
+import type { AuthDecision, AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
+import {
+  assertNever,
+  type BackendCapabilities,
+  type CloseReason,
+  type Credentials,
+  type Goodbye,
+  type LoginResult,
+  type ProtocolModule,
+  type Refusal,
+  type RelayFilter,
+  type RelayHost,
+  type RelayUnit,
+  type SessionFacts,
 } from '../protocols/types.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { alpnSelector } from '../tls/options.ts';
+import { PreauthLoop, type PreauthHost } from './preauth-loop.ts';
 import { newSessionRecord, type SessionRecord, type SessionState } from './record.ts';
 import type { SessionControl, SessionRegistry } from './registry.ts';
 
@@ -45,6 +50,53 @@ export interface MailSessionDeps {
 
 /** After close() ends both sockets politely, how long they get to flush before being destroyed. */
 const CLOSE_GRACE_MS = 2_000;
+/** How long a goodbye in a spliced stream waits for the response in flight to end (then the session ends without it). */
+const GOODBYE_WAIT_MS = 1_000;
+
+type Relaying = {
+  kind: 'relaying';
+  backend: Socket;
+  /** The protocol's filter for the spliced stream, if it has one. */
+  relay: RelayFilter | undefined;
+  /** The login's facts, for the limits counted in the spliced stream. */
+  facts: AuthFacts;
+  /** The relay waits for the backend's last replies, or a goodbye for the end of a response; past this the driver ends it. */
+  wait: NodeJS.Timeout | undefined;
+};
+
+type Phase =
+  /** The TLS handshake of an implicit-TLS listener (on a plain one, the moment before the connect verdict). */
+  | { kind: 'handshake'; timer: NodeJS.Timeout | undefined }
+  /** Allowed in; the greeting waits for the backend's capabilities or the greet delay. */
+  | { kind: 'greeting' }
+  /** The dialogue before login: the loop reads the client. */
+  | { kind: 'dialogue' }
+  /** The TLS handshake after STARTTLS. */
+  | { kind: 'starttls'; timer: NodeJS.Timeout }
+  /** Credentials are with policy and the backend; the client is paused. `draining`: shutdown began meanwhile. */
+  | { kind: 'login'; draining: boolean }
+  /** Logged in: bytes spliced between client and backend. */
+  | Relaying
+  /** close() ran: both sides are ending, and are destroyed after a grace. `counts`: the relay counted units (the end log says how many). */
+  | { kind: 'closing'; grace: NodeJS.Timeout; backend: Socket | undefined; counts: boolean }
+  | { kind: 'closed' };
+
+/** What the registry and the dashboard call each phase. */
+const RECORD_STATE: Record<Phase['kind'], SessionState> = {
+  handshake: 'handshake',
+  greeting: 'preauth',
+  dialogue: 'preauth',
+  starttls: 'starttls',
+  login: 'authenticating',
+  relaying: 'relaying',
+  closing: 'closing',
+  closed: 'closed',
+};
+
+/** How a login replay ended: the backend's answer (its link still open), or no answer at all. */
+type Replayed =
+  | { kind: 'answered'; result: LoginResult; link: SocketLink; backend: string }
+  | { kind: 'unavailable'; reason: 'backend-timeout' | 'backend-unavailable' | 'backend-error' };
 
 export class MailSession implements SessionControl {
   readonly record: SessionRecord;
@@ -53,27 +105,16 @@ export class MailSession implements SessionControl {
   private readonly listener: Listener;
   private readonly deps: MailSessionDeps;
   private readonly log: Logger;
-  private readonly reader: LineReader;
+  private readonly loop: PreauthLoop;
   private readonly facts: SessionFacts;
   private readonly connectFacts: ConnectFacts;
-  private adapter: MailAdapter | undefined;
+  private phase: Phase = { kind: 'handshake', timer: undefined };
   private caps: BackendCapabilities | undefined;
-  private backend: Socket | undefined;
-  /** The protocol's filter for the spliced stream (SMTP), if it has one. */
-  private relay: RelayFilter | undefined;
-  /** The login's facts, for the limits counted in the spliced stream. */
-  private authFacts: AuthFacts | undefined;
-  /** The relay is waiting for the backend's last replies before it ends the session; past this deadline the driver ends it. */
-  private closingTimer: NodeJS.Timeout | undefined;
-  private literalBytes: number | undefined;
-  private busy = false;
-  private greeted = false;
-  private allowed = false;
-  private authFailures = 0;
-  private draining = false;
-  private handshakeTimer: NodeJS.Timeout | undefined;
+  /** Gives back what policy counted at connect (set when it let the session in; run once, after any login in flight). */
+  private release: (() => void) | undefined;
+  /** A login in flight: it runs to the backend's verdict even when the client leaves, so that the guess is counted. */
+  private loginRun: Promise<void> | undefined;
   private totalTimer: NodeJS.Timeout | undefined;
-  private graceTimer: NodeJS.Timeout | undefined;
   private readonly onClientData = (chunk: Buffer) => this.clientData(chunk);
   private readonly onTimeout = () => this.idle();
   private idleMs = 0;
@@ -90,7 +131,6 @@ export class MailSession implements SessionControl {
       now,
     );
     this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
-    this.reader = new LineReader(listener.limits.max_line);
     const record = this.record;
     this.facts = {
       id: record.id,
@@ -103,14 +143,41 @@ export class MailSession implements SessionControl {
       tls: () => record.tlsVersion !== null,
     };
     this.connectFacts = { listener, clientIp, tls: false, now, session: this.record.id };
+    this.loop = new PreauthLoop(deps.module, this.facts, this.loopHost());
   }
 
   get state(): SessionState {
     return this.record.state;
   }
 
-  private get closed(): boolean {
-    return this.record.state === 'closing' || this.record.state === 'closed';
+  private get open(): boolean {
+    return this.phase.kind !== 'closing' && this.phase.kind !== 'closed';
+  }
+
+  /** Moves to `next`, stopping the timers of the phase left. */
+  private enter(next: Phase): void {
+    const prev = this.phase;
+    this.phase = next;
+    this.record.state = RECORD_STATE[next.kind];
+    switch (prev.kind) {
+      case 'handshake':
+      case 'starttls':
+        clearTimeout(prev.timer);
+        return;
+      case 'relaying':
+        clearTimeout(prev.wait);
+        return;
+      case 'closing':
+        clearTimeout(prev.grace);
+        return;
+      case 'greeting':
+      case 'dialogue':
+      case 'login':
+      case 'closed':
+        return;
+      default:
+        assertNever(prev);
+    }
   }
 
   start(): void {
@@ -128,35 +195,62 @@ export class MailSession implements SessionControl {
       this.deps.registry.refused(this.listener.name, this.record.clientIp, verdict.code, verdict.text);
       this.log.info({ reason: verdict.text, code: verdict.code }, 'connection refused by policy');
       // Deny before greeting: the client hears the refusal and nothing else (after TLS on implicit ports).
-      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.adapterFor().refusal(why, verdict.text));
+      const refuse = () => this.close(verdict.action === 'deny' ? 'policy-denied' : 'policy-tempfail', this.loop.adapter.refusal(why, verdict.text));
       if (this.listener.tls === 'implicit') this.startTls(refuse);
       else refuse();
       return;
     }
-    this.allowed = true;
+    const facts = this.connectFacts;
+    this.release = () => this.deps.policy.onDisconnect(facts);
     if (this.listener.tls === 'implicit') this.startTls(() => this.greet());
     else this.greet();
   }
 
   kill(reason: CloseReason): void {
-    if (this.closed) return;
-    const notice = this.record.state === 'relaying' ? this.spliceGoodbye() : this.adapter?.refusal(reason === 'shutdown' ? 'shutdown' : 'internal-error');
-    this.close(reason, notice);
+    if (!this.open) return;
+    this.end(reason, goodbyeFor(reason));
   }
 
   drain(): void {
-    if (this.closed) return;
-    this.draining = true;
-    // Before login nothing is lost by ending now; a spliced session runs until it ends or the drain deadline kills it.
-    if (this.record.state === 'preauth' || this.record.state === 'handshake' || this.record.state === 'starttls') {
-      this.close('shutdown', this.adapter?.refusal('shutdown'));
+    if (!this.open) return;
+    const phase = this.phase;
+    // A login is answered first (a failed one is followed by the goodbye); a splice runs until it
+    // ends or the drain deadline kills it; before login nothing is lost by ending now.
+    if (phase.kind === 'login') phase.draining = true;
+    else if (phase.kind !== 'relaying') this.end('shutdown', 'shutdown');
+  }
+
+  /**
+   * Ends the session where it is, in the protocol's words for `why`: before
+   * login at once (once the client was greeted), a spliced one between two
+   * responses (goodbye()).
+   */
+  private end(reason: CloseReason, why: Goodbye): void {
+    const phase = this.phase;
+    switch (phase.kind) {
+      case 'handshake':
+      case 'greeting':
+        this.close(reason);
+        return;
+      case 'dialogue':
+      case 'starttls':
+      case 'login':
+        this.close(reason, this.loop.adapter.refusal(why));
+        return;
+      case 'relaying':
+        this.goodbye(phase, reason, why);
+        return;
+      case 'closing':
+      case 'closed':
+        return;
+      default:
+        assertNever(phase);
     }
   }
 
   // ---- TLS -------------------------------------------------------------
 
   private startTls(then: () => void): void {
-    this.record.state = this.record.state === 'handshake' ? 'handshake' : 'starttls';
     const tls = new TLSSocket(this.raw, {
       isServer: true,
       secureContext: this.deps.certs.contextFor(undefined),
@@ -168,12 +262,15 @@ export class MailSession implements SessionControl {
     tls.on('close', () => this.finalize());
     tls.on('timeout', this.onTimeout);
     if (this.idleMs > 0) this.setIdle(this.idleMs);
-    this.handshakeTimer = setTimeout(() => {
+    const timer = setTimeout(() => {
+      if (!this.open) return;
       this.log.debug('TLS handshake timed out');
       this.close('tls-handshake-timeout');
     }, this.listener.timeouts.tls_handshake);
+    this.enter(this.phase.kind === 'handshake' ? { kind: 'handshake', timer } : { kind: 'starttls', timer });
     tls.on('error', (err) => {
       if (this.record.tlsVersion === null) {
+        if (!this.open) return;
         this.log.debug({ err: errorMessage(err), code: errorCode(err) }, 'TLS handshake failed');
         this.close('tls-handshake-failed');
       } else {
@@ -181,8 +278,8 @@ export class MailSession implements SessionControl {
       }
     });
     tls.once('secure', () => {
-      clearTimeout(this.handshakeTimer);
-      if (this.closed) return;
+      clearTimeout(timer);
+      if (!this.open) return;
       this.record.tlsVersion = tls.getProtocol() ?? 'unknown';
       this.record.tlsCipher = tls.getCipher()?.name ?? 'unknown';
       this.connectFacts.tls = true;
@@ -190,16 +287,39 @@ export class MailSession implements SessionControl {
     });
   }
 
-  // ---- pre-auth dialogue --------------------------------------------------
+  // ---- the dialogue before login --------------------------------------------
 
-  private adapterFor(): MailAdapter {
-    this.adapter ??= this.deps.module.createAdapter(this.facts, this.caps);
-    return this.adapter;
+  private loopHost(): PreauthHost {
+    return {
+      write: (data) => this.write(data),
+      startTls: () => {
+        this.client.off('data', this.onClientData);
+        this.startTls(() => {
+          this.enter({ kind: 'dialogue' });
+          this.client.on('data', this.onClientData);
+          this.loop.tlsStarted();
+        });
+      },
+      login: (credentials) => {
+        this.enter({ kind: 'login', draining: false });
+        this.client.pause();
+        const run: Promise<void> = this.login(credentials)
+          .then(
+            () => undefined,
+            (err: unknown) => this.internalError('login', err),
+          )
+          .finally(() => {
+            if (this.loginRun === run) this.loginRun = undefined;
+          });
+        this.loginRun = run;
+      },
+      close: (reason, words) => this.close(reason, words),
+    };
   }
 
   private greet(): void {
-    if (this.closed) return;
-    this.record.state = 'preauth';
+    if (!this.open) return;
+    this.enter({ kind: 'greeting' });
     this.client.on('data', this.onClientData);
     this.setIdle(this.listener.timeouts.preauth_idle);
     const l = this.listener;
@@ -211,22 +331,22 @@ export class MailSession implements SessionControl {
       replayTimeoutMs: l.timeouts.login_replay,
       maxLine: l.limits.max_line,
     };
-    const greetDelay = l.protocol === 'smtp' ? l.greet_delay : 0;
+    const rules = this.loop.rules;
     // The common case: capabilities already known and no greet delay, so no promise or timer per connection.
-    const known = greetDelay > 0 ? undefined : this.deps.capabilities.peek(target);
+    const known = rules.greetDelayMs > 0 ? undefined : this.deps.capabilities.peek(target);
     if (known) {
       this.caps = known;
       // After a TLS handshake, one event loop turn later: OpenSSL writes the TLS 1.3 session tickets
       // once this handler returns, and they should precede the greeting, so that a client reading
-      // the greeting has them (resumption) and has nothing unread when it hangs up. Not for SMTP:
-      // bytes that came with the client's Finished would meet an ungreeted session (early talker).
-      if (this.record.tlsVersion !== null && l.protocol !== 'smtp') setImmediate(MailSession.greetNow, this);
+      // the greeting has them (resumption) and has nothing unread when it hangs up. Not where early
+      // talkers are refused: bytes that came with the client's Finished would meet an ungreeted session.
+      if (this.record.tlsVersion !== null && !rules.refuseEarlyTalkers) setImmediate(MailSession.greetNow, this);
       else this.sendGreeting();
       return;
     }
     // A hung backend must not hold the greeting: past backend_connect, greet with defaults.
     const capsOrDefaults = withDeadline(this.deps.capabilities.get(target), l.timeouts.backend_connect);
-    Promise.all([capsOrDefaults, delay(greetDelay)]).then(
+    Promise.all([capsOrDefaults, delay(rules.greetDelayMs)]).then(
       ([caps]) => {
         this.caps = caps;
         this.sendGreeting();
@@ -240,99 +360,22 @@ export class MailSession implements SessionControl {
   }
 
   private sendGreeting(): void {
-    if (this.closed) return;
-    this.write(this.adapterFor().greeting());
-    this.greeted = true;
-    this.process();
+    if (this.phase.kind !== 'greeting') return;
+    this.enter({ kind: 'dialogue' });
+    this.loop.greet(this.caps);
   }
 
   private clientData(chunk: Buffer): void {
-    if (this.closed || this.record.state !== 'preauth' && this.record.state !== 'authenticating') return;
+    if (this.phase.kind !== 'greeting' && this.phase.kind !== 'dialogue' && this.phase.kind !== 'login') return;
     this.record.bytesIn += chunk.length;
     this.record.lastActivity = Date.now();
-    if (!this.greeted && this.deps.module.protocol === 'smtp') {
-      // RFC 5321 §4.3.1: a client must wait for the greeting; one that does not is a spam engine.
-      this.close('early-talker', this.adapterFor().refusal('early-talker'));
-      return;
-    }
-    this.reader.push(chunk);
-    const l = this.listener.limits;
-    if (this.reader.buffered > l.max_line + l.max_literal) {
-      this.close('line-too-long', this.adapterFor().refusal('line-too-long'));
-      return;
-    }
-    this.process();
-  }
-
-  private process(): void {
-    const adapter = this.adapterFor();
-    while (!this.busy && this.greeted && this.record.state === 'preauth') {
-      let step: Step;
-      if (this.literalBytes !== undefined) {
-        const data = this.reader.takeBytes(this.literalBytes);
-        if (!data) return;
-        this.literalBytes = undefined;
-        step = adapter.onLiteral(data);
-      } else {
-        const line = this.reader.nextLine();
-        if (line === null) return;
-        if (line === LINE_TOO_LONG) {
-          this.close('line-too-long', adapter.refusal('line-too-long'));
-          return;
-        }
-        step = adapter.onLine(line);
-      }
-      this.handle(step);
-    }
-  }
-
-  private handle(step: Step): void {
-    switch (step.kind) {
-      case 'reply':
-        this.write(step.data);
-        return;
-      case 'literal':
-        this.write(step.data);
-        this.literalBytes = step.size;
-        return;
-      case 'starttls':
-        this.write(step.data);
-        // Anything the client sent after STARTTLS came in plaintext: discard it (CVE-2011-0411).
-        this.client.off('data', this.onClientData);
-        this.reader.drain();
-        this.busy = true;
-        this.startTls(() => {
-          this.busy = false;
-          this.adapterFor().tlsStarted();
-          this.record.state = 'preauth';
-          this.client.on('data', this.onClientData);
-          this.process();
-        });
-        return;
-      case 'login':
-        this.busy = true;
-        this.client.pause();
-        this.login(step.credentials).then(
-          () => undefined,
-          (err: unknown) => this.internalError('login', err),
-        );
-        return;
-      case 'close':
-        this.close(step.reason, step.data);
-        return;
-      default: {
-        const never: never = step;
-        throw new Error(`unknown step ${JSON.stringify(never)}`);
-      }
-    }
+    this.loop.push(chunk);
   }
 
   // ---- authentication and backend ----------------------------------------
 
   private async login(credentials: Credentials | null): Promise<void> {
-    const adapter = this.adapterFor();
-    const l = this.listener;
-    this.record.state = 'authenticating';
+    const adapter = this.loop.adapter;
     const facts: AuthFacts = {
       ...this.connectFacts,
       now: Date.now(),
@@ -340,160 +383,170 @@ export class MailSession implements SessionControl {
       mechanism: credentials?.mechanism ?? null,
     };
     const decision = await this.deps.policy.onAuth(facts, credentials);
-    if (this.closed) return;
     if (decision.action !== 'allow') {
+      if (this.phase.kind !== 'login') return;
       this.log.info({ user: facts.user, reason: decision.text, code: decision.code }, 'login refused by policy');
-      this.deps.registry.refused(l.name, this.record.clientIp, decision.code, decision.text);
-      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text));
+      this.deps.registry.refused(this.listener.name, this.record.clientIp, decision.code, decision.text);
+      this.loginFailed(adapter.loginRefusal(decision.action === 'deny' ? 'denied' : 'tempfail', decision.text, isRuleReason(decision)));
       return;
     }
-    const backendName = formatHostPort(decision.backend);
+    // From here the login runs to the backend's verdict even if the client leaves meanwhile: a guess
+    // whose client hangs up before the answer (which the backend may delay) is counted all the same.
+    const replayed = await this.replay(decision, facts);
+    if (replayed.kind === 'unavailable') {
+      if (this.phase.kind === 'login') this.close(replayed.reason, adapter.loginRefusal('backend-unavailable'));
+      return;
+    }
+    const { result, link, backend } = replayed;
+    const here = this.phase.kind === 'login';
+    this.deps.policy.onAuthResult(facts, result.ok);
+    if (!result.ok) {
+      this.deps.registry.authFailed(this.record, facts.user); // control socket + metrics: failed login
+      link.destroy();
+      this.record.backend = null;
+      this.log.info({ user: facts.user, backend, clientGone: here ? undefined : true }, 'login failed');
+      if (this.phase.kind === 'login') this.loginFailed(result.reply);
+      return;
+    }
+    if (this.phase.kind !== 'login') {
+      link.destroy();
+      this.log.info({ user: facts.user, backend }, 'login ok, but the client had gone');
+      return;
+    }
+    this.record.user = facts.user;
+    const { socket, leftover } = link.release();
+    this.write(result.reply);
+    this.log.info({ user: facts.user, backend }, 'login ok');
+    this.deps.registry.authenticated(this.record);
+    this.splice(socket, leftover, facts);
+  }
+
+  /** Connects to the backend policy named and replays the login there, within backend_connect and login_replay. */
+  private async replay(decision: Extract<AuthDecision, { action: 'allow' }>, facts: AuthFacts): Promise<Replayed> {
+    const l = this.listener;
+    const backend = formatHostPort(decision.backend);
     let socket: Socket;
     const connectStartedAt = performance.now(); // metrics: backend connect latency (control/stats.ts)
     try {
       socket = await connectBackend(decision.backend, {
         timeoutMs: l.timeouts.backend_connect,
         proxyProtocol: l.proxy_protocol,
-        endpoints: {
-          clientIp: this.record.clientIp,
-          clientPort: this.record.clientPort,
-          localIp: this.facts.localIp,
-          localPort: this.facts.localPort,
-        },
+        endpoints: { clientIp: this.record.clientIp, clientPort: this.record.clientPort, localIp: this.facts.localIp, localPort: this.facts.localPort },
       });
     } catch (err) {
-      this.log.warn({ backend: backendName, err: errorMessage(err) }, 'backend unavailable');
-      if (this.closed) return;
-      const reason = errorCode(err) === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-unavailable';
-      this.close(reason, adapter.loginRefusal('backend-unavailable'));
-      return;
+      this.log.warn({ backend, err: errorMessage(err) }, 'backend unavailable');
+      return { kind: 'unavailable', reason: errorCode(err) === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-unavailable' };
     }
-    if (this.closed) {
-      socket.destroy();
-      return;
-    }
-    this.backend = socket;
-    this.deps.registry.backendConnected(this.record, backendName, performance.now() - connectStartedAt); // metrics: backend connect latency
-    this.record.backend = backendName;
+    this.deps.registry.backendConnected(this.record, backend, performance.now() - connectStartedAt);
+    this.record.backend = backend;
     const link = new SocketLink(socket, { maxLine: l.limits.max_line, timeoutMs: l.timeouts.login_replay });
-    let result;
     try {
-      result = await adapter.login(link, decision.credentials, this.caps);
+      return { kind: 'answered', result: await this.loop.adapter.login(link, decision.credentials, this.caps), link, backend };
     } catch (err) {
       link.destroy();
-      this.backend = undefined;
-      if (this.closed) return;
-      const code = errorCode(err);
-      this.log.warn({ backend: backendName, user: facts.user, err: errorMessage(err), code }, 'backend login replay failed');
-      this.close(code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-error', adapter.loginRefusal('backend-unavailable'));
-      return;
-    }
-    if (this.closed) {
-      link.destroy();
-      return;
-    }
-    this.deps.policy.onAuthResult(facts, result.ok);
-    if (!result.ok) {
-      this.deps.registry.authFailed(this.record, facts.user); // control socket + metrics: failed login
-      link.destroy();
-      this.backend = undefined;
       this.record.backend = null;
-      this.log.info({ user: facts.user, backend: backendName }, 'login failed');
-      this.loginFailed(result.reply);
-      return;
+      const code = errorCode(err);
+      this.log.warn({ backend, user: facts.user, err: errorMessage(err), code }, 'backend login replay failed');
+      return { kind: 'unavailable', reason: code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-error' };
     }
-    this.record.user = facts.user;
-    this.authFacts = facts;
-    const { leftover } = link.release();
-    this.write(result.reply);
-    this.log.info({ user: facts.user, backend: backendName }, 'login ok');
-    this.deps.registry.authenticated(this.record);
-    this.splice(socket, leftover);
   }
 
   private loginFailed(reply: string): void {
-    this.authFailures++;
-    if (this.authFailures >= this.listener.limits.max_auth_attempts) {
-      this.close('too-many-auth-failures', reply + this.adapterFor().refusal('too-many-auth-failures'));
+    if (this.phase.kind !== 'login') return;
+    const draining = this.phase.draining;
+    if (this.loop.loginFailed(reply) === 'closed') return;
+    if (draining) {
+      this.close('shutdown', this.loop.adapter.refusal('shutdown'));
       return;
     }
-    this.write(reply);
-    if (this.draining) {
-      this.close('shutdown', this.adapterFor().refusal('shutdown'));
-      return;
-    }
-    this.record.state = 'preauth';
-    this.busy = false;
+    this.enter({ kind: 'dialogue' });
     this.client.resume();
-    this.process();
+    this.loop.resume();
   }
 
   // ---- splice ---------------------------------------------------------------
 
-  private splice(backend: Socket, leftover: Buffer): void {
+  private splice(backend: Socket, leftover: Buffer, facts: AuthFacts): void {
     const client = this.client;
     const record = this.record;
-    record.state = 'relaying';
     clearTimeout(this.totalTimer);
     client.off('data', this.onClientData);
     this.setIdle(this.listener.timeouts.postauth_idle);
-    const relay = this.adapterFor().relay?.(this.relayHost(client, backend));
-    this.relay = relay;
+    // Bytes the client sent past its login belong to the backend, in order.
+    const pending = this.loop.handOver();
+    const relay = this.loop.adapter.relay?.(this.relayHost(client, backend, facts));
+    const phase: Relaying = { kind: 'relaying', backend, relay, facts, wait: undefined };
+    this.enter(phase);
 
     backend.on('error', (err) => this.socketError('backend', err));
     backend.on('close', () => this.close('backend-closed'));
     client.on('end', () => this.close('client-closed'));
 
-    // Bytes each side sent past the login exchange belong to the other side, in order.
-    const pending = this.reader.drain();
-    if (leftover.length > 0) this.fromBackend(leftover);
-    if (pending.length > 0) this.fromClient(pending);
+    if (leftover.length > 0) this.fromBackend(phase, leftover);
+    if (pending.length > 0) this.fromClient(phase, pending);
 
     client.on('data', (chunk: Buffer) => {
-      if (this.closed) return;
+      if (this.phase !== phase) return;
       record.bytesIn += chunk.length;
       record.lastActivity = Date.now();
-      this.fromClient(chunk);
+      this.fromClient(phase, chunk);
     });
     backend.on('data', (chunk: Buffer) => {
-      if (this.closed) return;
+      if (this.phase !== phase) return;
       record.lastActivity = Date.now();
-      this.fromBackend(chunk);
+      this.fromBackend(phase, chunk);
     });
-    backend.on('drain', () => this.flow());
+    backend.on('drain', () => this.flow(phase));
     client.on('drain', () => backend.resume());
-    this.flow();
+    this.flow(phase);
   }
 
-  private fromClient(chunk: Buffer): void {
-    const backend = this.backend;
-    if (!backend) return;
-    if (this.relay) this.relay.fromClient(chunk);
-    else backend.write(chunk);
-    this.flow();
+  private fromClient(phase: Relaying, chunk: Buffer): void {
+    if (phase.relay) phase.relay.fromClient(chunk);
+    else phase.backend.write(chunk);
+    this.flow(phase);
   }
 
-  private fromBackend(chunk: Buffer): void {
-    if (this.relay) this.relay.fromBackend(chunk);
+  private fromBackend(phase: Relaying, chunk: Buffer): void {
+    if (phase.relay) phase.relay.fromBackend(chunk);
     else this.forward(chunk);
-    if (this.client.writableNeedDrain) this.backend?.pause();
+    if (this.client.writableNeedDrain) phase.backend.pause();
     // A reply can end a wait of the relay's (the answer to DATA).
-    this.flow();
+    this.flow(phase);
   }
 
   /** Backend bytes to the client, counted. */
   private forward(data: Buffer | string): void {
-    if (this.closed || this.client.destroyed) return;
+    if (!this.open || this.client.destroyed) return;
     this.record.bytesOut += data.length;
     if (typeof data === 'string') this.client.write(data, 'latin1');
     else this.client.write(data);
   }
 
   /** Reads the client while the relay takes its bytes and the backend keeps up; pauses it otherwise. */
-  private flow(): void {
-    if (this.closed || !this.backend) return;
-    if (this.relay?.holding() || this.backend.writableNeedDrain) this.client.pause();
+  private flow(phase: Relaying): void {
+    if (this.phase !== phase) return;
+    if (phase.relay?.holding() || phase.backend.writableNeedDrain) this.client.pause();
     else this.client.resume();
+  }
+
+  /**
+   * Ends a spliced session with the protocol's words where they cut nothing
+   * in half: the relay says where a response ends (and waits for it, if it
+   * can); past GOODBYE_WAIT_MS the session ends without them.
+   */
+  private goodbye(phase: Relaying, reason: CloseReason, why: Goodbye): void {
+    const words = this.loop.adapter.goodbye(why);
+    if (!phase.relay) {
+      this.close(reason, words);
+      return;
+    }
+    this.client.pause();
+    phase.relay.goodbye(reason, words);
+    if (this.phase !== phase) return;
+    clearTimeout(phase.wait);
+    phase.wait = setTimeout(() => this.close(reason), GOODBYE_WAIT_MS);
+    phase.wait.unref();
   }
 
   // ---- the relay's host: counts, limits, the end --------------------------------------
@@ -503,42 +556,44 @@ export class MailSession implements SessionControl {
   // them (the client is paused meanwhile). How a refusal or a limit is said,
   // and when the session may end, is the protocol's (smtp-relay.ts).
 
-  private relayHost(client: Socket, backend: Socket): RelayHost {
+  private relayHost(client: Socket, backend: Socket, facts: AuthFacts): RelayHost {
     return {
       toBackend: (data) => {
-        if (!this.closed) backend.write(data);
+        if (this.open) backend.write(data);
       },
       toClient: (data) => this.forward(data),
-      count: (unit) => this.count(unit),
+      count: (unit) => this.count(unit, facts),
       refused: (what) => this.log.info({ user: this.record.user, what }, 'refused after login'),
       closing: (reason, words) => {
-        clearTimeout(this.closingTimer);
+        const phase = this.phase;
+        if (phase.kind !== 'relaying') return;
+        clearTimeout(phase.wait);
         // A backend that does not answer the replies it owes gets as long as a login replay.
-        this.closingTimer = setTimeout(() => this.close(reason, words), this.listener.timeouts.login_replay);
-        this.closingTimer.unref();
+        phase.wait = setTimeout(() => this.close(reason, words), this.listener.timeouts.login_replay);
+        phase.wait.unref();
         client.pause();
       },
       close: (reason, words) => this.close(reason, words),
     };
   }
 
-  private count(unit: RelayUnit): 'go' | 'wait' {
+  private count(unit: RelayUnit, facts: AuthFacts): 'go' | 'wait' {
     const policy = this.deps.policy;
-    const facts = this.authFacts;
-    const asked = facts && (unit === 'recipient' ? policy.onSmtpRecipient?.({ ...facts, now: Date.now() }) : policy.onSmtpMessage?.({ ...facts, now: Date.now() }));
+    const asked = unit === 'recipient' ? policy.onSmtpRecipient?.({ ...facts, now: Date.now() }) : policy.onSmtpMessage?.({ ...facts, now: Date.now() });
     if (!asked) {
       this.counted(unit);
       return 'go';
     }
     asked.then(
       (verdict) => {
-        if (this.closed) return;
+        const phase = this.phase;
+        if (phase.kind !== 'relaying') return;
         if (verdict.action === 'allow' || unit === 'message') this.counted(unit);
         if (verdict.action !== 'allow') {
           this.log.info({ user: facts.user, reason: verdict.text, code: verdict.code, unit }, unit === 'message' ? 'message limit reached, ending the session' : 'recipient refused by a limit');
         }
-        this.relay?.verdict(unit, verdict.action === 'allow' ? { ok: true } : { ok: false, reason: verdict.text });
-        this.flow();
+        phase.relay?.verdict(unit, verdict.action === 'allow' ? { ok: true } : { ok: false, reason: verdict.text });
+        this.flow(phase);
       },
       (err: unknown) => this.internalError(`${unit} limit`, err),
     );
@@ -550,30 +605,12 @@ export class MailSession implements SessionControl {
     else this.record.messages++;
   }
 
-  private spliceGoodbye(): string | undefined {
-    if (this.relay && !this.relay.atBoundary()) return undefined;
-    return this.adapter?.shutdownNotice();
-  }
-
   // ---- timers, errors, close --------------------------------------------------
 
   private idle(): void {
-    if (this.closed) return;
-    switch (this.record.state) {
-      case 'preauth':
-      case 'handshake':
-      case 'starttls':
-        this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
-        return;
-      case 'relaying':
-        this.close('idle-timeout', this.spliceGoodbye());
-        return;
-      case 'authenticating':
-        // Bounded by backend_connect and login_replay; the client is paused meanwhile.
-        return;
-      default:
-        return;
-    }
+    if (!this.open) return;
+    // A login is bounded by backend_connect and login_replay; the client is paused meanwhile.
+    if (this.phase.kind !== 'login') this.end('idle-timeout', 'idle-timeout');
   }
 
   private setIdle(ms: number): void {
@@ -582,19 +619,19 @@ export class MailSession implements SessionControl {
   }
 
   private preauthExpired(): void {
-    if (this.closed || this.record.state === 'relaying') return;
-    this.close('idle-timeout', this.adapter && this.greeted ? this.adapter.refusal('idle-timeout') : undefined);
+    if (!this.open || this.phase.kind === 'relaying') return;
+    this.end('idle-timeout', 'idle-timeout');
   }
 
   private socketError(side: 'client' | 'backend', err: Error): void {
-    if (this.closed) return;
+    if (!this.open) return;
     this.log.debug({ side, err: errorMessage(err), code: errorCode(err) }, 'socket error');
     this.close(side === 'client' ? 'client-closed' : 'backend-closed');
   }
 
   private internalError(where: string, err: unknown): void {
     this.log.error({ where, err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'internal error');
-    if (!this.closed) this.close('internal-error', this.adapter?.refusal('internal-error'));
+    this.end('internal-error', 'internal-error');
   }
 
   private write(data: string): void {
@@ -606,39 +643,44 @@ export class MailSession implements SessionControl {
 
   /** The one way out. Ends both sides politely, then destroys them if they do not go. */
   close(reason: CloseReason, finalWords?: string): void {
-    if (this.closed) return;
+    if (!this.open) return;
     if (finalWords) this.write(finalWords);
-    this.record.state = 'closing';
-    this.record.closeReason = reason;
-    clearTimeout(this.handshakeTimer);
-    clearTimeout(this.totalTimer);
-    clearTimeout(this.closingTimer);
-    this.client.end();
-    this.backend?.end();
-    this.graceTimer = setTimeout(() => {
+    // A backend still in a login belongs to that login, which ends it once the verdict is in.
+    const backend = this.phase.kind === 'relaying' ? this.phase.backend : undefined;
+    const counts = this.phase.kind === 'relaying' && this.phase.relay?.counts === true;
+    const grace = setTimeout(() => {
       this.client.destroy();
       this.raw.destroy();
-      this.backend?.destroy();
+      backend?.destroy();
     }, CLOSE_GRACE_MS);
-    this.graceTimer.unref();
+    grace.unref();
+    this.enter({ kind: 'closing', grace, backend, counts });
+    this.record.closeReason = reason;
+    clearTimeout(this.totalTimer);
+    this.client.end();
+    backend?.end();
   }
 
   private finalize(): void {
-    if (this.record.state === 'closed') return;
-    if (this.record.state !== 'closing') this.record.closeReason = 'client-closed';
-    this.record.state = 'closed';
-    clearTimeout(this.handshakeTimer);
+    const phase = this.phase;
+    if (phase.kind === 'closed') return;
+    if (phase.kind !== 'closing') this.record.closeReason = 'client-closed';
+    const backend = phase.kind === 'closing' || phase.kind === 'relaying' ? phase.backend : undefined;
+    this.enter({ kind: 'closed' });
     clearTimeout(this.totalTimer);
-    clearTimeout(this.graceTimer);
-    clearTimeout(this.closingTimer);
     // Whichever socket reported the close, the others must go too: a failed TLS
     // handshake closes the TLS socket while the half-closed TCP one stays open.
     this.client.destroy();
     this.raw.destroy();
-    this.backend?.destroy();
+    backend?.destroy();
     this.deps.registry.remove(this.record.id);
-    if (this.allowed) this.deps.policy.onDisconnect(this.connectFacts);
+    const release = this.release;
+    this.release = undefined;
+    // What policy counted for this connection is given back once a login in flight has its verdict.
+    if (release && this.loginRun) void this.loginRun.finally(release);
+    else release?.();
     const r = this.record;
+    const counts = phase.kind === 'closing' ? phase.counts : phase.kind === 'relaying' && phase.relay?.counts === true;
     this.log.info(
       {
         user: r.user,
@@ -647,13 +689,25 @@ export class MailSession implements SessionControl {
         cipher: r.tlsCipher,
         bytesIn: r.bytesIn,
         bytesOut: r.bytesOut,
-        messages: this.relay ? r.messages : undefined,
-        recipients: this.relay ? r.recipients : undefined,
+        messages: counts ? r.messages : undefined,
+        recipients: counts ? r.recipients : undefined,
         durationMs: Date.now() - r.startedAt,
         reason: r.closeReason,
       },
       'session end',
     );
+  }
+}
+
+/** The words a kill or a timer ends a session with: a kill is never called an internal error unless it is one. */
+function goodbyeFor(reason: CloseReason): Goodbye {
+  switch (reason) {
+    case 'shutdown':
+    case 'idle-timeout':
+    case 'internal-error':
+      return reason;
+    default:
+      return 'killed';
   }
 }
 

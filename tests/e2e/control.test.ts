@@ -16,7 +16,7 @@ import { after, before, test } from 'node:test';
 import { ControlClient, ControlRequestError } from '../../src/control/client.ts';
 import { encode, type ControlEvent } from '../../src/control/protocol.ts';
 import { ImapHolder } from './control-helpers.ts';
-import { run } from './harness/clients.ts';
+import { LineClient, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 import { waitFor } from '../helpers/wait.ts';
@@ -148,6 +148,30 @@ test('kill from the socket ends the real session', async () => {
   assert.equal(after.ok, false, 'the client finds its connection gone');
   assert.equal(await sessionOf(w.client, 'bob'), undefined);
   await assert.rejects(w.client.request('kill', { id: s.id }), (e: ControlRequestError) => e.code === 'NOT_FOUND');
+  w.client.close();
+});
+
+/** The session of a line client, found by its port. */
+async function sessionAt(client: ControlClient, c: LineClient) {
+  const port = c.socket.localPort;
+  return waitFor('the session in the list', async () => (await client.request('sessions', {})).find((s) => s.clientPort === port));
+}
+
+test('a kill says what happened: the administrator closed it, never an internal error (issue 17)', async () => {
+  const w = await watch();
+  const imap = await LineClient.connect(gw.ports.imaps!, { tls: true });
+  assert.match(await imap.readLine(), /^\* OK /);
+  const pop3 = await LineClient.connect(gw.ports.pop3s!, { tls: true });
+  assert.match(await pop3.readLine(), /^\+OK /);
+  const spliced = await LineClient.connect(gw.ports.imaps!, { tls: true });
+  await spliced.readLine();
+  spliced.write(`s LOGIN ${carol.name} ${carol.password}\r\n`);
+  assert.match((await spliced.readUntil(/^s /)).at(-1)!, /^s OK/);
+  for (const c of [imap, pop3, spliced]) await w.client.request('kill', { id: (await sessionAt(w.client, c)).id });
+  assert.equal(await imap.readLine(), '* BYE Connection closed by the administrator', 'before login, IMAP');
+  assert.equal(await pop3.readLine(), '-ERR Connection closed by the administrator', 'before login, POP3');
+  assert.equal(await spliced.readLine(), '* BYE Connection closed by the administrator', 'after login, between responses');
+  for (const c of [imap, pop3, spliced]) assert.ok(await c.waitClosed());
   w.client.close();
 });
 

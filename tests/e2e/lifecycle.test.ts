@@ -2,9 +2,11 @@
  * Reload and shutdown with live sessions: SIGHUP keeps sessions running and
  * applies a new config to new ones (an invalid one is refused); SIGTERM stops
  * accepting, says goodbye to idle pre-login clients, and lets logged-in
- * sessions finish up to the drain deadline.
+ * sessions finish up to the drain deadline, whose goodbye never cuts a
+ * response in half.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import * as net from 'node:net';
 import { LineClient } from './harness/clients.ts';
@@ -106,6 +108,47 @@ test('SIGTERM: a session still open at the drain deadline gets BYE from the gate
     const lines = await c.readUntil(/^\* BYE/, 8000);
     assert.match(lines.at(-1)!, /^\* BYE \[UNAVAILABLE\] Server shutting down/);
     assert.ok(await c.waitClosed());
+    assert.equal((await gw.proc.exited).code, 0);
+  } finally {
+    await gw.stop();
+  }
+});
+
+test('SIGTERM during a large FETCH: the drain deadline never puts the BYE inside the literal (issue 17)', async () => {
+  const gw = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    extra: { timeouts: { shutdown_drain: '1s' } },
+  });
+  try {
+    const c = await loggedIn(gw.ports.imaps!);
+    // 32 MiB of base64 lines (no "* " in them): more than the socket buffers on the way hold.
+    const line = `${randomBytes(57).toString('base64')}\r\n`;
+    const msg = Buffer.from(`Subject: big\r\n\r\n${line.repeat(Math.ceil((32 << 20) / line.length))}`, 'latin1');
+    c.write('b CREATE Big\r\n');
+    await c.readUntil(/^b /);
+    c.write(`c APPEND Big {${msg.length}+}\r\n`);
+    c.write(msg);
+    c.write('\r\n');
+    assert.match((await c.readUntil(/^c /, 30_000)).at(-1)!, /^c OK/);
+    c.write('d SELECT Big\r\n');
+    await c.readUntil(/^d OK/);
+    c.write('e FETCH 1 BODY.PEEK[]\r\n');
+    const head = await c.readLine();
+    const size = Number(/^\* 1 FETCH \(BODY\[\] \{(\d+)\}$/.exec(head)?.[1]);
+    assert.equal(size, msg.length, head);
+    // The client stops reading in the middle of the literal, and reads on once the drain deadline has passed.
+    c.socket.pause();
+    gw.signal('SIGTERM');
+    await gw.waitForLog((l) => l.msg === 'drain deadline reached, closing remaining sessions');
+    c.socket.resume();
+    assert.ok(await c.waitClosed(15_000));
+    const rest = await c.readFor(0);
+    const bye = rest.indexOf('* BYE');
+    assert.ok(bye < 0 || bye >= size, `a BYE at byte ${bye} of a ${size}-byte literal (the client got ${rest.length} bytes)`);
+    if (rest.length > size) {
+      // The literal came whole: the response ends, then the goodbye (or nothing).
+      assert.match(rest.slice(size), /^\)\r\n(\* BYE \[UNAVAILABLE\] Server shutting down\r\n)?$/);
+    }
     assert.equal((await gw.proc.exited).code, 0);
   } finally {
     await gw.stop();

@@ -1,7 +1,8 @@
 /**
  * Access policy end to end: local users (hashes made by `mailgate
- * hash-password`), access rules, per-user routing, brute-force bans and rate
- * limits, through the real daemon to real backends (two Dovecots, smtp-sink,
+ * hash-password`), access rules, per-user routing, brute-force bans (guesses
+ * that hang up before the backend's delayed verdict included) and rate
+ * limits, through the real daemon to real backends (Dovecots, smtp-sink,
  * nginx), driven by Python's imaplib/poplib/smtplib, curl and a TLS line client.
  */
 import assert from 'node:assert/strict';
@@ -10,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, startNginx, startSmtpSink, userByName, type Dovecot, type Nginx, type SmtpServer } from './harness/servers.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let dovecot: Dovecot;
 let migrated: Dovecot;
@@ -183,6 +185,48 @@ test('3 failed logins ban the user from that address: the right password cannot 
   await sleep(Math.max(0, bannedAt + PAIR_BAN_S * 1000 + 300 - Date.now()));
   const later = await imapLogin(gw.ports.imaps!, dave.name, dave.password);
   assert.equal(later.ok, true, later.error);
+});
+
+test('guesses whose clients hang up before the backend answers are counted all the same, and ban the address (issue 17)', async () => {
+  // Dovecot answers a wrong password after 2 s (its default auth_failure_delay); each client is gone after 0.3 s.
+  const slow = await startDovecot({ authFailureDelay: '2s' });
+  const g = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${slow.imapPort}` }],
+    extra: {
+      brute_force: {
+        per_address: { failures: 5, window: '1m', ban: '1m' },
+        per_address_user: { failures: 100, window: '1m', ban: '1m' },
+        per_user: { failures: 100, window: '1m', ban: '1m' },
+      },
+    },
+  });
+  try {
+    const from = '127.0.0.77';
+    for (let i = 0; i < 6; i++) {
+      const c = await LineClient.connect(g.ports.imaps!, { tls: true, localAddress: from });
+      assert.match(await c.readLine(), /^\* OK /, `guess ${i + 1} was let in`);
+      c.write(`a LOGIN ${dave.name} guess-${i}\r\n`);
+      await sleep(300);
+      c.close();
+    }
+    const banned = await waitFor(
+      'the address to be banned',
+      async () => {
+        const c = await LineClient.connect(g.ports.imaps!, { tls: true, localAddress: from });
+        const first = await c.readLine();
+        c.close();
+        return /^\* BYE \[UNAVAILABLE\] Too many failed logins/.test(first) ? first : undefined;
+      },
+      { timeoutMs: 15_000, intervalMs: 500 },
+    );
+    assert.match(banned, /Too many failed logins/);
+    const counted = (await g.logs()).filter((l) => l.msg === 'login failed' && l.client === from && l.clientGone === true);
+    assert.ok(counted.length >= 5, `${counted.length} verdicts counted after the client had gone`);
+    assert.equal((await imapLogin(g.ports.imaps!, alice.name, alice.password)).ok, true, 'another address is not banned');
+  } finally {
+    await g.stop();
+    await slow.stop();
+  }
 });
 
 test('the SMTP message limit: the second message is accepted, then 421; a new login is refused with 454', async () => {

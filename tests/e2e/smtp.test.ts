@@ -2,7 +2,8 @@
  * SMTP through the gateway: submission to a real Postfix (SASL via Dovecot)
  * with swaks, smtplib and curl; MX traffic to Postfix's smtp-sink with XCLIENT;
  * what a logged-in client may not do (gateway-only commands, bare CR/LF in
- * content, recipients past a limit) against a Postfix that would let it.
+ * content, recipients past a limit) against a Postfix that would let it; how
+ * an access rule's refusal of AUTH reads.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -36,6 +37,15 @@ before(async () => {
     extra: {
       users: { list: [{ name: dave.name, password_hash: hash.stdout.trim() }] },
       rate_limits: [{ limit: 'recipients', per: 'user', max: RECIPIENT_LIMIT, window: '1h', listeners: ['limited'] }],
+      // Rules at login on the `ruled` listener only: with a reason of their own, and without.
+      access: {
+        default: 'allow',
+        rules: [
+          { action: 'deny', listeners: ['ruled'], users: [carol.name], reason: 'Carol sends through mail2.example.org now' },
+          { action: 'tempfail', listeners: ['ruled'], users: [dave.name], reason: 'Maintenance until 18:00 UTC' },
+          { action: 'deny', listeners: ['ruled'], users: [bob.name] },
+        ],
+      },
     },
     listeners: [
       { name: 'smtps', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
@@ -44,6 +54,7 @@ before(async () => {
       { name: 'sink', protocol: 'smtp', tls: 'starttls', backend: `127.0.0.1:${sink.port}`, auth: 'none', xclient: true, greet_delay: '1s' },
       { name: 'dead', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${dead}`, auth: 'required' },
       { name: 'limited', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
+      { name: 'ruled', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${postfix.port}`, auth: 'required' },
       // mailgate checks the password and Postfix gets no login and no XCLIENT: its session is not authenticated.
       {
         name: 'local',
@@ -148,6 +159,36 @@ test('curl smtps and smtp --ssl-reqd send mail; a wrong password gets 535', asyn
   const bad = await run('curl', [...args, '-v', '-u', `${alice.name}:wrong`, `smtps://127.0.0.1:${gw.ports.smtps}`]);
   assert.notEqual(bad.code, 0);
   assert.match(bad.stderr, /< 535 5\.7\.8/);
+});
+
+test('AUTH refused by an access rule shows the rule\'s reason; without one it reads like a wrong password (smtplib, real Postfix) (issue 17)', async () => {
+  const r = await python<Record<string, [number, string]>>(
+    `
+import smtplib
+def login(user, password):
+    s = smtplib.SMTP_SSL('127.0.0.1', int(sys.argv[1]), context=ctx(), timeout=10)
+    try:
+        s.login(user, password)
+        return [235, '']
+    except smtplib.SMTPAuthenticationError as e:
+        return [e.smtp_code, e.smtp_error.decode()]
+    finally:
+        s.close()
+out({
+    'rule with a reason': login(sys.argv[2], sys.argv[3]),
+    'tempfail rule with a reason': login(sys.argv[4], sys.argv[5]),
+    'rule without a reason': login(sys.argv[6], sys.argv[7]),
+    'wrong password (Postfix)': login(sys.argv[8], 'not-the-password'),
+    'unknown user (Postfix)': login('nobody-at-all', 'whatever'),
+})
+`,
+    [gw.ports.ruled!, carol.name, carol.password, dave.name, dave.password, bob.name, bob.password, alice.name],
+  );
+  assert.deepEqual(r['rule with a reason'], [535, '5.7.8 Carol sends through mail2.example.org now']);
+  assert.deepEqual(r['tempfail rule with a reason'], [454, '4.7.0 Maintenance until 18:00 UTC']);
+  assert.deepEqual(r['wrong password (Postfix)'], [535, '5.7.8 Authentication credentials invalid']);
+  assert.deepEqual(r['unknown user (Postfix)'], r['wrong password (Postfix)'], 'an unknown user and a wrong password read alike');
+  assert.deepEqual(r['rule without a reason'], r['wrong password (Postfix)'], 'a rule without a reason reads like a wrong password');
 });
 
 test('MAIL before AUTH on a submission listener is refused with 530; the backend never saw it', async () => {

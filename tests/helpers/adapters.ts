@@ -1,7 +1,8 @@
-/** Shared fakes for adapter unit tests: a listener, session facts and a scripted backend. */
+/** Shared fakes for adapter unit tests: a listener, session facts, a scripted backend, the pre-login loop around an adapter. */
 import type { Listener } from '../../src/config/load.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../src/config/schema.ts';
-import type { BackendLink, SessionFacts } from '../../src/protocols/types.ts';
+import type { BackendCapabilities, BackendLink, CloseReason, MailAdapter, ProtocolModule, SessionFacts, Step } from '../../src/protocols/types.ts';
+import { PreauthLoop } from '../../src/session/preauth-loop.ts';
 
 export function listener<P extends Listener['protocol']>(protocol: P, extra: Record<string, unknown> = {}): Extract<Listener, { protocol: P }> {
   const base = {
@@ -84,3 +85,29 @@ export class ScriptedBackend implements BackendLink {
 }
 
 export const b = (s: string): Buffer => Buffer.from(s, 'latin1');
+
+/**
+ * The product's pre-login loop (src/session/preauth-loop.ts) around a
+ * module's adapter, for the bounds it enforces: send() pushes one line and
+ * returns what the client got, as a reply, or as the close that ended the
+ * session (its last words and reason). Logins and STARTTLS are not answered.
+ */
+export function looped(module: ProtocolModule, f: SessionFacts, caps?: BackendCapabilities): { adapter: MailAdapter; send(line: string): Step } {
+  let out = '';
+  let closed: { reason: CloseReason; words: string } | undefined;
+  const loop = new PreauthLoop(module, f, {
+    write: (data) => void (out += data),
+    startTls: () => undefined,
+    login: () => undefined,
+    close: (reason, words) => void (closed = { reason, words }),
+  });
+  loop.greet(caps);
+  return {
+    adapter: loop.adapter,
+    send(line) {
+      out = '';
+      loop.push(Buffer.from(`${line}\r\n`, 'latin1'));
+      return closed ? { kind: 'close', data: closed.words, reason: closed.reason } : { kind: 'reply', data: out };
+    },
+  };
+}

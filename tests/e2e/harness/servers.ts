@@ -15,7 +15,8 @@
 //    from the gateway are honoured), auth penalty and failure delay disabled,
 //    log lines `Login: user=<..>, method=.., rip=.., rport=.., lip=.., lport=..,
 //    real_rip=..` and `ID sent: ...`. { preauth: true } makes imapPort greet with
-//    PREAUTH (real Dovecot imap for alice behind preauth-listener.ts).
+//    PREAUTH (real Dovecot imap for alice behind preauth-listener.ts);
+//    { authFailureDelay: '2s' } delays wrong-password answers as Dovecot does by default.
 //    Note: the harness' readiness probes leave one "Aborted login ... rip=127.0.0.1"
 //    line per port in the log.
 //  - startSmtpSink(): Postfix's smtp-sink, accepts everything (AUTH is not
@@ -210,6 +211,8 @@ interface DovecotConfOptions {
   /** omitted: auth-only instance (no protocols), with a world-accessible auth-client socket */
   imapPort?: number;
   pop3Port?: number;
+  /** Dovecot's auth_failure_delay (default here: 0, no delay). */
+  authFailureDelay?: string;
 }
 
 function dovecotConf(o: DovecotConfOptions): string {
@@ -226,7 +229,7 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
-auth_failure_delay = 0
+auth_failure_delay = ${o.authFailureDelay ?? '0'}
 first_valid_uid = 1
 first_valid_gid = 1
 verbose_proctitle = yes
@@ -290,12 +293,18 @@ service auth {
 }`;
 }
 
-export async function startDovecot(opts: { preauth?: boolean } = {}): Promise<Dovecot> {
+export interface DovecotOptions {
+  preauth?: boolean;
+  /** Delay every wrong-password answer this long (Dovecot's own default is 2s; the harness default 0). */
+  authFailureDelay?: string;
+}
+
+export async function startDovecot(opts: DovecotOptions = {}): Promise<Dovecot> {
   assertRoot('startDovecot');
   return retryOnAddrInUse(() => startDovecotOnce(opts));
 }
 
-async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
+async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
   const t0 = performance.now();
   const dir = await makeTempDir('dovecot');
   const procs: ManagedProcess[] = [];
@@ -327,6 +336,7 @@ async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
         instance: `mailgate-e2e-${path.basename(dir)}`,
         imapPort,
         pop3Port,
+        authFailureDelay: opts.authFailureDelay,
       }),
     );
 

@@ -1,19 +1,19 @@
 /**
  * Shared pieces of the fuzz suites: the run count (short in CI, long on
- * demand), a splitter that cuts a byte stream at generated offsets, and a
- * replica of the session driver's pre-auth loop (src/session/mail-session.ts:
- * clientData + process + handle) around the real LineReader, so adapters are
- * fed exactly the way the daemon feeds them, minus the sockets.
+ * demand), a splitter that cuts a byte stream at generated offsets, and
+ * drive(), which runs the product's own pre-login loop
+ * (src/session/preauth-loop.ts, the one the session driver runs) over an
+ * adapter, so adapters are fed exactly the way the daemon feeds them, minus
+ * the sockets.
  *
  *   FUZZ_RUNS=100000 npm run test:fuzz     # a long run (default: a short smoke run per property)
  *   FUZZ_SEED=1234 FUZZ_PATH=... ...       # replay a failure fast-check reported
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import type { Limits } from '../../../src/config/schema.ts';
 import { MailgateError } from '../../../src/core/errors.ts';
-import { LINE_TOO_LONG, LineReader } from '../../../src/net/line-reader.ts';
-import type { BackendLink, CloseReason, Credentials, MailAdapter, Step } from '../../../src/protocols/types.ts';
+import type { BackendCapabilities, BackendLink, CloseReason, Credentials, MailAdapter, ProtocolModule, SessionFacts, Step } from '../../../src/protocols/types.ts';
+import { PreauthLoop, type PreauthHost } from '../../../src/session/preauth-loop.ts';
 
 // Longer streams than fast-check's default "small" size (each fuzz file runs in its own process).
 fc.configureGlobal({ ...fc.readConfigureGlobal(), baseSize: 'medium' });
@@ -61,8 +61,7 @@ export function split(buf: Buffer, cuts: readonly number[]): Buffer[] {
 export const cutsArb = fc.array(fc.nat(100_000), { maxLength: 12 });
 
 export interface DriveOptions {
-  limits: Limits;
-  /** TLS came up (the driver's startTls callback): flips the facts and tells the adapter. */
+  /** TLS came up (the driver's startTls): flips the facts; the loop is then told, as the driver tells it. */
   tlsUp(): void;
   /** Answers a login the way policy or the backend would: the adapter's refusal text. */
   loginAnswer?(adapter: MailAdapter, credentials: Credentials | null): string;
@@ -84,82 +83,77 @@ export interface DriveResult {
 }
 
 /**
- * The driver's pre-auth loop over the real LineReader: push a chunk, enforce
- * the buffered bound, then take lines (or literal bytes) until none is
- * complete; STARTTLS drops what is buffered; a login is answered with a
- * refusal and counts against max_auth_attempts; close ends it.
+ * The product's pre-login loop (src/session/preauth-loop.ts), with the
+ * module's own adapter and dialogue rules, fed chunk by chunk the way the
+ * session driver feeds it, minus the sockets: TLS comes up at once after
+ * STARTTLS, and every login is answered with a refusal (it counts against
+ * max_auth_attempts). The adapter is watched, not replaced, to record what it
+ * was given and answered.
  */
-export function drive(adapter: MailAdapter, chunks: readonly Buffer[], opts: DriveOptions): DriveResult {
-  const { limits } = opts;
-  const reader = new LineReader(limits.max_line);
-  const r: DriveResult = { out: adapter.greeting(), closed: undefined, steps: [], logins: [], maxBuffered: 0, lines: 0, silent: 0, maxCommandBytes: 0 };
-  let literal: number | undefined;
-  let pending = 0;
-  let failures = 0;
-  const close = (reason: CloseReason, words: string) => {
-    r.out += words;
-    r.closed = reason;
+export function drive(module: ProtocolModule, facts: SessionFacts, caps: BackendCapabilities | undefined, chunks: readonly Buffer[], opts: DriveOptions): DriveResult {
+  const r: DriveResult = { out: '', closed: undefined, steps: [], logins: [], maxBuffered: 0, lines: 0, silent: 0, maxCommandBytes: 0 };
+  let real: MailAdapter | undefined;
+  const watched: ProtocolModule = {
+    ...module,
+    createAdapter: (f, c) => {
+      real = module.createAdapter(f, c);
+      return watch(real, r);
+    },
   };
+  const host: PreauthHost = {
+    write: (data) => void (r.out += data),
+    startTls: () => {
+      opts.tlsUp();
+      loop.tlsStarted();
+    },
+    login: (credentials) => {
+      r.logins.push(credentials);
+      const adapter = real!;
+      const answer = opts.loginAnswer ? opts.loginAnswer(adapter, credentials) : adapter.loginRefusal('denied');
+      if (loop.loginFailed(answer) === 'again') loop.resume();
+    },
+    close: (reason, words) => {
+      r.out += words;
+      r.closed = reason;
+    },
+  };
+  const loop = new PreauthLoop(watched, facts, host);
+  loop.greet(caps);
   for (const chunk of chunks) {
     if (r.closed) break;
-    reader.push(chunk);
-    if (reader.buffered > limits.max_line + limits.max_literal) {
-      close('line-too-long', adapter.refusal('line-too-long'));
-      break;
-    }
-    for (;;) {
-      let step: Step;
-      if (literal !== undefined) {
-        const data = reader.takeBytes(literal);
-        if (!data) break;
-        literal = undefined;
-        pending += data.length;
-        step = adapter.onLiteral(data);
-      } else {
-        const line = reader.nextLine();
-        if (line === null) break;
-        if (line === LINE_TOO_LONG) {
-          close('line-too-long', adapter.refusal('line-too-long'));
-          break;
-        }
-        r.lines++;
-        pending += line.length + 2;
-        step = adapter.onLine(line);
-        if (step.kind === 'reply' && step.data === '') r.silent++;
-      }
-      r.steps.push(step);
-      assertStep(step);
-      r.maxCommandBytes = Math.max(r.maxCommandBytes, pending);
-      // A literal (and the empty answer to its bytes) continues the command; anything else ends it.
-      if (step.kind !== 'literal' && !(step.kind === 'reply' && step.data === '')) pending = 0;
-      if (step.kind === 'reply') {
-        r.out += step.data;
-      } else if (step.kind === 'literal') {
-        r.out += step.data;
-        literal = step.size;
-      } else if (step.kind === 'starttls') {
-        r.out += step.data;
-        reader.drain();
-        opts.tlsUp();
-        adapter.tlsStarted();
-        break; // the rest of this chunk was plaintext sent after STARTTLS: gone
-      } else if (step.kind === 'login') {
-        r.logins.push(step.credentials);
-        const answer = opts.loginAnswer ? opts.loginAnswer(adapter, step.credentials) : adapter.loginRefusal('denied');
-        failures++;
-        if (failures >= limits.max_auth_attempts) {
-          close('too-many-auth-failures', answer + adapter.refusal('too-many-auth-failures'));
-          break;
-        }
-        r.out += answer;
-      } else if (step.kind === 'close') {
-        close(step.reason, step.data);
-        break;
-      }
-    }
-    r.maxBuffered = Math.max(r.maxBuffered, reader.buffered);
+    loop.push(chunk);
+    r.maxBuffered = Math.max(r.maxBuffered, loop.buffered);
   }
   return r;
+}
+
+/** The adapter as it is, recording each line and literal it is given and the step it answers with. */
+function watch(adapter: MailAdapter, r: DriveResult): MailAdapter {
+  let pending = 0;
+  const seen = (step: Step, bytes: number): Step => {
+    pending += bytes;
+    r.steps.push(step);
+    assertStep(step);
+    r.maxCommandBytes = Math.max(r.maxCommandBytes, pending);
+    // A literal (and the empty answer to its bytes) continues the command; anything else ends it.
+    if (step.kind !== 'literal' && !(step.kind === 'reply' && step.data === '')) pending = 0;
+    return step;
+  };
+  return {
+    greeting: () => adapter.greeting(),
+    onLine: (line, tally) => {
+      r.lines++;
+      const step = adapter.onLine(line, tally);
+      if (step.kind === 'reply' && step.data === '') r.silent++;
+      return seen(step, line.length + 2);
+    },
+    onLiteral: (data) => seen(adapter.onLiteral(data), data.length),
+    tlsStarted: () => adapter.tlsStarted(),
+    refusal: (why, text) => adapter.refusal(why, text),
+    loginRefusal: (why, text, fromRule) => adapter.loginRefusal(why, text, fromRule),
+    login: (backend, credentials, caps) => adapter.login(backend, credentials, caps),
+    goodbye: (why) => adapter.goodbye(why),
+  };
 }
 
 function assertStep(step: Step): void {

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { validTag } from '../../../src/protocols/imap-syntax.ts';
-import { ImapAdapter } from '../../../src/protocols/imap.ts';
+import { imapProtocol } from '../../../src/protocols/imap.ts';
 import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, params, split } from './helpers.ts';
 import { imapStream as stream } from './streams.ts';
@@ -22,8 +22,8 @@ const IMAP_LINE = /^(\* (OK|NO|BAD|BYE|PREAUTH|CAPABILITY|ID)\b|\+ |\+$|[^\s]+ (
 
 function check(input: Buffer, cuts: number[], tls: boolean, limits: typeof SMALL): void {
   const f = facts(listener('imap', { tls: tls ? 'implicit' : 'starttls', limits }), tls);
-  const adapter = new ImapAdapter(f, { capabilities: ['IMAP4rev1', 'IDLE', 'AUTH=PLAIN', 'SASL-IR', 'STARTTLS'], at: 0 });
-  const r = drive(adapter, split(input, cuts), { limits, tlsUp: () => f.setTls(true) });
+  const caps = { capabilities: ['IMAP4rev1', 'IDLE', 'AUTH=PLAIN', 'SASL-IR', 'STARTTLS'], at: 0 };
+  const r = drive(imapProtocol, f, caps, split(input, cuts), { tlsUp: () => f.setTls(true) });
   assert.ok(r.maxBuffered <= limits.max_line + limits.max_literal, `the line reader held ${r.maxBuffered} bytes`);
   // Lines and literals announced before the last line stay within max_line + max_literal; the last line adds at most max_line.
   const bound = 2 * limits.max_line + limits.max_literal;
@@ -65,7 +65,7 @@ test('fuzz: the same stream gives the same answers however it is cut', () => {
       count('imap');
       const run = (chunks: Buffer[]) => {
         const f = facts(listener('imap', { tls: 'implicit', limits: SMALL }), true);
-        return drive(new ImapAdapter(f, undefined), chunks, { limits: SMALL, tlsUp: () => f.setTls(true) });
+        return drive(imapProtocol, f, undefined, chunks, { tlsUp: () => f.setTls(true) });
       };
       const whole = run([input]);
       const cut = run(split(input, cuts));
@@ -79,10 +79,9 @@ test('fuzz: the same stream gives the same answers however it is cut', () => {
 test('fuzz: a command cannot grow without bound through chained literals', () => {
   // LITERAL+ needs no round trip: a client could chain literals for the whole pre-auth time.
   const f = facts(listener('imap', { tls: 'implicit', limits: SMALL }), true);
-  const adapter = new ImapAdapter(f, undefined);
   const piece = Buffer.concat([Buffer.from(`{${SMALL.max_literal}+}\r\n`), Buffer.alloc(SMALL.max_literal, 0x61)]);
   const chunks = [Buffer.from('a LOGIN '), ...Array.from({ length: 200 }, () => Buffer.concat([piece, Buffer.from(' ')]))];
-  const r = drive(adapter, chunks, { limits: SMALL, tlsUp: () => f.setTls(true) });
+  const r = drive(imapProtocol, f, undefined, chunks, { tlsUp: () => f.setTls(true) });
   assert.ok(r.closed, 'the session is closed');
   assert.ok(r.maxCommandBytes <= 2 * SMALL.max_line + SMALL.max_literal, `one command took in ${r.maxCommandBytes} bytes`);
   assert.match(r.out, /\* BYE \[TOOBIG\]/);

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
-import { Pop3Adapter } from '../../../src/protocols/pop3.ts';
+import { Pop3Adapter, pop3Protocol } from '../../../src/protocols/pop3.ts';
 import { encodePlain } from '../../../src/protocols/sasl.ts';
 import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, params, split } from './helpers.ts';
@@ -21,8 +21,8 @@ const POP3_LINE = /^(\+OK\b|-ERR\b|\+ |\.$|[A-Z][A-Z0-9-]*( [^\s]+)*$)/;
 
 function check(input: Buffer, cuts: number[], tls: boolean, limits: typeof SMALL): void {
   const f = facts(listener('pop3', { tls: tls ? 'implicit' : 'starttls', limits }), tls);
-  const adapter = new Pop3Adapter(f, { capabilities: ['TOP', 'UIDL', 'SASL PLAIN', 'STLS', 'USER', 'PIPELINING'], at: 0 });
-  const r = drive(adapter, split(input, cuts), { limits, tlsUp: () => f.setTls(true) });
+  const caps = { capabilities: ['TOP', 'UIDL', 'SASL PLAIN', 'STLS', 'USER', 'PIPELINING'], at: 0 };
+  const r = drive(pop3Protocol, f, caps, split(input, cuts), { tlsUp: () => f.setTls(true) });
   assert.ok(r.maxBuffered <= limits.max_line + limits.max_literal, `the line reader held ${r.maxBuffered} bytes`);
   assert.equal(r.silent, 0, 'every command line gets an answer');
   assert.ok(!r.steps.some((s) => s.kind === 'literal'), 'POP3 has no literals');

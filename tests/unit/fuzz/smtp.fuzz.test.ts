@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { DEFAULT_LIMITS } from '../../../src/config/schema.ts';
 import { SmtpRelay } from '../../../src/protocols/smtp-relay.ts';
-import { SmtpAdapter } from '../../../src/protocols/smtp.ts';
+import { smtpProtocol } from '../../../src/protocols/smtp.ts';
 import type { RelayHost, RelayUnit } from '../../../src/protocols/types.ts';
 import { facts, listener } from '../../helpers/adapters.ts';
 import { assertCleanCredentials, count, crlfLines, cutsArb, drive, nastyBytes, params, split } from './helpers.ts';
@@ -24,10 +24,8 @@ type Mode = 'submission' | 'mx';
 function check(input: Buffer, cuts: number[], tls: boolean, mode: Mode, limits: typeof SMALL): void {
   const l = listener('smtp', { tls: tls ? 'implicit' : 'starttls', auth: mode === 'mx' ? 'none' : 'required', limits });
   const f = facts(l, tls);
-  const adapter = new SmtpAdapter(f, { capabilities: POSTFIX, at: 0 });
   const mails: string[] = [];
-  const r = drive(adapter, split(input, cuts), {
-    limits,
+  const r = drive(smtpProtocol, f, { capabilities: POSTFIX, at: 0 }, split(input, cuts), {
     tlsUp: () => f.setTls(true),
     loginAnswer: (a, credentials) => {
       const state = (a as unknown as { state: { s: string; pending?: { cmd: string; line?: string } } }).state;

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Ban } from '../../../src/policy/bans.ts';
 import type { Count } from '../../../src/policy/counters.ts';
-import { blockKey, PolicyRules, type Snapshot } from '../../../src/policy/decide.ts';
+import { blockKey, isRuleReason, PolicyRules, type Snapshot } from '../../../src/policy/decide.ts';
 import { configFrom, listenerOf } from './helpers.ts';
 
 const NOW = 1_700_000_000_000;
@@ -75,6 +75,16 @@ test('login: rules see the identity; sessions per user and messages per window r
   const full = snapshot({ counts: { [blockKey(messages, 'alice')]: { count: 5, resetMs: 1_000 } } });
   assert.deepEqual(rules.decide({ ...facts, listener: smtps, identity: 'Alice' }, full), { action: 'tempfail', code: 'message-rate', text: 'Message limit reached, try again later', retryAfterMs: 1_000 });
   assert.equal(rules.decide({ ...facts, listener: imaps, identity: 'alice' }, full).action, 'allow', 'message limits count SMTP listeners only');
+});
+
+test('isRuleReason tells a rule\'s own reason from the fixed texts (SMTP AUTH shows only the former)', () => {
+  const login = { stage: 'login' as const, clientIp: '192.0.2.1', tls: true, groups: new Set<string>(), authenticated: true, listener: imaps };
+  const own = rules.decide({ stage: 'connect', listener: imaps, clientIp: '203.0.113.5' }, snapshot());
+  assert.equal(own.action !== 'allow' && isRuleReason(own), true, 'a rule with a reason');
+  const plain = rules.decide({ ...login, identity: 'bob' }, snapshot());
+  assert.equal(plain.action !== 'allow' && isRuleReason(plain), false, 'a rule without one says a fixed text');
+  const limit = rules.decide({ ...login, identity: 'alice' }, snapshot({ loggedIn: 2 }));
+  assert.equal(limit.action !== 'allow' && isRuleReason(limit), false, 'a limit is not a rule');
 });
 
 test('request: a ban and a reached request limit', () => {

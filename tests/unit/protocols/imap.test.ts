@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { ImapAdapter, imapProtocol } from '../../../src/protocols/imap.ts';
 import type { Step } from '../../../src/protocols/types.ts';
-import { b, facts, listener, ScriptedBackend } from '../../helpers/adapters.ts';
+import { b, facts, listener, looped, ScriptedBackend } from '../../helpers/adapters.ts';
 
 const caps = { capabilities: ['IMAP4rev1', 'SASL-IR', 'LOGIN-REFERRALS', 'ID', 'ENABLE', 'IDLE', 'LITERAL+', 'STARTTLS', 'AUTH=PLAIN'], at: 0 };
 
@@ -94,12 +94,13 @@ test('AUTHENTICATE PLAIN with SASL-IR, without, LOGIN, and abort', () => {
   assert.deepEqual(adapter().a.onLine(b('z AUTHENTICATE CRAM-MD5')), { kind: 'reply', data: 'z NO Unsupported authentication mechanism\r\n' });
 });
 
-test('commands that need a login, garbage, and the pre-auth command bound', () => {
-  const { a } = adapter(true, { limits: { max_preauth_commands: 3, max_literal: 8192, max_line: 8192, max_sasl: 8192, max_auth_attempts: 3, max_connections: 10 } });
-  assert.deepEqual(a.onLine(b('a SELECT INBOX')), { kind: 'reply', data: 'a BAD Command SELECT is not valid before login\r\n' });
-  assert.equal(a.onLine(b('\x00\x01\xff garbage')).kind, 'reply');
-  assert.equal(a.onLine(b('c NOOP')).kind, 'reply');
-  assert.deepEqual(a.onLine(b('d NOOP')), { kind: 'close', data: '* BYE Too many commands without logging in\r\n', reason: 'too-many-commands' });
+test('commands that need a login, garbage, and the pre-auth command bound (counted by the pre-login loop)', () => {
+  const l = listener('imap', { tls: 'implicit', limits: { max_preauth_commands: 3, max_literal: 8192, max_line: 8192, max_sasl: 8192, max_auth_attempts: 3, max_connections: 10 } });
+  const a = looped(imapProtocol, facts(l, true), caps);
+  assert.deepEqual(a.send('a SELECT INBOX'), { kind: 'reply', data: 'a BAD Command SELECT is not valid before login\r\n' });
+  assert.equal(a.send('\x00\x01\xff garbage').kind, 'reply');
+  assert.equal(a.send('c NOOP').kind, 'reply');
+  assert.deepEqual(a.send('d NOOP'), { kind: 'close', data: '* BYE Too many commands without logging in\r\n', reason: 'too-many-commands' });
 });
 
 test('LOGOUT closes with BYE and the tagged OK', () => {

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { Pop3Adapter, pop3Protocol } from '../../../src/protocols/pop3.ts';
-import { b, facts, listener, ScriptedBackend } from '../../helpers/adapters.ts';
+import { b, facts, listener, looped, ScriptedBackend } from '../../helpers/adapters.ts';
 
 const caps = { capabilities: ['TOP', 'UIDL', 'RESP-CODES', 'PIPELINING', 'STLS', 'SASL PLAIN', 'USER', 'IMPLEMENTATION Dovecot'], at: 0 };
 
@@ -28,14 +28,15 @@ test('STLS listener: login refused before TLS, STLS offered, state reset after T
   assert.deepEqual(a.onLine(b('PASS with spaces ')), { kind: 'login', credentials: { user: 'bob', password: 'with spaces ', mechanism: 'USER' } });
 });
 
-test('PASS without USER, APOP, unknown commands and the error bound', () => {
-  const { a } = adapter();
-  assert.deepEqual(a.onLine(b('PASS x')), { kind: 'reply', data: '-ERR Send USER first\r\n' });
-  assert.match((a.onLine(b('APOP a b')) as { data: string }).data, /^-ERR APOP/);
-  assert.match((a.onLine(b('STAT')) as { data: string }).data, /^-ERR Command STAT is not valid before login/);
+test('PASS without USER, APOP, unknown commands and the error bound (counted by the pre-login loop)', () => {
+  const a = looped(pop3Protocol, facts(listener('pop3', { tls: 'implicit' }), true), caps);
+  assert.deepEqual(a.send('PASS x'), { kind: 'reply', data: '-ERR Send USER first\r\n' });
+  assert.match((a.send('APOP a b') as { data: string }).data, /^-ERR APOP/);
+  assert.match((a.send('STAT') as { data: string }).data, /^-ERR Command STAT is not valid before login/);
   let last;
-  for (let i = 0; i < 12; i++) last = a.onLine(b('BOGUS'));
+  for (let i = 0; i < 12; i++) last = a.send('BOGUS');
   assert.equal(last?.kind, 'close');
+  assert.deepEqual(last, { kind: 'close', data: '-ERR Command BOGUS is not valid before login\r\n-ERR Too many errors\r\n', reason: 'protocol-error' });
 });
 
 test('AUTH PLAIN with initial response, AUTH LOGIN dialogue, AUTH listing', () => {

@@ -5,6 +5,7 @@ import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts'
 import { MailgateError } from '../../../src/core/errors.ts';
 import { readReply, SmtpAdapter, smtpProtocol, xtext } from '../../../src/protocols/smtp.ts';
 import type { BackendCapabilities, BackendLink, RelayHost, SessionFacts, Step } from '../../../src/protocols/types.ts';
+import { looped } from '../../helpers/adapters.ts';
 
 // ---- fixtures ---------------------------------------------------------------
 
@@ -42,7 +43,8 @@ interface Session {
   say(text: string): string;
 }
 
-function session(o: SmtpOptions & { caps?: BackendCapabilities | null; tlsUp?: boolean; clientIp?: string } = {}): Session {
+/** `looped`: lines go through the product's pre-login loop, which counts commands and errors against their bounds. */
+function session(o: SmtpOptions & { caps?: BackendCapabilities | null; tlsUp?: boolean; clientIp?: string; looped?: boolean } = {}): Session {
   const tls = { up: o.tlsUp ?? false };
   const facts: SessionFacts = {
     id: 'c1',
@@ -55,8 +57,9 @@ function session(o: SmtpOptions & { caps?: BackendCapabilities | null; tlsUp?: b
     tls: () => tls.up,
   };
   const caps = o.caps === null ? undefined : (o.caps ?? { capabilities: POSTFIX_EHLO, at: 0 });
-  const adapter = new SmtpAdapter(facts, caps);
-  const send = (text: string) => adapter.onLine(Buffer.from(text, 'latin1'));
+  const inLoop = o.looped ? looped(smtpProtocol, facts, caps) : undefined;
+  const adapter = (inLoop?.adapter as SmtpAdapter | undefined) ?? new SmtpAdapter(facts, caps);
+  const send = (text: string) => inLoop?.send(text) ?? adapter.onLine(Buffer.from(text, 'latin1'));
   return {
     adapter,
     tls,
@@ -439,13 +442,13 @@ describe('SMTP housekeeping commands and bounds', () => {
   });
 
   it('ends the session past limits.max_preauth_commands', () => {
-    const s = session({ limits: { max_preauth_commands: 5 } });
+    const s = session({ limits: { max_preauth_commands: 5 }, looped: true });
     for (let i = 0; i < 5; i++) assert.equal(s.say('NOOP'), '250 2.0.0 Ok\r\n');
     assert.deepEqual(s.send('NOOP'), { kind: 'close', data: '421 4.7.0 Too many commands\r\n', reason: 'too-many-commands' });
   });
 
   it('ends the session after too many errors', () => {
-    const s = session();
+    const s = session({ looped: true });
     for (let i = 0; i < 10; i++) assert.equal(s.say('BOGUS'), '500 5.5.2 Syntax error\r\n');
     const step = s.send('BOGUS');
     assert.equal(step.kind, 'close');
@@ -463,13 +466,16 @@ describe('SMTP housekeeping commands and bounds', () => {
     assert.equal(a.refusal('early-talker'), '554 5.5.1 Protocol error: talked before the greeting\r\n');
     assert.equal(a.refusal('shutdown'), '421 4.3.2 Service shutting down\r\n');
     assert.equal(a.refusal('internal-error'), '421 4.3.0 Internal error\r\n');
-    assert.equal(a.shutdownNotice(), '421 4.3.2 Service shutting down\r\n');
+    assert.equal(a.goodbye('shutdown'), '421 4.3.2 Service shutting down\r\n');
+    assert.equal(a.refusal('killed'), '421 4.3.2 Connection closed by the administrator\r\n');
   });
 
   it('answers a failed AUTH as an authentication failure and lets the client try again', () => {
     const s = readyForAuth();
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
     assert.equal(s.adapter.loginRefusal('denied', 'rule 7'), '535 5.7.8 Authentication credentials invalid\r\n');
+    s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
+    assert.equal(s.adapter.loginRefusal('denied', 'Use mail2\r\nnow', true), '535 5.7.8 Use mail2now\r\n', 'an access rule\'s own reason is shown, on one line');
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
     assert.equal(s.adapter.loginRefusal('tempfail'), '454 4.7.0 Temporary authentication failure\r\n');
     s.send(`AUTH PLAIN ${plain('alice', 'wrong')}`);
