@@ -24,6 +24,7 @@ import type { BanAdmin } from './control/target.ts';
 import { errorMessage } from './core/errors.ts';
 import { createLogger, type Logger } from './core/log.ts';
 import { SdNotify } from './core/sd-notify.ts';
+import { TlsReportLog } from './discovery/tlsrpt.ts';
 import type { ReloadResult } from './listeners/types.ts';
 import { checkPolicy } from './policy/engine.ts';
 import { readPolicyFiles, type PolicyFiles } from './policy/files.ts';
@@ -51,6 +52,7 @@ interface ServingSide {
 
 interface RuntimeParts {
   registry: SessionRegistry;
+  tlsReports: TlsReportLog;
   certs: CertStore;
   ticketKeys: TicketKeys;
   http01: Http01Answers;
@@ -59,6 +61,8 @@ interface RuntimeParts {
 
 export class Runtime {
   readonly registry: SessionRegistry;
+  /** TLS reports the serving part took (discovery.tls_rpt), counted for metrics and the dashboard. */
+  readonly tlsReports: TlsReportLog;
   readonly startedAt = Date.now();
   readonly refresh: (() => Promise<void>) | undefined;
   readonly workers: (() => WorkerStatus[]) | undefined;
@@ -82,6 +86,7 @@ export class Runtime {
   private constructor(config: Config, parts: RuntimeParts, log: Logger) {
     this.config = config;
     this.registry = parts.registry;
+    this.tlsReports = parts.tlsReports;
     this.certs = parts.certs;
     this.ticketKeys = parts.ticketKeys;
     this.http01 = parts.http01;
@@ -104,6 +109,8 @@ export class Runtime {
     checkPolicy(config, files);
     const count = workerCount(config);
     const registry = new SessionRegistry();
+    const tlsReports = new TlsReportLog();
+    const onTlsReport = tlsReports.record.bind(tlsReports);
     const http01 = new Http01Answers();
     const ticketKeys = new TicketKeys();
     let certs: CertStore;
@@ -112,13 +119,13 @@ export class Runtime {
       certs = await loadCertificates(config, log, ticketKeys.current);
       side =
         count > 1
-          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, log })
-          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, log });
+          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, onTlsReport, log })
+          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, onTlsReport, log });
     } catch (err) {
       ticketKeys.stop();
       throw err;
     }
-    const rt = new Runtime(config, { registry, certs, ticketKeys, http01, side }, log);
+    const rt = new Runtime(config, { registry, tlsReports, certs, ticketKeys, http01, side }, log);
     try {
       ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
       rt.controlPlane = await startControlPlane(rt, log);
