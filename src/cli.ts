@@ -22,6 +22,7 @@ commands:
   reload [-c FILE | -s SOCKET]  make the running gateway re-read its configuration
   certs [-c FILE | -s SOCKET]   certificate status of the running gateway
   certs renew [NAME...]         renew ACME certificates now through the running gateway
+  dns [--check] [--resolver ADDR]  the DNS records to publish (discovery:), checked against a resolver
   hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
 
 options:
@@ -45,6 +46,11 @@ export async function main(argv: string[]): Promise<number> {
     // certs [renew [NAME...]]: positional arguments, parsed by the verb itself (src/control/certs-verb.ts).
     const { certsVerb } = await import('./control/certs-verb.ts');
     return certsVerb(rest);
+  }
+  if (verb === 'dns') {
+    // dns [--check] [--resolver ADDR]: options of its own, parsed by the verb (src/control/dns-verb.ts).
+    const { dnsVerb } = await import('./control/dns-verb.ts');
+    return dnsVerb(rest);
   }
   let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
   try {

@@ -17,6 +17,7 @@ import { workerCount } from './cluster/count.ts';
 import { WorkerPool } from './cluster/pool.ts';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { registerAcmeCommands } from './control/acme.ts';
+import { registerDnsCommand } from './control/dns.ts';
 import { PolicyAdmin } from './control/bans.ts';
 import { startControlPlane, type ControlPlane } from './control/index.ts';
 import type { WorkerStatus } from './control/protocol.ts';
@@ -131,7 +132,15 @@ export class Runtime {
       rt.controlPlane = await startControlPlane(rt, log);
       rt.acme = AcmeManager.fromConfig(config, certs, log);
       const control = rt.controlPlane.control;
-      if (control) rt.watchAcme = registerAcmeCommands(control, () => rt.acme, certs);
+      if (control) {
+        rt.watchAcme = registerAcmeCommands(control, () => rt.acme, certs);
+        registerDnsCommand(control, {
+          config: () => rt.config,
+          certs,
+          acmeManages: (name) => rt.acme?.manages(name) ?? false,
+          nextKey: (name) => rt.acme?.nextKey(name),
+        });
+      }
       rt.followAcme();
       await side.start();
       await rt.acme?.start();
