@@ -11,6 +11,7 @@ import { formatHostPort } from './net/address.ts';
 import { workerCount } from './cluster/count.ts';
 import { policySummary } from './policy/cli.ts';
 import { acmeSummary } from './acme/settings.ts';
+import { discoverySummary } from './discovery/settings.ts';
 
 const USAGE = `usage: mailgate <command> [options]
 
@@ -142,6 +143,7 @@ function check(file: string): number {
     return 2;
   }
   out.push(...acme.lines);
+  out.push(...discoverySummary(config));
   try {
     // The users file and backend password files are read as a start would read them.
     out.push(...policySummary(config));

@@ -10,7 +10,7 @@ import { isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Docume
 import type { z } from 'zod';
 import { ConfigError, MailgateError, type ConfigProblem } from '../core/errors.ts';
 import { formatHostPort, type HostPort } from '../net/address.ts';
-import { discoveryProblems } from './schema-discovery.ts';
+import { discoveryProblems, discoveryWarnings } from './schema-discovery.ts';
 import {
   configSchema,
   DEFAULT_LIMITS,
@@ -200,6 +200,7 @@ function finish(
   }
 
   for (const p of discoveryProblems(parsed)) problem(p.path, p.message);
+  warnings.push(...discoveryWarnings(parsed));
 
   if (problems.length > 0) throw new ConfigError(problems);
 

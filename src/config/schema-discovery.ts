@@ -126,3 +126,18 @@ export function discoveryProblems(c: Parsed): { path: (string | number)[]; messa
   }
   return out;
 }
+
+/** Legal, but probably not what the admin wants (mailgate check and the daemon's log say so). */
+export function discoveryWarnings(c: Parsed): string[] {
+  const d = c.discovery;
+  if (!d) return [];
+  const out: string[] = [];
+  const mx = c.listeners.find((l) => l.protocol === 'smtp' && l.auth === 'none' && l.tls !== 'implicit');
+  if (d.mta_sts && !d.mta_sts.mx && !mx) {
+    out.push('discovery.mta_sts names the mail host as the MX, but no listener takes MX traffic (smtp, auth: none): add one, or list your MX hosts in discovery.mta_sts.mx');
+  }
+  if (d.mta_sts?.mode === 'enforce' && mx && mx.tls !== 'starttls') {
+    out.push(`discovery.mta_sts is enforce but the MX listener offers no STARTTLS: senders that honour the policy will not deliver`);
+  }
+  return out;
+}

@@ -124,3 +124,20 @@ export function mtaStsId(policy: string): string {
 function portOf(l: Listener): number {
   return l.listen[0]?.port ?? 0;
 }
+
+/** For `mailgate check`: what the discovery features will announce. */
+export function discoverySummary(config: Config): string[] {
+  const s = discoverySettings(config);
+  if (!s) return [];
+  const on = [
+    s.autoconfig ? `autoconfig (login ${s.autoconfig.login === 'address' ? 'user@domain' : 'local part'})` : '',
+    s.mtaSts ? `MTA-STS ${s.mtaSts.mode} (id ${s.mtaSts.id}, mx ${s.mtaSts.mx.join(' ')})` : '',
+    s.tlsRpt ? `TLS-RPT to ${s.tlsRpt.rua.join(', ')}` : '',
+    s.dane ? 'DANE' : '',
+  ].filter(Boolean);
+  const services = s.services.map((x) => `${x.kind} ${x.port}${x.tls === 'starttls' ? ' starttls' : ''}`).join(', ');
+  return [
+    `discovery: ${s.domains.join(', ')} on ${s.mailHost}: ${on.join('; ') || 'records only'}`,
+    `  announced: ${services || 'no mail service'}${s.mx ? `; MX listener "${s.mx.listener}"${s.mx.starttls ? ' with STARTTLS' : ' without STARTTLS'}` : '; no MX listener'}`,
+  ];
+}
