@@ -79,8 +79,14 @@ export class WellKnownRegistry {
    * whether it came over TLS.
    */
   match(path: string, method: string, host?: string, tls = true): WellKnownHandler | undefined {
-    const name = host === undefined ? undefined : hostName(host);
-    const fits = (h: WellKnownHandler) => h.methods.includes(method) && (!h.tlsOnly || tls) && (h.hosts === undefined || (name !== undefined && h.hosts.includes(name)));
+    // Most requests match no path: the Host header is read only when a candidate is limited to some hosts.
+    let name: string | undefined | null = null;
+    const fits = (h: WellKnownHandler) => {
+      if (!h.methods.includes(method) || (h.tlsOnly && !tls)) return false;
+      if (h.hosts === undefined) return true;
+      if (name === null) name = host === undefined ? undefined : hostName(host);
+      return name !== undefined && h.hosts.includes(name);
+    };
     const hit = this.exact.get(path)?.find(fits) ?? (this.folded.size > 0 ? this.folded.get(path.toLowerCase())?.find(fits) : undefined);
     if (hit) return hit;
     for (const p of this.prefixes) if (path.startsWith(p.path) && fits(p)) return p;
