@@ -288,10 +288,12 @@ export class AcmeManager {
   }
 
   private nextNote(m: Managed, next: { created: number }): string {
+    const made = `made ${new Date(next.created).toISOString()}`;
     const due = m.cert ? new Date(this.dueAt(m)).toISOString().replace(/\.\d+Z$/, 'Z') : 'now';
-    return m.obtained !== undefined && next.created < m.obtained
-      ? `made ${new Date(next.created).toISOString()}; it takes over at the next renewal (due ${due})`
-      : `made ${new Date(next.created).toISOString()}; the next renewal (due ${due}) keeps the current key, the one after uses this`;
+    if (m.obtained !== undefined && next.created < m.obtained) return `${made}; it takes over at the next renewal (due ${due})`;
+    // The renewal that made it (or one already due) keeps the current key: the key must be listed a whole period first.
+    if (m.ordering) return `${made}; the renewal in progress keeps the current key, the one after it uses this`;
+    return `${made}; the next renewal (due ${due}) keeps the current key, the one after uses this`;
   }
 
   /** Renewal facts for a certificate the CertStore serves (control socket, dashboard); null when ACME does not manage its names. */
