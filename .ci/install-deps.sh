@@ -27,6 +27,7 @@ PACKAGES=(
   testssl.sh                                 # the TLS report (npm run test:tls)
   libengine-gost-openssl                     # testssl's GOST engine (a Recommends); without it testssl warns about its own OpenSSL
   bsdextrautils                              # hexdump for testssl's socket checks
+  dnsmasq-base                               # a local DNS server for mailgate dns --check (tests/e2e/dns.test.ts); no service of its own
 )
 SERVICES=(dovecot postfix nginx redis-server haproxy)
 
@@ -106,7 +107,7 @@ check() {
   fi
 }
 for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/lib/postfix/sbin/master /usr/lib/postfix/sbin/smtpd \
-           /usr/sbin/smtp-sink /usr/sbin/nginx /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/redis-server; do
+           /usr/sbin/smtp-sink /usr/sbin/nginx /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/redis-server /usr/sbin/dnsmasq; do
   check "$bin" test -x "$bin"
 done
 check dovecot /usr/sbin/dovecot --version
@@ -114,6 +115,7 @@ check postfix /usr/sbin/postconf -d mail_version
 check nginx /usr/sbin/nginx -v
 check redis-server /usr/bin/redis-server --version
 check pebble sh -c '/usr/bin/pebble -h 2>&1 | grep -q -- -config'
+check dnsmasq sh -c '/usr/sbin/dnsmasq --version | grep -q "^Dnsmasq version"'
 check 'swaks with TLS' sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"'
 check 'swaks with AUTH' sh -c 'swaks --support 2>&1 | grep -q "^=== Basic AUTH supported"'
 check 'curl with imaps, pop3s, smtps' sh -c 'curl -V | grep -q "imaps.*pop3s.*smtps"'

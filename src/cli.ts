@@ -11,6 +11,7 @@ import { formatHostPort } from './net/address.ts';
 import { workerCount } from './cluster/count.ts';
 import { policySummary } from './policy/cli.ts';
 import { acmeSummary } from './acme/settings.ts';
+import { discoverySummary } from './discovery/settings.ts';
 
 const USAGE = `usage: mailgate <command> [options]
 
@@ -22,6 +23,7 @@ commands:
   reload [-c FILE | -s SOCKET]  make the running gateway re-read its configuration
   certs [-c FILE | -s SOCKET]   certificate status of the running gateway
   certs renew [NAME...]         renew ACME certificates now through the running gateway
+  dns [--check] [--resolver ADDR]  the DNS records to publish (discovery:), checked against a resolver
   hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
 
 options:
@@ -45,6 +47,11 @@ export async function main(argv: string[]): Promise<number> {
     // certs [renew [NAME...]]: positional arguments, parsed by the verb itself (src/control/certs-verb.ts).
     const { certsVerb } = await import('./control/certs-verb.ts');
     return certsVerb(rest);
+  }
+  if (verb === 'dns') {
+    // dns [--check] [--resolver ADDR]: options of its own, parsed by the verb (src/control/dns-verb.ts).
+    const { dnsVerb } = await import('./control/dns-verb.ts');
+    return dnsVerb(rest);
   }
   let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
   try {
@@ -136,6 +143,7 @@ function check(file: string): number {
     return 2;
   }
   out.push(...acme.lines);
+  out.push(...discoverySummary(config));
   try {
     // The users file and backend password files are read as a start would read them.
     out.push(...policySummary(config));

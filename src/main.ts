@@ -17,6 +17,7 @@ import { workerCount } from './cluster/count.ts';
 import { WorkerPool } from './cluster/pool.ts';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { registerAcmeCommands } from './control/acme.ts';
+import { registerDnsCommand } from './control/dns.ts';
 import { PolicyAdmin } from './control/bans.ts';
 import { startControlPlane, type ControlPlane } from './control/index.ts';
 import type { WorkerStatus } from './control/protocol.ts';
@@ -24,6 +25,7 @@ import type { BanAdmin } from './control/target.ts';
 import { errorMessage } from './core/errors.ts';
 import { createLogger, type Logger } from './core/log.ts';
 import { SdNotify } from './core/sd-notify.ts';
+import { TlsReportLog } from './discovery/tlsrpt.ts';
 import type { ReloadResult } from './listeners/types.ts';
 import { checkPolicy } from './policy/engine.ts';
 import { readPolicyFiles, type PolicyFiles } from './policy/files.ts';
@@ -51,6 +53,7 @@ interface ServingSide {
 
 interface RuntimeParts {
   registry: SessionRegistry;
+  tlsReports: TlsReportLog;
   certs: CertStore;
   ticketKeys: TicketKeys;
   http01: Http01Answers;
@@ -59,6 +62,8 @@ interface RuntimeParts {
 
 export class Runtime {
   readonly registry: SessionRegistry;
+  /** TLS reports the serving part took (discovery.tls_rpt), counted for metrics and the dashboard. */
+  readonly tlsReports: TlsReportLog;
   readonly startedAt = Date.now();
   readonly refresh: (() => Promise<void>) | undefined;
   readonly workers: (() => WorkerStatus[]) | undefined;
@@ -82,6 +87,7 @@ export class Runtime {
   private constructor(config: Config, parts: RuntimeParts, log: Logger) {
     this.config = config;
     this.registry = parts.registry;
+    this.tlsReports = parts.tlsReports;
     this.certs = parts.certs;
     this.ticketKeys = parts.ticketKeys;
     this.http01 = parts.http01;
@@ -104,6 +110,8 @@ export class Runtime {
     checkPolicy(config, files);
     const count = workerCount(config);
     const registry = new SessionRegistry();
+    const tlsReports = new TlsReportLog();
+    const onTlsReport = tlsReports.record.bind(tlsReports);
     const http01 = new Http01Answers();
     const ticketKeys = new TicketKeys();
     let certs: CertStore;
@@ -112,19 +120,27 @@ export class Runtime {
       certs = await loadCertificates(config, log, ticketKeys.current);
       side =
         count > 1
-          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, log })
-          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, log });
+          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, onTlsReport, log })
+          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, onTlsReport, log });
     } catch (err) {
       ticketKeys.stop();
       throw err;
     }
-    const rt = new Runtime(config, { registry, certs, ticketKeys, http01, side }, log);
+    const rt = new Runtime(config, { registry, tlsReports, certs, ticketKeys, http01, side }, log);
     try {
       ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
       rt.controlPlane = await startControlPlane(rt, log);
       rt.acme = AcmeManager.fromConfig(config, certs, log);
       const control = rt.controlPlane.control;
-      if (control) rt.watchAcme = registerAcmeCommands(control, () => rt.acme, certs);
+      if (control) {
+        rt.watchAcme = registerAcmeCommands(control, () => rt.acme, certs);
+        registerDnsCommand(control, {
+          config: () => rt.config,
+          certs,
+          acmeManages: (name) => rt.acme?.manages(name) ?? false,
+          nextKey: (name) => rt.acme?.nextKey(name),
+        });
+      }
       rt.followAcme();
       await side.start();
       await rt.acme?.start();

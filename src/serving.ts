@@ -10,6 +10,9 @@ import { CapabilityCache } from './backend/capabilities.ts';
 import type { Config, Listener } from './config/load.ts';
 import { errorMessage } from './core/errors.ts';
 import type { Logger } from './core/log.ts';
+import { discoveryEndpoints } from './discovery/endpoints.ts';
+import type { TlsReportOutcome } from './discovery/tlsrpt.ts';
+import { WellKnownRegistry } from './http/well-known.ts';
 import { startHttpListener } from './listeners/http-listener.ts';
 import { startMailListener } from './listeners/mail-listener.ts';
 import type { ListenerDeps, ListenerHandle, ReloadResult } from './listeners/types.ts';
@@ -40,6 +43,8 @@ export interface ServingParts {
   http01: (token: string) => string | undefined;
   /** A worker binds with SO_REUSEPORT beside the other workers. */
   sharedPorts: boolean;
+  /** A TLS report posted to the gateway (discovery.tls_rpt): the runtime counts it, here or through the primary. */
+  onTlsReport: (r: TlsReportOutcome) => void;
   log: Logger;
 }
 
@@ -53,6 +58,8 @@ export class Serving {
   private policy: Policy;
   private readonly parts: ServingParts;
   private readonly capabilities: CapabilityCache;
+  /** The endpoints the https listeners answer themselves (discovery: autoconfig, MTA-STS, ...), rebuilt at each reload. */
+  private readonly wellKnown = new WellKnownRegistry();
   private readonly running = new Map<string, Running>();
   private stopping: Promise<void> | undefined;
 
@@ -61,6 +68,12 @@ export class Serving {
     this.policy = policy;
     this.parts = parts;
     this.capabilities = new CapabilityCache(config.hostname, parts.log);
+    this.wellKnown.replaceWith(this.endpoints(config));
+  }
+
+  private endpoints(config: Config): WellKnownRegistry {
+    const { certs, onTlsReport, log } = this.parts;
+    return discoveryEndpoints(config, { certs, onTlsReport, log });
   }
 
   /** Builds the policy and starts every listener; a partial start is undone before the error goes up. */
@@ -97,6 +110,7 @@ export class Serving {
       return result;
     }
     this.capabilities.clear();
+    this.wellKnown.replaceWith(this.endpoints(next));
     this.config = next;
     const wanted = new Map(next.listeners.map((l) => [l.name, l]));
     for (const [name, r] of [...this.running]) {
@@ -166,7 +180,7 @@ export class Serving {
   private async startListener(l: Listener): Promise<void> {
     const handle =
       l.protocol === 'http'
-        ? await startHttpListener(l, { ...this.deps(), acmeHttp01: this.parts.http01 })
+        ? await startHttpListener(l, { ...this.deps(), acmeHttp01: this.parts.http01, wellKnown: this.wellKnown })
         : await startMailListener(l, MODULES[l.protocol], { ...this.deps(), capabilities: this.capabilities });
     this.running.set(l.name, { listener: l, handle });
   }

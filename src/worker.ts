@@ -150,6 +150,7 @@ class WorkerProcess {
       policyState: policy.state,
       http01: (token) => this.tokens.get(token),
       sharedPorts: true,
+      onTlsReport: (report) => this.send({ t: 'tlsrpt', report }),
       log,
     });
   }

@@ -15,6 +15,7 @@
  *  - renewalInfo is fetched with its HTTP client, so the same agent and CA
  *    trust apply.
  */
+import { createPrivateKey } from 'node:crypto';
 import { Agent as HttpsAgent } from 'node:https';
 import { rootCertificates } from 'node:tls';
 import acme from 'acme-client';
@@ -111,6 +112,8 @@ export interface OrderRequest {
   challenge: ChallengeType;
   keyType: KeyType;
   profile?: string;
+  /** The certificate's key (PEM) when it is kept across renewals (acme.reuse_key); a new one is made otherwise. */
+  keyPem?: string;
   /** ARI certID of the certificate being replaced (only sent when the CA offers ARI). */
   replaces?: string;
   hooks: ChallengeHooks;
@@ -226,7 +229,7 @@ export class AcmeAccount {
     }
 
     req.checkpoint();
-    const keyPem = await createCertKey(req.keyType);
+    const keyPem = req.keyPem ?? (await createCertKey(req.keyType));
     const [, csr] = await acme.crypto.createCsr({ altNames: [name], ...(name.length <= 64 ? { commonName: name } : {}) }, keyPem);
     req.checkpoint();
     let finalized: Order;
@@ -351,7 +354,8 @@ function wrapStatusError(err: unknown, what: string): unknown {
   return new AcmeError(`${what}: ${errorMessage(err)}`, { cause: err });
 }
 
-async function createCertKey(type: KeyType): Promise<string> {
+/** A new private key (PEM) of the configured type. */
+export async function createCertKey(type: KeyType): Promise<string> {
   switch (type) {
     case 'ecdsa-p256':
       return (await acme.crypto.createPrivateEcdsaKey('P-256')).toString();
@@ -363,6 +367,28 @@ async function createCertKey(type: KeyType): Promise<string> {
       return (await acme.crypto.createPrivateRsaKey(3072)).toString();
     case 'rsa-4096':
       return (await acme.crypto.createPrivateRsaKey(4096)).toString();
+    default: {
+      const never: never = type;
+      throw new MailgateError('ACME', `unknown key type ${String(never)}`);
+    }
+  }
+}
+
+/** Whether a key (PEM) is of the configured type: a kept key of another type is replaced. */
+export function keyIsOfType(pem: string, type: KeyType): boolean {
+  const key = createPrivateKey(pem);
+  const d = key.asymmetricKeyDetails ?? {};
+  switch (type) {
+    case 'ecdsa-p256':
+      return key.asymmetricKeyType === 'ec' && d.namedCurve === 'prime256v1';
+    case 'ecdsa-p384':
+      return key.asymmetricKeyType === 'ec' && d.namedCurve === 'secp384r1';
+    case 'rsa-2048':
+      return key.asymmetricKeyType === 'rsa' && d.modulusLength === 2048;
+    case 'rsa-3072':
+      return key.asymmetricKeyType === 'rsa' && d.modulusLength === 3072;
+    case 'rsa-4096':
+      return key.asymmetricKeyType === 'rsa' && d.modulusLength === 4096;
     default: {
       const never: never = type;
       throw new MailgateError('ACME', `unknown key type ${String(never)}`);

@@ -15,6 +15,15 @@
  *      failure backs off exponentially with jitter (Retry-After as a floor);
  *   4. sleep until the earliest of: due, retry, next ARI poll, check_interval.
  * Orders run one at a time per gateway. Timers are unref'd and cleared by stop().
+ *
+ * Keys (DANE, RFC 7672): with acme.reuse_key an order uses the stored key,
+ * so a `3 1 1` TLSA record stays valid across renewals. With key_rollover,
+ * a renewal at which the key would be older than that by the next renewal
+ * first makes the next key (stored beside the current one, listed by
+ * `mailgate dns` and `mailgate certs`); the renewal after that, one renewal
+ * period later, uses it. A next key made between renewals (another gateway,
+ * a restart) waits one more: it is used only by a renewal that comes after
+ * a certificate obtained after it was made.
  */
 import { X509Certificate } from 'node:crypto';
 import type { Config, Listener } from '../config/load.ts';
@@ -22,8 +31,9 @@ import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { CertStore } from '../tls/cert-store.ts';
 import { certNames } from '../tls/cert-store.ts';
+import { spkiSha256 } from '../tls/spki.ts';
 import { ariCertId, ariPollDelay, pickRenewalTime, sameWindow, type RenewalWindow } from './ari.ts';
-import { AcmeAccount, AcmeError, closeAcmeHttp, configureAcmeHttp } from './client.ts';
+import { AcmeAccount, AcmeError, closeAcmeHttp, configureAcmeHttp, createCertKey, keyIsOfType } from './client.ts';
 import { backoffDelay, criticalAt, fallbackRenewAt, MAX_TIMER_MS } from './schedule.ts';
 import { acmeSettings, challengeListenerProblems, readCaBundle, sameAccountSettings, type AcmeSettings } from './settings.ts';
 import { orderLockFor, type OrderLock } from './lock.ts';
@@ -51,6 +61,8 @@ export interface CertStatus {
   lastError?: string;
   lastErrorAt?: string;
   lastRenewed?: string;
+  /** With acme.reuse_key: TLSA 3 1 1 data of the key in use and, during a rollover, of the next one (and when it takes over). */
+  keys?: { current: string; next?: { data: string; note: string } };
 }
 
 export interface RenewResult {
@@ -98,6 +110,10 @@ interface Managed {
   nextWakeAt: number | undefined;
   timer: NodeJS.Timeout | undefined;
   waiters: ((r: RenewResult) => void)[];
+  /** A rollover's next key (storage holds it): its TLSA data, when it was made. */
+  next: { data: string; created: number } | undefined;
+  /** When the current certificate was obtained (its metadata), to tell whether the next key has been published a renewal period. */
+  obtained: number | undefined;
 }
 
 export interface AcmeManagerOptions {
@@ -259,6 +275,27 @@ export class AcmeManager {
     return [...this.managed.values()].map((m) => this.statusOf(m));
   }
 
+  /** Whether this manager orders certificates for the name. */
+  manages(name: string): boolean {
+    return this.managed.has(name.toLowerCase());
+  }
+
+  /** A rollover's next key for a name (TLSA 3 1 1 data), and when it takes over; undefined when none is pending. */
+  nextKey(name: string): { data: string; note: string } | undefined {
+    const m = this.managed.get(name.toLowerCase());
+    if (!m?.next) return undefined;
+    return { data: m.next.data, note: this.nextNote(m, m.next) };
+  }
+
+  private nextNote(m: Managed, next: { created: number }): string {
+    const made = `made ${new Date(next.created).toISOString()}`;
+    const due = m.cert ? new Date(this.dueAt(m)).toISOString().replace(/\.\d+Z$/, 'Z') : 'now';
+    if (m.obtained !== undefined && next.created < m.obtained) return `${made}; it takes over at the next renewal (due ${due})`;
+    // The renewal that made it (or one already due) keeps the current key: the key must be listed a whole period first.
+    if (m.ordering) return `${made}; the renewal in progress keeps the current key, the one after it uses this`;
+    return `${made}; the next renewal (due ${due}) keeps the current key, the one after uses this`;
+  }
+
   /** Renewal facts for a certificate the CertStore serves (control socket, dashboard); null when ACME does not manage its names. */
   renewalFor(info: { names: readonly string[] }): { failing: boolean; lastError: string | null; nextAttemptAt: number | null } | null {
     const m = info.names.map((n) => this.managed.get(n.toLowerCase())).find((x) => x !== undefined);
@@ -305,9 +342,12 @@ export class AcmeManager {
       nextWakeAt: undefined,
       timer: undefined,
       waiters: [],
+      next: undefined,
+      obtained: undefined,
     };
     this.managed.set(name, m);
     await this.adoptFromDisk(m, 'start');
+    await this.loadNext(m);
     if (!m.cert) {
       const serving = this.certs.contextFor(name) ? (this.certs.infoFor(name)?.source ?? this.certs.defaultInfo()?.source) : undefined;
       this.log.warn({ name, serving: serving ?? 'none' }, `no ACME certificate for ${name} yet: serving the ${serving ?? 'no'} certificate until the first one arrives`);
@@ -347,7 +387,7 @@ export class AcmeManager {
   }
 
   private async wake(m: Managed): Promise<void> {
-    await this.adoptFromDisk(m, 'shared storage');
+    if (await this.adoptFromDisk(m, 'shared storage')) await this.loadNext(m);
     if (m.removed || this.stopped) return;
     let now = this.now();
     if (m.cert) await this.pollAri(m, now);
@@ -482,11 +522,16 @@ export class AcmeManager {
         if (this.stopped || m.removed) throw new AcmeError('stopped while ordering');
       };
       const replaces = m.cert?.certId;
-      this.log.info({ name: m.name, reason: why, ...(m.cert ? { notAfter: m.cert.notAfter.toISOString() } : {}) }, m.cert ? 'renewing certificate' : 'obtaining certificate');
+      const key = await this.keyForOrder(m);
+      this.log.info(
+        { name: m.name, reason: why, ...(m.cert ? { notAfter: m.cert.notAfter.toISOString() } : {}), key: key.nextUsed ? 'next (rollover)' : key.keyPem ? 'kept' : 'new' },
+        m.cert ? 'renewing certificate' : 'obtaining certificate',
+      );
       const issued = await this.account.order({
         name: m.name,
         challenge: s.challenge,
         keyType: s.keyType,
+        ...(key.keyPem ? { keyPem: key.keyPem } : {}),
         ...(s.profile ? { profile: s.profile } : {}),
         ...(replaces ? { replaces } : {}),
         hooks: {
@@ -509,15 +554,23 @@ export class AcmeManager {
       checkpoint();
       const x509 = new X509Certificate(issued.certPem);
       if (!certNames(x509).includes(m.name)) throw new AcmeError(`the CA issued a certificate that does not cover ${m.name}`);
+      const obtained = this.now();
       const paths = await this.storage.saveCert(m.name, issued.certPem, issued.keyPem, {
         name: m.name,
         directory: s.directory,
-        obtained: new Date(this.now()).toISOString(),
+        obtained: new Date(obtained).toISOString(),
+        keyCreated: new Date(key.created ?? obtained).toISOString(),
         ...(issued.profile ? { profile: issued.profile } : {}),
         ...(issued.replaced ? { replaced: issued.replaced } : {}),
       });
       const first = !m.cert;
       this.install(m, issued.certPem, issued.keyPem, paths.certFile, x509);
+      m.obtained = obtained;
+      if (key.nextUsed) {
+        await this.storage.removeNextKey(m.name);
+        m.next = undefined;
+        this.log.warn({ name: m.name, tlsa: spkiSha256(issued.keyPem) }, 'key rollover done: the next key is in use; the TLSA records of the old key can go now (mailgate dns --check lists them as stale)');
+      }
       m.lastRenewed = this.now();
       m.failures = 0;
       m.retryAt = undefined;
@@ -530,6 +583,56 @@ export class AcmeManager {
       );
     } finally {
       await lock.release().catch((err: unknown) => this.log.warn({ name: m.name, err: errorMessage(err) }, 'releasing the ordering lock failed'));
+    }
+  }
+
+  /**
+   * The key an order uses: a new one (no reuse_key, a first order, a key of
+   * another type), the stored one, or a rollover's next key once it has been
+   * published for a renewal period. Starts a rollover when it is due.
+   */
+  private async keyForOrder(m: Managed): Promise<{ keyPem?: string; created?: number; nextUsed?: boolean }> {
+    const s = this.settings;
+    const now = this.now();
+    if (!s.reuseKey) {
+      if (m.next) {
+        await this.storage.removeNextKey(m.name);
+        m.next = undefined;
+      }
+      return {};
+    }
+    const stored = m.cert ? (await this.storage.loadCert(m.name)).cert : undefined;
+    if (!stored) return {};
+    if (!keyIsOfType(stored.keyPem, s.keyType)) {
+      this.log.warn({ name: m.name, keyType: s.keyType }, 'the kept key is not of acme.key_type: a new key is made (publish its TLSA record: mailgate dns)');
+      return {};
+    }
+    const obtained = Date.parse(stored.meta?.obtained ?? stored.x509.validFrom);
+    const next = await this.storage.loadNextKey(m.name);
+    if (next && keyIsOfType(next.keyPem, s.keyType) && next.created < obtained) return { keyPem: next.keyPem, created: next.created, nextUsed: true };
+    const created = Date.parse(stored.meta?.keyCreated ?? stored.meta?.obtained ?? stored.x509.validFrom);
+    if (!next && s.keyRolloverMs !== undefined && now - created + (now - obtained) >= s.keyRolloverMs) {
+      // By the next renewal the key would be older than key_rollover: the next key is made now and published meanwhile.
+      const made = { keyPem: await createCertKey(s.keyType), created: now };
+      await this.storage.saveNextKey(m.name, made);
+      m.next = { data: spkiSha256(made.keyPem), created: now };
+      this.log.warn(
+        { name: m.name, tlsa: m.next.data, keyAgeDays: Math.floor((now - created) / DAY) },
+        'key rollover: the next key was made; publish its TLSA record now (mailgate dns), beside the current one: the renewal after this one uses it',
+      );
+    }
+    return { keyPem: stored.keyPem, created };
+  }
+
+  /** What storage holds of a rollover, and when the current certificate was obtained. */
+  private async loadNext(m: Managed): Promise<void> {
+    try {
+      const stored = (await this.storage.loadCert(m.name)).cert;
+      m.obtained = stored ? Date.parse(stored.meta?.obtained ?? stored.x509.validFrom) : undefined;
+      const next = this.settings.reuseKey ? await this.storage.loadNextKey(m.name) : undefined;
+      m.next = next ? { data: spkiSha256(next.keyPem), created: next.created } : undefined;
+    } catch (err) {
+      this.log.warn({ name: m.name, err: errorMessage(err) }, 'cannot read the stored key rollover');
     }
   }
 
@@ -655,6 +758,10 @@ export class AcmeManager {
     if (m.lastError !== undefined) st.lastError = m.lastError;
     if (m.lastErrorAt !== undefined) st.lastErrorAt = new Date(m.lastErrorAt).toISOString();
     if (m.lastRenewed !== undefined) st.lastRenewed = new Date(m.lastRenewed).toISOString();
+    if (this.settings.reuseKey && m.cert) {
+      const current = spkiSha256(m.cert.x509);
+      st.keys = { current, ...(m.next ? { next: { data: m.next.data, note: this.nextNote(m, m.next) } } : {}) };
+    }
     return st;
   }
 

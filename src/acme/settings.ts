@@ -7,6 +7,7 @@ import { resolve } from 'node:path';
 import type { Config, Listener } from '../config/load.ts';
 import { DEFAULT_ACME_RENEW } from '../config/schema-acme.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
+import { discoveryNames } from '../discovery/settings.ts';
 import type { ChallengeType, KeyType } from './client.ts';
 
 export interface AcmeSettings {
@@ -17,6 +18,10 @@ export interface AcmeSettings {
   caBundleFile?: string;
   profile?: string;
   keyType: KeyType;
+  /** Keep each name's key across renewals (DANE). */
+  reuseKey: boolean;
+  /** With reuseKey: how old a key may get before the next one takes over (a rollover); undefined: never. */
+  keyRolloverMs: number | undefined;
   storage: string;
   renew: { checkIntervalMs: number; retryMinMs: number; retryMaxMs: number; lockWaitMs: number };
   requestTimeoutMs: number;
@@ -40,11 +45,14 @@ export function acmeSettings(config: Config): AcmeSettings | undefined {
   return {
     directory: a.directory,
     ...(a.email ? { email: a.email } : {}),
-    names: a.names ? [...a.names] : [config.hostname.toLowerCase()],
+    // The names configured (or the host name), then those the discovery features need (autoconfig., mta-sts., ...).
+    names: [...new Set([...(a.names ? a.names : [config.hostname.toLowerCase()]), ...discoveryNames(config)])],
     challenge: a.challenge,
     ...(a.ca_bundle ? { caBundleFile: resolve(config.baseDir, a.ca_bundle) } : {}),
     ...(a.profile ? { profile: a.profile } : {}),
     keyType: a.key_type,
+    reuseKey: a.reuse_key,
+    keyRolloverMs: a.key_rollover,
     storage: a.storage ? resolve(config.baseDir, a.storage) : config.tls.dir,
     renew: {
       checkIntervalMs: renew.check_interval,

@@ -8,6 +8,8 @@
  *   <storage>/acme/<ca>/certificates/<name>/<name>.crt   leaf + chain (0644)
  *   <storage>/acme/<ca>/certificates/<name>/<name>.key   mode 0600
  *   <storage>/acme/<ca>/certificates/<name>/<name>.json  what was ordered, when
+ *   <storage>/acme/<ca>/certificates/<name>/<name>.next.key   a rollover's next key (0600)
+ *   <storage>/acme/<ca>/certificates/<name>/<name>.next.json  when it was made
  *   <storage>/acme/locks/<name>.lock
  *
  * <ca> is the directory URL's host and path, <name> the host name, both made
@@ -47,6 +49,14 @@ export interface CertMeta {
   profile?: string;
   /** ARI certID of the certificate this one replaced, when `replaces` was sent. */
   replaced?: string;
+  /** When the certificate's key was made (kept across renewals with acme.reuse_key). */
+  keyCreated?: string;
+}
+
+/** A rollover's next key (acme.key_rollover): made ahead, used by the renewal after the one it was made at. */
+export interface NextKey {
+  keyPem: string;
+  created: number;
 }
 
 export interface StoredCert {
@@ -87,6 +97,43 @@ export class AcmeStorage {
     const stem = safeFileStem(name);
     const dir = join(this.caDir, 'certificates', stem);
     return { dir, certFile: join(dir, `${stem}.crt`), keyFile: join(dir, `${stem}.key`), metaFile: join(dir, `${stem}.json`) };
+  }
+
+  nextKeyPaths(name: string): { keyFile: string; metaFile: string } {
+    const p = this.certPaths(name);
+    const stem = safeFileStem(name);
+    return { keyFile: join(p.dir, `${stem}.next.key`), metaFile: join(p.dir, `${stem}.next.json`) };
+  }
+
+  /** The next key of a rollover, if one was made (and both its files are there). */
+  async loadNextKey(name: string): Promise<NextKey | undefined> {
+    const p = this.nextKeyPaths(name);
+    const [keyPem, meta] = await Promise.all([readOptional(p.keyFile), readOptional(p.metaFile)]);
+    if (keyPem === undefined || meta === undefined) return undefined;
+    try {
+      const created = Date.parse(String((JSON.parse(meta) as { created?: unknown }).created));
+      createPrivateKey(keyPem);
+      return Number.isFinite(created) ? { keyPem, created } : undefined;
+    } catch (err) {
+      throw new MailgateError('CERT_LOAD', `${p.keyFile} or ${p.metaFile} is not usable: ${errorMessage(err)}`, { cause: err });
+    }
+  }
+
+  /** Key first (0600), then when it was made; each write atomic. */
+  async saveNextKey(name: string, next: NextKey): Promise<void> {
+    const p = this.nextKeyPaths(name);
+    await writeOrThrow(p.keyFile, next.keyPem, 0o600);
+    await writeOrThrow(p.metaFile, `${JSON.stringify({ created: new Date(next.created).toISOString() }, null, 2)}\n`, 0o644);
+  }
+
+  /** The rollover is over (its key is the current one): the files go, metadata first. */
+  async removeNextKey(name: string): Promise<void> {
+    const p = this.nextKeyPaths(name);
+    for (const f of [p.metaFile, p.keyFile]) {
+      await unlink(f).catch((err: unknown) => {
+        if (errorCode(err) !== 'ENOENT') throw new MailgateError('CERT_WRITE', `cannot remove ${f}: ${errorMessage(err)}`, { cause: err });
+      });
+    }
   }
 
   lockFile(name: string): string {

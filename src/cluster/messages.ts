@@ -4,6 +4,7 @@
  * defined by their parts (policy-link.ts, registry-link.ts).
  */
 import type { Config } from '../config/load.ts';
+import type { TlsReportOutcome } from '../discovery/tlsrpt.ts';
 import type { ReloadResult } from '../listeners/types.ts';
 import type { PolicyFiles } from '../policy/files.ts';
 import type { StoreConfig } from '../policy/state.ts';
@@ -57,10 +58,12 @@ export type FromWorker =
   | { t: 'start-failed'; error: string }
   | { t: 'reloaded'; id: number; result: ReloadResult }
   | { t: 'stopped' }
-  | { t: 'pong'; seq: number };
+  | { t: 'pong'; seq: number }
+  /** A TLS report a worker took (discovery.tls_rpt): the primary counts it. */
+  | { t: 'tlsrpt'; report: TlsReportOutcome };
 
 const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop', 'ping']);
-const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped', 'pong']);
+const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped', 'pong', 'tlsrpt']);
 
 export function isToWorker(m: { t: string }): m is ToWorker {
   return TO_WORKER.has(m.t);

@@ -20,6 +20,7 @@ import type { Config } from '../config/load.ts';
 import type { WorkerStatus } from '../control/protocol.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import type { TlsReportOutcome } from '../discovery/tlsrpt.ts';
 import type { ReloadResult } from '../listeners/types.ts';
 import type { PolicyFiles } from '../policy/files.ts';
 import type { PolicyState } from '../policy/state.ts';
@@ -74,6 +75,8 @@ export interface PoolParts {
   certs: CertStore;
   ticketKeys: TicketKeys;
   http01: ChallengeAnswers;
+  /** A TLS report one of the workers took. */
+  onTlsReport: (r: TlsReportOutcome) => void;
   log: Logger;
 }
 
@@ -314,6 +317,8 @@ export class WorkerPool {
       slot.waiters.delete(msg.id);
     } else if (msg.t === 'pong') {
       slot.lastPong = Date.now();
+    } else if (msg.t === 'tlsrpt') {
+      this.parts.onTlsReport(msg.report);
     }
     // ready / start-failed are awaited in spawn(); stopped is followed by the exit.
   }

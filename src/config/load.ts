@@ -10,6 +10,7 @@ import { isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Docume
 import type { z } from 'zod';
 import { ConfigError, MailgateError, type ConfigProblem } from '../core/errors.ts';
 import { formatHostPort, type HostPort } from '../net/address.ts';
+import { discoveryProblems, discoveryWarnings } from './schema-discovery.ts';
 import {
   configSchema,
   DEFAULT_LIMITS,
@@ -197,6 +198,9 @@ function finish(
   if (parsed.acme?.lock === 'redis' && parsed.policy_store.type !== 'redis') {
     problem(['acme', 'lock'], 'redis uses the policy store\'s Redis: set policy_store: { type: redis, url: ... }, or use auto or file');
   }
+
+  for (const p of discoveryProblems(parsed)) problem(p.path, p.message);
+  warnings.push(...discoveryWarnings(parsed));
 
   if (problems.length > 0) throw new ConfigError(problems);
 

@@ -77,6 +77,17 @@ export const acmeSchema = z.strictObject({
   profile: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'not a profile name').optional(),
   /** Key type of the certificates (the account key is always ECDSA P-256). */
   key_type: z.enum(ACME_KEY_TYPES).default('ecdsa-p256'),
+  /**
+   * Keep each name's key across renewals (a `3 1 1` TLSA record then stays
+   * valid: DANE). Without it every renewal makes a new key.
+   */
+  reuse_key: z.boolean().default(false),
+  /**
+   * With reuse_key: how old a key may get. One renewal before that, the next
+   * key is made and its TLSA record listed beside the current one (mailgate
+   * dns, mailgate certs); the renewal after uses it. Unset: keys are kept.
+   */
+  key_rollover: duration.refine((ms) => ms >= 1000, 'at least 1s').optional(),
   /** Folder for the account key and obtained certificates. Default: tls.dir. Relative to the config file. */
   storage: z.string().min(1).optional(),
   /**

@@ -5,6 +5,7 @@
  */
 import { z } from 'zod';
 import { acmeSchema } from './schema-acme.ts';
+import { discoverySchema } from './schema-discovery.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
 import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
@@ -184,6 +185,8 @@ export const configSchema = z
     listeners: z.array(listenerSchema).min(1),
     /** Automatic certificates (ACME, Let's Encrypt): see src/config/schema-acme.ts and README.md "Certificates". */
     acme: acmeSchema.optional(),
+    /** Client autoconfig, MTA-STS, TLS-RPT, DANE and the DNS records: see src/config/schema-discovery.ts. */
+    discovery: discoverySchema.optional(),
     control: controlSection.default({ enabled: true, socket: '../run/mailgate.sock', mode: 0o660 }),
     metrics: metricsSection.default({}),
     /** Access rules, local users, routes, rate limits, brute force, policy store: see src/config/schema-policy.ts. */

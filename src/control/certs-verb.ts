@@ -181,5 +181,12 @@ export function formatCertTable(served: ServedCert[], acme: CertStatus[], now: n
   }
   if (rows.length === 1) return 'no certificates\n';
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
-  return `${rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n')}\n`;
+  const table = `${rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n')}\n`;
+  // Kept keys (acme.reuse_key): their TLSA 3 1 1 data, the current key's and, during a rollover, the next one's.
+  const keys = acme.flatMap((c) =>
+    c.keys
+      ? [`${c.name}: TLSA 3 1 1 ${c.keys.current} (key in use)`, ...(c.keys.next ? [`${c.name}: TLSA 3 1 1 ${c.keys.next.data} (NEXT key: ${c.keys.next.note})`] : [])]
+      : [],
+  );
+  return keys.length ? `${table}\nkeys (DANE; publish with mailgate dns):\n${keys.map((k) => `  ${k}`).join('\n')}\n` : table;
 }

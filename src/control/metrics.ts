@@ -114,6 +114,23 @@ export class GatewayMetrics {
         for (const w of workers()) add({ worker: String(w.index) }, w.restarts);
       });
     }
+    if (target.tlsReports) {
+      const reports = target.tlsReports;
+      this.counter('mailgate_tlsrpt_reports_total', 'TLS reports (RFC 8460) posted to the gateway, by result (accepted, refused).', ['result'], (add) => {
+        const t = reports.totals();
+        add({ result: 'accepted' }, t.reports.accepted);
+        add({ result: 'refused' }, t.reports.refused);
+      });
+      this.counter('mailgate_tlsrpt_sessions_total', 'Sessions the reporting MTAs counted, by policy domain (ours, or "other") and result.', ['domain', 'result'], (add) => {
+        for (const d of reports.totals().domains) {
+          add({ domain: d.domain, result: 'success' }, d.success);
+          add({ domain: d.domain, result: 'failure' }, d.failure);
+        }
+      });
+      this.counter('mailgate_tlsrpt_failures_total', 'Failed sessions in TLS reports, by policy domain and result type (RFC 8460 registry, or "other").', ['domain', 'type'], (add) => {
+        for (const d of reports.totals().domains) for (const [type, n] of Object.entries(d.failures)) add({ domain: d.domain, type }, n);
+      });
+    }
     this.counter('mailgate_reloads_total', 'Configuration reloads by result.', ['result'], (add) => {
       add({ result: 'ok' }, stats.reloads.ok);
       add({ result: 'failed' }, stats.reloads.failed);

@@ -113,6 +113,15 @@ export interface WorkerStatus {
   restarts: number;
 }
 
+/** TLS reports (RFC 8460) the gateway took since start, when it takes them (discovery.tls_rpt). */
+export interface TlsReportStatus {
+  accepted: number;
+  refused: number;
+  /** Sessions the reporting MTAs counted, over every report. */
+  success: number;
+  failure: number;
+}
+
 export interface StatusInfo {
   protocol: number;
   version: string;
@@ -131,6 +140,8 @@ export interface StatusInfo {
   bans: { supported: boolean; count: number };
   control: { clients: number; dropped: number };
   lastReload: (ReloadOutcome & { at: number }) | null;
+  /** Present when the gateway takes TLS reports. */
+  tlsReports?: TlsReportStatus;
 }
 
 // ---- events ------------------------------------------------------------------
@@ -158,6 +169,8 @@ export type ControlEvent =
   | { type: 'banned'; at: number; ban: Ban; killed: number }
   | { type: 'unbanned'; at: number; ip: string }
   | { type: 'cert'; at: number; cert: CertStatus }
+  /** A TLS report was posted: from whom (sender text, shown sanitised), and the sessions it counts; or refused, and why. */
+  | { type: 'tls-report'; at: number; ok: boolean; organization: string; success: number; failure: number; reason?: string }
   | ({ type: 'reload'; at: number } & ReloadOutcome);
 
 // ---- messages ------------------------------------------------------------------

@@ -43,7 +43,9 @@ import {
   type RequestId,
   type Snapshot,
   type StatusInfo,
+  type TlsReportStatus,
 } from './protocol.ts';
+import type { TlsReportLog } from '../discovery/tlsrpt.ts';
 import { bindSocketFile, removeSocketFile } from './socket-file.ts';
 import type { GatewayStats } from './stats.ts';
 import type { ControlTarget } from './target.ts';
@@ -258,6 +260,17 @@ export class ControlServer {
         this.publish({ type: 'auth-failed', at: e.at, id: e.id, listener: e.listener, clientIp: e.clientIp, user: e.user }),
       ),
       certificates.onChange((info) => this.publish({ type: 'cert', at: Date.now(), cert: this.certStatus(info) })),
+      ...(this.target.tlsReports
+        ? [
+            this.target.tlsReports.onReport((r) =>
+              this.publish(
+                r.ok
+                  ? { type: 'tls-report', at: r.at, ok: true, organization: r.organization, success: sum(r.domains, 'success'), failure: sum(r.domains, 'failure') }
+                  : { type: 'tls-report', at: r.at, ok: false, organization: '', success: 0, failure: 0, reason: r.reason },
+              ),
+            ),
+          ]
+        : []),
       this.target.onReload((result) => {
         this.lastReload = { ...result, at: Date.now() };
         this.publish({ type: 'reload', at: Date.now(), ...result });
@@ -493,6 +506,7 @@ export class ControlServer {
       bans: { supported: bans !== undefined, count: bans ? bans.list().length : 0 },
       control: { clients: this.clients.size, dropped: this.droppedClients },
       lastReload: this.lastReload,
+      ...(this.target.currentConfig.discovery?.tls_rpt?.receive && this.target.tlsReports ? { tlsReports: tlsReportStatus(this.target.tlsReports) } : {}),
     };
   }
 
@@ -649,6 +663,15 @@ export function certStatus(info: CertInfo, renewal: CertStatus['renewal'], now =
 }
 
 
+
+function sum<K extends 'success' | 'failure'>(domains: readonly Record<K, number>[], key: K): number {
+  return domains.reduce((n, d) => n + d[key], 0);
+}
+
+function tlsReportStatus(log: TlsReportLog): TlsReportStatus {
+  const t = log.totals();
+  return { accepted: t.reports.accepted, refused: t.reports.refused, success: sum(t.domains, 'success'), failure: sum(t.domains, 'failure') };
+}
 
 /** A BlockList for a CIDR block, or the address itself. */
 function blockFor(ip: string): BlockList | string {

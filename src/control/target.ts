@@ -3,6 +3,7 @@
  * gateway. The runtime (src/main.ts) implements it; unit tests use a small fake.
  */
 import type { Config } from '../config/load.ts';
+import type { TlsReportLog } from '../discovery/tlsrpt.ts';
 import type { SessionRegistry } from '../session/registry.ts';
 import type { CertInfo, CertStore } from '../tls/cert-store.ts';
 import type { Ban, CertRenewal, ReloadOutcome, WorkerStatus } from './protocol.ts';
@@ -41,6 +42,8 @@ export interface ControlTarget {
   refresh?(): Promise<void>;
   /** Worker processes, when this is a cluster primary. */
   workers?(): WorkerStatus[];
+  /** TLS reports taken (discovery.tls_rpt); absent in a gateway that has no such part. */
+  readonly tlsReports?: TlsReportLog;
   /** The ACME part's renewal state of a certificate, when it manages it. */
   certRenewal?(info: CertInfo): CertRenewal | null;
 }

@@ -96,6 +96,8 @@ export class FastPath implements ConnectionHandler {
   private bodyLeft = 0;
   private bodyChunks: ChunkedReader | undefined;
   private bodyTo: Socket | null = null;
+  /** A body read for the gateway's own answer (a well-known endpoint that takes a POST): what arrived, and who answers. */
+  private collect: { head: RequestHead; respond: (body: Buffer) => LocalAnswer; parts: Buffer[] } | undefined;
   private backend: Socket | undefined;
   private backendUsed = false;
   private backendError: Error | undefined;
@@ -197,6 +199,10 @@ export class FastPath implements ConnectionHandler {
       this.answer(head, route.answer);
       return;
     }
+    if (route.kind === 'read') {
+      this.readLocal(head, route.limit, route.respond);
+      return;
+    }
     if (isWebSocket(head)) {
       this.handoff(head);
       return;
@@ -204,10 +210,11 @@ export class FastPath implements ConnectionHandler {
     this.exchange(head);
   }
 
-  private answer(head: RequestHead, a: LocalAnswer): void {
+  /** `bodyRead`: the request's body was read already (readLocal), so the next head follows at once. */
+  private answer(head: RequestHead, a: LocalAnswer, bodyRead = false): void {
     const started = Date.now();
     const close = a.close !== undefined || this.conn.draining || wantsClose(head);
-    const text = rawAnswer(a.status, a.body, a.headers, { close, hsts: this.hsts, headOnly: head.method === 'HEAD' });
+    const text = rawAnswer(a.status, a.body, a.headers, { close, hsts: this.hsts, headOnly: head.method === 'HEAD' }, a.contentType);
     this.accessLog(head.method, head.target, a.status, started);
     if (close) {
       this.phase = 'gone';
@@ -220,9 +227,49 @@ export class FastPath implements ConnectionHandler {
       this.pausedForClient = true;
       this.client.pause();
     }
+    if (bodyRead) {
+      this.phase = 'head';
+      this.armHeadTimer();
+      this.heads();
+      return;
+    }
     // A body we do not want is read and dropped, so that the next head is found where it starts.
     if (head.body.kind !== 'none') this.startBody(head, null);
     else this.armHeadTimer();
+  }
+
+  /**
+   * A well-known endpoint that needs the body: it is read (bounded; chunked
+   * bodies are refused with 411, since every client of these endpoints sends
+   * a length), then answered. Nothing goes to the backend.
+   */
+  private readLocal(head: RequestHead, limit: number, respond: (body: Buffer) => LocalAnswer): void {
+    if (head.body.kind === 'chunked') {
+      this.answer(head, { status: 411, body: 'Length Required\n', close: 'protocol-error' });
+      return;
+    }
+    if (head.body.kind === 'length' && head.body.length > limit) {
+      this.answer(head, { status: 413, body: 'Content Too Large\n', close: 'protocol-error' });
+      return;
+    }
+    if (head.body.kind === 'none') {
+      this.answer(head, this.respondSafely(respond, Buffer.alloc(0)));
+      return;
+    }
+    // A client that waits for 100 Continue (curl, for bodies over 1 KiB) is told to go on.
+    if (head.minor === 1 && head.fields.some((f) => f.name === 'expect' && f.value.toLowerCase() === '100-continue')) this.write('HTTP/1.1 100 Continue\r\n\r\n');
+    this.collect = { head, respond, parts: [] };
+    this.startBody(head, null);
+  }
+
+  /** An endpoint that throws is a bug: logged, and the client gets 500. */
+  private respondSafely(respond: (body: Buffer) => LocalAnswer, body: Buffer): LocalAnswer {
+    try {
+      return respond(body);
+    } catch (err) {
+      this.conn.log.error({ err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'a well-known endpoint failed');
+      return { status: 500, body: 'Internal Server Error\n' };
+    }
   }
 
   private handoff(head: RequestHead): void {
@@ -311,6 +358,7 @@ export class FastPath implements ConnectionHandler {
       done = this.bodyLeft === 0;
     }
     if (take > 0 && this.bodyTo !== null) this.sendToBackend(take === chunk.length ? chunk : chunk.subarray(0, take));
+    else if (take > 0 && this.collect) this.collect.parts.push(take === chunk.length ? chunk : chunk.subarray(0, take));
     if (!done) return;
     const rest = take < chunk.length ? chunk.subarray(take) : null;
     this.pending = rest;
@@ -322,6 +370,12 @@ export class FastPath implements ConnectionHandler {
       ex.bodyDone = true;
       this.phase = 'waiting';
       if (rest && rest.length > MAX_PENDING) this.client.pause();
+      return;
+    }
+    const collected = this.collect;
+    if (collected) {
+      this.collect = undefined;
+      this.answer(collected.head, this.respondSafely(collected.respond, Buffer.concat(collected.parts)), true);
       return;
     }
     // A dropped body (after a local answer) is over: the next head, unless the gateway is shutting down.
@@ -669,6 +723,7 @@ export class FastPath implements ConnectionHandler {
 
   teardown(): void {
     this.phase = 'gone';
+    this.collect = undefined;
     this.clearTimer();
     const ex = this.ex;
     this.ex = undefined;

@@ -152,18 +152,58 @@ export class H2Front {
       this.answer(conn, req, res, route.answer);
       return;
     }
+    if (route.kind === 'read') {
+      this.readLocal(conn, req, res, route.limit, route.respond);
+      return;
+    }
     this.deps.library.web(conn, req, res);
+  }
+
+  /** A well-known endpoint that needs the body: read it (at most `limit` bytes, else 413), then answer. */
+  private readLocal(conn: HttpConnection, req: Http2ServerRequest, res: Http2ServerResponse, limit: number, respond: (body: Buffer) => LocalAnswer): void {
+    const declared = Number(req.headers['content-length'] ?? 0);
+    const tooLarge = () => this.answer(conn, req, res, { status: 413, body: 'Content Too Large\n' });
+    if (!Number.isSafeInteger(declared) || declared > limit) {
+      tooLarge();
+      return;
+    }
+    const parts: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on('data', (chunk: Buffer) => {
+      if (over) return;
+      size += chunk.length;
+      conn.countIn(chunk.length);
+      if (size > limit) {
+        over = true;
+        tooLarge();
+        return;
+      }
+      parts.push(chunk);
+    });
+    req.on('end', () => {
+      if (over || conn.closed) return;
+      let a: LocalAnswer;
+      try {
+        a = respond(Buffer.concat(parts));
+      } catch (err) {
+        conn.log.error({ err: errorMessage(err), stack: err instanceof Error ? err.stack : undefined }, 'a well-known endpoint failed');
+        a = { status: 500, body: 'Internal Server Error\n' };
+      }
+      this.answer(conn, req, res, a);
+    });
   }
 
   private answer(conn: HttpConnection, req: Http2ServerRequest, res: Http2ServerResponse, a: LocalAnswer): void {
     const s = conn.settings;
-    const headers: Record<string, string | number> = { 'content-type': 'text/plain; charset=utf-8', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(a.body) };
+    const length = Buffer.byteLength(a.body);
+    const headers: Record<string, string | number> = { 'content-type': a.contentType ?? 'text/plain; charset=utf-8', 'cache-control': 'no-store', 'content-length': length };
     for (const [k, v] of Object.entries(a.headers ?? {})) headers[k.toLowerCase()] = v;
     if (conn.tls && s.hsts > 0) headers['strict-transport-security'] = `max-age=${s.hsts}`;
     res.writeHead(a.status, headers);
     if (req.method === 'HEAD') res.end();
     else res.end(a.body);
-    conn.countOut(Buffer.byteLength(a.body));
+    conn.countOut(length);
     conn.log.debug({ method: req.method, status: a.status }, 'request');
     if (a.close) {
       conn.noteReason(a.close);

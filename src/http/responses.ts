@@ -42,18 +42,30 @@ export interface RawOptions {
   headOnly?: boolean;
 }
 
-/** A complete HTTP/1.1 response with a short text body. */
-export function rawAnswer(status: number, body: string, headers: Record<string, string | number> = {}, o: RawOptions = { close: true }): string {
-  let out = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n`;
+/**
+ * A complete HTTP/1.1 response with a short body: a string when the body is
+ * ASCII text (written as latin1, byte for byte), else bytes (a UTF-8 text, a
+ * signed profile).
+ */
+export function rawAnswer(
+  status: number,
+  body: string | Buffer,
+  headers: Record<string, string | number> = {},
+  o: RawOptions = { close: true },
+  contentType = 'text/plain; charset=utf-8',
+): string | Buffer {
+  const bytes = typeof body === 'string' && !/^[\x00-\x7f]*$/.test(body) ? Buffer.from(body, 'utf8') : body;
+  let out = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\nContent-Type: ${contentType}\r\nCache-Control: no-store\r\n`;
   for (const [name, value] of Object.entries(headers)) out += `${name}: ${value}\r\n`;
   if (o.hsts !== undefined) out += `Strict-Transport-Security: ${o.hsts}\r\n`;
-  out += `Content-Length: ${Buffer.byteLength(body)}\r\n`;
+  out += `Content-Length: ${bytes.length}\r\n`;
   if (o.close) out += 'Connection: close\r\n';
   out += '\r\n';
-  return o.headOnly ? out : out + body;
+  if (o.headOnly) return out;
+  return typeof bytes === 'string' ? out + bytes : Buffer.concat([Buffer.from(out, 'latin1'), bytes]);
 }
 
 /** A complete HTTP/1.1 response that closes the connection, for sockets taken over by an upgrade. */
 export function rawResponse(status: number, body: string, headers: Record<string, string | number> = {}): string {
-  return rawAnswer(status, body, headers, { close: true });
+  return rawAnswer(status, body, headers, { close: true }) as string;
 }

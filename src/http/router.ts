@@ -5,13 +5,16 @@
  *   ACME HTTP-01 challenge → well-known endpoints → redirect to https →
  *   policy (the connection's verdict, then requests per window) → proxy.
  *
- * The router answers with a Route: a short local answer, or "proxy". It never
- * writes to a socket; each path renders an answer in its own framing.
+ * The router answers with a Route: a short local answer, a local answer that
+ * needs the request body first ("read", for well-known endpoints that take a
+ * POST: they are asked after the connection's policy, since they do work for
+ * what a client sends), or "proxy". It never writes to a socket; each path
+ * renders an answer in its own framing.
  */
 import type { CloseReason } from '../protocols/types.ts';
 import type { HttpConnection } from './connection.ts';
 import { httpsRedirectLocation, logPath } from './headers.ts';
-import type { WellKnownRegistry } from './well-known.ts';
+import { isReadBody, type WellKnownRegistry } from './well-known.ts';
 
 /** The path ACME HTTP-01 validation requests use (RFC 8555 §8.3). */
 export const ACME_CHALLENGE_PREFIX = '/.well-known/acme-challenge/';
@@ -32,13 +35,20 @@ export interface RequestFacts {
 /** A short answer of the gateway's own. */
 export interface LocalAnswer {
   status: number;
-  body: string;
+  /** Text (UTF-8) or bytes. */
+  body: string | Buffer;
+  /** Default: text/plain; charset=utf-8. */
+  contentType?: string;
   headers?: Record<string, string | number>;
   /** The connection ends after it (with this reason recorded if nothing more specific happens). */
   close?: CloseReason;
 }
 
-export type Route = { kind: 'answer'; answer: LocalAnswer } | { kind: 'proxy' };
+export type Route =
+  | { kind: 'answer'; answer: LocalAnswer }
+  /** Read the request body, at most `limit` bytes (more: 413), then answer with `respond(body)`. */
+  | { kind: 'read'; limit: number; respond: (body: Buffer) => LocalAnswer }
+  | { kind: 'proxy' };
 
 export interface RouterDeps {
   /** The gateway's host name: where a redirect goes when the Host header is missing or implausible. */
@@ -70,9 +80,10 @@ export class Router {
       if (settings.redirect_https) return local({ status: 404, body: 'Not Found\n' });
     }
 
-    if (this.deps.wellKnown.size > 0 && path.startsWith('/.well-known/')) {
-      const answer = this.deps.wellKnown.match(path, req.method)?.handle(req);
-      if (answer) return local(answer);
+    if (this.deps.wellKnown.size > 0) {
+      const answer = this.deps.wellKnown.match(path, req.method, req.host, !plain)?.handle(req);
+      if (answer && !isReadBody(answer)) return local(answer);
+      if (answer) return this.refusal(req, conn) ?? { kind: 'read', limit: answer.read, respond: (body) => answer.respond(body) };
     }
 
     if (plain && settings.redirect_https) {
@@ -80,6 +91,11 @@ export class Router {
       return local({ status: readOnly ? 301 : 308, body: `Moved to ${location}\n`, headers: { Location: location } });
     }
 
+    return this.refusal(req, conn) ?? PROXY;
+  }
+
+  /** The policy's refusal of this request (the connection's verdict, then requests per window), if any. */
+  private refusal(req: RequestFacts, conn: HttpConnection): Route | undefined {
     const verdict = conn.verdict;
     if (verdict.action === 'deny') return local({ status: 403, body: 'Forbidden\n', close: 'policy-denied' });
     if (verdict.action === 'tempfail') {
@@ -91,7 +107,7 @@ export class Router {
     if (perRequest && perRequest.action === 'tempfail') {
       return local({ status: 429, body: 'Too Many Requests\n', headers: { 'Retry-After': retryAfterSeconds(perRequest.retryAfterMs) } });
     }
-    return PROXY;
+    return undefined;
   }
 }
 

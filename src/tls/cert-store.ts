@@ -134,6 +134,14 @@ export class CertStore {
     return this.defaultEntry?.context;
   }
 
+  /** The PEMs served for a name (exact, wildcard, default), e.g. to sign a profile with (src/discovery). */
+  pemFor(servername: string): { certPem: string; keyPem: string; info: CertInfo } | undefined {
+    const name = servername.toLowerCase();
+    const dot = name.indexOf('.');
+    const e = this.byName.get(name) ?? (dot > 0 ? this.byName.get(`*${name.slice(dot)}`) : undefined) ?? this.defaultEntry;
+    return e ? { certPem: e.certPem, keyPem: e.keyPem, info: e.info } : undefined;
+  }
+
   /** The certificate served to clients without a matching SNI name. */
   defaultInfo(): CertInfo | undefined {
     return this.defaultEntry?.info;

@@ -250,6 +250,12 @@ function workersPart(workers: StatusInfo['workers']): { text: string; color?: st
   return [{ text: `workers ${ready}/${workers.length}`, priority: 5, ...(ready < workers.length ? { color: 'red' } : {}) }];
 }
 
+/** TLS reports taken (discovery.tls_rpt): how many, and the failed sessions they count (yellow when any). */
+function tlsReportPart(t: StatusInfo['tlsReports']): { text: string; color?: string; priority: number }[] {
+  if (!t) return [];
+  return [{ text: `tls-rpt ${t.accepted} (${t.failure} failed sessions)`, priority: 2, ...(t.failure > 0 ? { color: 'yellow' } : {}) }];
+}
+
 function header(model: DashboardModel, w: number, now: number, chrome: Chrome): string[] {
   const st = model.status;
   const c = model.connection;
@@ -279,6 +285,7 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
     { text: `auth ok ${t.authOk} fail ${t.authFail}`, priority: 7 },
     { text: `refused ${t.refused}`, priority: 6 },
     { text: `bans ${st?.bans.supported ? model.bans.length : 'n/a'}`, priority: 4 },
+    ...tlsReportPart(st?.tlsReports),
   ];
   let shown = st ? parts : parts.slice(2);
   const width = (ps: typeof parts) => ps.reduce((n, p) => n + p.text.length, 0) + 2 * Math.max(0, ps.length - 1);

@@ -161,6 +161,16 @@ export class DashboardModel {
           this.status = { ...this.status, certs: [...rest, e.cert] };
         }
         break;
+      case 'tls-report': {
+        const t = this.status?.tlsReports;
+        if (this.status && t) {
+          const next = e.ok
+            ? { ...t, accepted: t.accepted + 1, success: t.success + e.success, failure: t.failure + e.failure }
+            : { ...t, refused: t.refused + 1 };
+          this.status = { ...this.status, tlsReports: next };
+        }
+        break;
+      }
       case 'refused':
       case 'auth-failed':
       case 'reload':
@@ -453,6 +463,12 @@ export function describe(e: ControlEvent): { level: LogLevel; text: string } | n
       return { level: 'info', text: `unbanned ${e.ip}` };
     case 'cert':
       return { level: 'info', text: `certificate ${e.cert.names.join(', ')}: valid until ${day(e.cert.notAfter)} (${e.cert.source})` };
+    case 'tls-report':
+      if (!e.ok) return { level: 'warn', text: `TLS report refused (${e.reason ?? 'unknown'})` };
+      return {
+        level: e.failure > 0 ? 'warn' : 'info',
+        text: `TLS report from ${e.organization || 'an unnamed sender'}: ${e.success} sessions ok, ${e.failure} failed`,
+      };
     case 'reload': {
       if (!e.ok) return { level: 'error', text: `reload refused: ${e.error ?? 'unknown error'}` };
       const parts = [e.started.length ? `started ${e.started.join(', ')}` : '', e.stopped.length ? `stopped ${e.stopped.join(', ')}` : ''].filter(Boolean);

@@ -93,3 +93,20 @@ test('the lock can be abandoned when the gateway stops', async () => {
   assert.ok(Date.now() - t < 2000);
   await held.release();
 });
+
+test('a rollover\'s next key: stored 0600 beside the certificate with when it was made, loaded back, removed metadata first', async () => {
+  const s = new AcmeStorage(join(root, 'store3'), 'https://ca.test/dir');
+  const { key } = selfSigned('n.test');
+  assert.equal(await s.loadNextKey('n.test'), undefined, 'none yet');
+  await s.saveNextKey('n.test', { keyPem: key, created: 1_700_000_000_000 });
+  const p = s.nextKeyPaths('n.test');
+  assert.equal(p.keyFile, join(s.certPaths('n.test').dir, 'n.test.next.key'));
+  assert.equal(statSync(p.keyFile).mode & 0o777, 0o600, 'the next key is as private as the current one');
+  assert.deepEqual(await s.loadNextKey('n.test'), { keyPem: key, created: 1_700_000_000_000 });
+  writeFileSync(p.metaFile, '{');
+  await assert.rejects(s.loadNextKey('n.test'), { code: 'CERT_LOAD' });
+  await s.removeNextKey('n.test');
+  assert.ok(!existsSync(p.keyFile) && !existsSync(p.metaFile));
+  await s.removeNextKey('n.test'); // nothing there: fine
+  assert.equal(await s.loadNextKey('n.test'), undefined);
+});

@@ -133,3 +133,22 @@ listeners:
   assert.match(byPath['listeners[0].response_timeout']?.message ?? '', /at least 100ms/);
   assert.ok(problems(web.replace('protocol: http', 'protocol: imap') + '    response_timeout: 60s\n').some((x) => x.path === 'listeners[0].response_timeout'), 'an HTTP key on a mail listener is unknown');
 });
+
+test('the commented examples in config/mailgate.yaml (the MX listener, discovery, reuse_key) are valid once uncommented', () => {
+  const file = new URL('../../../config/mailgate.yaml', import.meta.url).pathname;
+  const text = readFileSync(file, 'utf8');
+  // The blocks as an admin would switch them on: "# " removed from the commented listener, section and ACME keys.
+  const on = text
+    .replace(/^ {2}# (- name: mx\n(?: {2}# {3}.*\n)+)/m, (_m, block: string) => `  ${block.replace(/^ {2}# /gm, '  ')}`)
+    .replace(/^# (discovery:\n(?:# .*\n)+)/m, (_m, block: string) => block.replace(/^# ?/gm, ''))
+    .replace(/^# (acme:\n(?:# .*\n)+)/m, (_m, block: string) => block.replace(/^# ?/gm, '').replace(/^ {2}# (reuse_key|key_rollover)/gm, '  $1'));
+  assert.notEqual(on, text);
+  const c = parseConfig(on, file);
+  const mx = c.listeners.find((l) => l.name === 'mx');
+  assert.ok(mx && mx.protocol === 'smtp');
+  assert.deepEqual([mx.tls, mx.auth, mx.greet_delay, mx.xclient, mx.listen[0]!.port], ['starttls', 'none', 3000, true, 25]);
+  assert.deepEqual(c.discovery?.domains, ['example.org']);
+  assert.equal(c.discovery?.mta_sts?.mode, 'testing');
+  assert.equal(c.acme?.reuse_key, true);
+  assert.equal(c.acme?.key_rollover, 365 * 86_400_000);
+});

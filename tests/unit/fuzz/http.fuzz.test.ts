@@ -16,6 +16,7 @@ import fc from 'fast-check';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import { createLogger } from '../../../src/core/log.ts';
 import { isPlainOriginForm } from '../../../src/http/headers.ts';
+import { WellKnownRegistry } from '../../../src/http/well-known.ts';
 import { startHttpListener, type HttpListener, type HttpListenerHandle } from '../../../src/listeners/http-listener.ts';
 import { PassthroughPolicy } from '../../../src/policy/engine.ts';
 import { SessionRegistry } from '../../../src/session/registry.ts';
@@ -54,7 +55,10 @@ before(async () => {
     limits: { ...DEFAULT_LIMITS },
   };
   const log = createLogger('debug', { write: (l: string) => void logs.push(l) });
-  handle = await startHttpListener(listener, { hostname: 'gw.test', certs: new CertStore('TLSv1.2'), registry, policy: () => new PassthroughPolicy(), log, minVersion: 'TLSv1.2', acmeHttp01: () => undefined });
+  // An endpoint of the gateway's own that reads the body (as autodiscover and the TLS-RPT intake do), bounded at 8 bytes.
+  const wellKnown = new WellKnownRegistry();
+  wellKnown.register({ path: '/intake', methods: ['POST', 'PUT'], handle: () => ({ read: 8, respond: (b) => ({ status: 200, body: `read ${b.length}\n` }) }) });
+  handle = await startHttpListener(listener, { hostname: 'gw.test', certs: new CertStore('TLSv1.2'), registry, policy: () => new PassthroughPolicy(), log, minVersion: 'TLSv1.2', acmeHttp01: () => undefined, wellKnown });
   port = Number(/:(\d+)$/.exec(handle.addresses[0] ?? '')?.[1]);
 });
 
@@ -67,7 +71,7 @@ after(async () => {
 
 const method = fc.oneof({ weight: 5, arbitrary: fc.constantFrom('GET', 'POST', 'HEAD', 'PUT', 'OPTIONS', 'CONNECT', 'TRACE', 'PRI', 'get') }, { weight: 1, arbitrary: nastyText(8).map((s) => s.replace(/[\r\n ]/g, '')) });
 const target = fc.oneof(
-  { weight: 5, arbitrary: fc.constantFrom('/', '/a?b=1', '*', 'http://gw.test/x', '//x', '/%00', '/..%2f..', 'gw.test:443', '/' + 'a'.repeat(9000)) },
+  { weight: 5, arbitrary: fc.constantFrom('/', '/a?b=1', '*', 'http://gw.test/x', '//x', '/%00', '/..%2f..', 'gw.test:443', '/intake', '/' + 'a'.repeat(9000)) },
   { weight: 1, arbitrary: nastyText(20).map((s) => s.replace(/[\r\n]/g, '')) },
 );
 const version = fc.constantFrom('HTTP/1.1', 'HTTP/1.1', 'HTTP/1.0', 'HTTP/2.0', 'HTTP/0.9', 'HTTP/1.1 x', 'HTTP/11', '');
@@ -116,7 +120,7 @@ const request = fc
 const plausible = fc
   .record({
     m: fc.constantFrom('GET', 'POST', 'HEAD', 'PUT', 'DELETE', 'OPTIONS'),
-    t: fc.constantFrom('/', '/a?b=1', '/x/y', 'http://gw.test/abs'),
+    t: fc.constantFrom('/', '/a?b=1', '/x/y', 'http://gw.test/abs', '/intake'),
     extra: fc.array(header, { maxLength: 2 }),
     b: body,
   })

@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import type { HttpConnection, HttpListener } from '../../../src/http/connection.ts';
 import { Router, type LocalAnswer, type Route } from '../../../src/http/router.ts';
-import { WellKnownRegistry } from '../../../src/http/well-known.ts';
+import { hostName, WellKnownRegistry } from '../../../src/http/well-known.ts';
 import type { Verdict } from '../../../src/policy/engine.ts';
 
 function settings(overrides: Partial<HttpListener> = {}): HttpListener {
@@ -100,4 +100,43 @@ test('the well-known registry: exact paths and prefixes, one handler per path, u
   const c = conn(settings({ tls: 'implicit' }));
   assert.equal(answer(router.route({ method: 'GET', target: '/.well-known/autoconfig/mail/config-v1.1.xml', host: 'h' }, c)).body, 'xml');
   assert.deepEqual(router.route({ method: 'GET', target: '/.well-known/autoconfig/x', host: 'h' }, c), { kind: 'proxy' });
+});
+
+test('the registry matches on Host (port, case and a trailing dot ignored), TLS and, when asked, a path without case', () => {
+  const r = new WellKnownRegistry();
+  r.register({ path: '/mail/config-v1.1.xml', methods: ['GET'], hosts: ['autoconfig.example.org'], tlsOnly: true, handle: () => ({ status: 200, body: 'tb' }) });
+  r.register({ path: '/mail/config-v1.1.xml', methods: ['GET'], hosts: ['autoconfig.example.net'], handle: () => ({ status: 200, body: 'net' }) });
+  assert.throws(() => r.register({ path: '/mail/config-v1.1.xml', methods: ['GET'], handle: () => undefined }), /already registered/, 'every host overlaps');
+  r.register({ path: '/Autodiscover/Autodiscover.xml', caseInsensitive: true, methods: ['POST'], handle: () => ({ read: 10, respond: () => ({ status: 200, body: 'ad' }) }) });
+  assert.equal(r.match('/mail/config-v1.1.xml', 'GET', 'AutoConfig.Example.org.:8443')?.hosts?.[0], 'autoconfig.example.org');
+  assert.equal(r.match('/mail/config-v1.1.xml', 'GET', 'autoconfig.example.org', false), undefined, 'TLS only');
+  assert.equal(r.match('/mail/config-v1.1.xml', 'GET', 'autoconfig.example.net', false)?.hosts?.[0], 'autoconfig.example.net');
+  assert.equal(r.match('/mail/config-v1.1.xml', 'GET', 'mail.example.org'), undefined, 'another host');
+  assert.equal(r.match('/mail/config-v1.1.xml', 'GET', undefined), undefined, 'no Host');
+  assert.ok(r.match('/autodiscover/autodiscover.xml', 'POST', '[::1]:443'));
+  assert.equal(hostName('[2001:db8::1]:443'), '2001:db8::1');
+  assert.equal(hostName('Mail.Example.org.'), 'mail.example.org');
+
+  const next = new WellKnownRegistry();
+  r.replaceWith(next);
+  assert.equal(r.size, 0, 'a reload swaps the handlers in place');
+});
+
+test('an endpoint that reads the body is routed after the policy; one that answers at once before it', () => {
+  const wellKnown = new WellKnownRegistry();
+  wellKnown.register({ path: '/intake', methods: ['POST'], handle: () => ({ read: 100, respond: (b) => ({ status: 200, body: `got ${b.length}` }) }) });
+  wellKnown.register({ path: '/.well-known/mta-sts.txt', methods: ['GET'], handle: () => ({ status: 200, body: 'policy' }) });
+  const router = new Router({ hostname: 'gw', acmeHttp01: () => undefined, wellKnown });
+  const denied = conn(settings({ tls: 'implicit' }), { action: 'deny', code: 'access-denied', text: 'no' });
+  assert.equal(answer(router.route({ method: 'POST', target: '/intake', host: 'h' }, denied)).status, 403, 'a denied client gets no body read');
+  assert.equal(answer(router.route({ method: 'GET', target: '/.well-known/mta-sts.txt', host: 'h' }, denied)).body, 'policy');
+  const limited = conn(settings({ tls: 'implicit' }), { action: 'allow' }, { action: 'tempfail', code: 'request-rate', text: 'w', retryAfterMs: 1000 });
+  assert.equal(answer(router.route({ method: 'POST', target: '/intake', host: 'h' }, limited)).status, 429, 'requests per window count here too');
+  const ok = conn(settings({ tls: 'implicit' }));
+  const route = router.route({ method: 'POST', target: '/intake?x', host: 'h' }, ok);
+  assert.equal(route.kind, 'read');
+  if (route.kind === 'read') {
+    assert.equal(route.limit, 100);
+    assert.equal(route.respond(Buffer.from('abc')).body, 'got 3');
+  }
 });

@@ -18,6 +18,7 @@ import type { Listener } from '../../../src/config/load.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import { createLogger } from '../../../src/core/log.ts';
 import { hostWithoutPort, httpsRedirectLocation, isPlainOriginForm, isWebSocketUpgrade, logPath, stripHopByHop } from '../../../src/http/headers.ts';
+import { WellKnownRegistry } from '../../../src/http/well-known.ts';
 import { startHttpListener, type HttpListener, type HttpListenerHandle } from '../../../src/listeners/http-listener.ts';
 import { PassthroughPolicy, type Policy, type Verdict } from '../../../src/policy/engine.ts';
 import type { SessionRecord } from '../../../src/session/record.ts';
@@ -186,7 +187,7 @@ function httpListener(backendPort: number, overrides: Partial<HttpListener> = {}
   };
 }
 
-async function startGateway(t: TestContext, listener: HttpListener, policy: Policy = new PassthroughPolicy()): Promise<Gateway> {
+async function startGateway(t: TestContext, listener: HttpListener, policy: Policy = new PassthroughPolicy(), wellKnown?: WellKnownRegistry): Promise<Gateway> {
   const logs: string[] = [];
   const log = createLogger('debug', { write: (line: string) => void logs.push(line) });
   const certs = new CertStore('TLSv1.2');
@@ -200,7 +201,7 @@ async function startGateway(t: TestContext, listener: HttpListener, policy: Poli
   registry.on('refused', (r) => refused.push({ reason: r.reason, clientIp: r.clientIp }));
   let challenge: ((token: string) => string | undefined) | undefined;
   const acmeHttp01 = (token: string) => challenge?.(token);
-  const handle = await startHttpListener(listener, { hostname: 'gateway.example', certs, registry, policy: () => policy, log, minVersion: 'TLSv1.2', acmeHttp01 });
+  const handle = await startHttpListener(listener, { hostname: 'gateway.example', certs, registry, policy: () => policy, log, minVersion: 'TLSv1.2', acmeHttp01, ...(wellKnown ? { wellKnown } : {}) });
   t.after(async () => {
     await handle.close();
     registry.killAll('shutdown');
@@ -886,4 +887,63 @@ test('an ACME TLS-ALPN-01 validation handshake is closed by the gateway without 
   assert.equal(alpn, 'acme-tls/1');
   await waitFor('the validation session to close', () => gw.closed.length === 1);
   assert.equal(backend.requests.length, 0);
+});
+
+// ---- endpoints of the gateway's own (the well-known seam) ----------------------------------
+
+/** An endpoint on one host that reads the body and echoes its SHA-256 and length as bytes (UTF-8 text with a non-ASCII letter). */
+function echoEndpoint(host: string): WellKnownRegistry {
+  const r = new WellKnownRegistry();
+  r.register({
+    path: '/intake',
+    methods: ['POST'],
+    hosts: [host],
+    tlsOnly: true,
+    handle: () => ({
+      read: 4096,
+      respond: (body) => ({ status: 200, contentType: 'application/x-test', body: Buffer.from(`ü ${body.length} ${createHash('sha256').update(body).digest('hex')}`, 'utf8') }),
+    }),
+  });
+  r.register({ path: '/Case/Blind.xml', caseInsensitive: true, methods: ['GET'], tlsOnly: true, handle: () => ({ status: 200, body: 'folded\n' }) });
+  return r;
+}
+
+test('a well-known endpoint that reads the body: HTTP/1.1 with a length, 100-continue and a pipelined request after it; HTTP/2; bounds', async (t) => {
+  const backend = await startBackend(t);
+  const gw = await startGateway(t, httpListener(backend.port), new PassthroughPolicy(), echoEndpoint(HOST));
+  const body = 'x'.repeat(3000);
+  const want = `ü ${body.length} ${createHash('sha256').update(body).digest('hex')}`;
+  const h1 = await curl(['-k', ...gw.resolve, '--http1.1', '-H', 'Expect: 100-continue', '--data-binary', '@-', gw.url('/intake')], body);
+  assert.equal(h1.status, 200);
+  assert.equal(h1.headers['content-type'], 'application/x-test');
+  assert.equal(h1.body, want, 'the whole body reached the endpoint, the answer is UTF-8 bytes');
+  assert.equal(Number(h1.headers['content-length']), Buffer.byteLength(want));
+  const h2 = await curl(['-k', ...gw.resolve, '--http2', '--data-binary', '@-', gw.url('/intake')], body);
+  assert.equal(h2.status, 200);
+  assert.equal(h2.body, want, 'the same over HTTP/2');
+  assert.equal((await curl(['-k', ...gw.resolve, gw.url('/case/blind.XML')])).body, 'folded\n', 'a path compared without case');
+  assert.equal(backend.requests.length, 0, 'nothing reached the backend');
+
+  // Two requests in one write: the body is read whole, answered, and the next request goes on to the backend.
+  const raw = await new Promise<string>((resolve, reject) => {
+    const s = tlsConnect({ host: '127.0.0.1', port: gw.port, servername: HOST, rejectUnauthorized: false }, () => {
+      s.write(`POST /intake HTTP/1.1\r\nHost: ${HOST}\r\nContent-Length: 5\r\n\r\nhelloGET /next HTTP/1.1\r\nHost: ${HOST}\r\nConnection: close\r\n\r\n`);
+    });
+    let out = '';
+    s.on('data', (c: Buffer) => (out += c.toString('utf8')));
+    s.on('end', () => resolve(out));
+    s.on('error', reject);
+  });
+  assert.match(raw, /^HTTP\/1\.1 200 OK\r\n/);
+  assert.ok(raw.includes(`ü 5 ${createHash('sha256').update('hello').digest('hex')}`));
+  assert.match(raw, /"url":"\/next"/, 'the pipelined request after the body was proxied');
+
+  const big = await curl(['-k', ...gw.resolve, '--http1.1', '--data-binary', '@-', gw.url('/intake')], 'y'.repeat(5000));
+  assert.equal(big.status, 413, 'a body over the bound is refused unread');
+  const chunked = await curl(['-k', ...gw.resolve, '--http1.1', '-H', 'Transfer-Encoding: chunked', '--data-binary', '@-', gw.url('/intake')], 'z');
+  assert.equal(chunked.status, 411);
+  const big2 = await curl(['-k', ...gw.resolve, '--http2', '--data-binary', '@-', gw.url('/intake')], 'y'.repeat(5000));
+  assert.equal(big2.status, 413, 'the bound holds over HTTP/2 too');
+  const otherHost = await curl(['-k', '--resolve', `other.test:${gw.port}:127.0.0.1`, '--data-binary', 'q', `https://other.test:${gw.port}/intake`]);
+  assert.equal(json(otherHost.body).url, '/intake', 'another Host goes to the backend');
 });

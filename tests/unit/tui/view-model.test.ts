@@ -293,3 +293,23 @@ test('human formats', () => {
   assert.equal(humanDuration(61_000), '1m01');
   assert.equal(humanDuration(3_600_000 * 25), '1d01h');
 });
+
+test('TLS reports: counted in the header from the snapshot and each event, logged with the sender text sanitised', () => {
+  const m = new DashboardModel();
+  const s = snapshot([]);
+  s.status.tlsReports = { accepted: 1, refused: 0, success: 10, failure: 0 };
+  m.applySnapshot(s, T0);
+  m.applyBatch(
+    batch(T0 + 200, [
+      { type: 'tls-report', at: T0 + 100, ok: true, organization: 'Big\u001bMail', success: 90, failure: 7 },
+      { type: 'tls-report', at: T0 + 150, ok: false, organization: '', success: 0, failure: 0, reason: 'bad-gzip' },
+    ]),
+    T0 + 200,
+  );
+  assert.deepEqual(m.status?.tlsReports, { accepted: 2, refused: 1, success: 100, failure: 7 });
+  const log = m.log.map((l) => `${l.level} ${l.text}`);
+  assert.ok(log.includes('warn TLS report from Big?Mail: 90 sessions ok, 7 failed'), log.join('\n'));
+  assert.ok(log.includes('warn TLS report refused (bad-gzip)'));
+  const frame = renderFrame(m, 200, 30, T0 + 300, { bottom: '', prompting: false, detail: null, unicode: true, configFile: null, socketPath: '/s' });
+  assert.match(frame[1]!, /tls-rpt 2 \(7 failed sessions\)/);
+});
