@@ -139,7 +139,7 @@ function makeBan(req: BanRequest, now: number): Ban {
     user,
     until: now + req.durationMs,
     createdAt: now,
-    reason: req.reason ?? 'banned by an administrator',
+    reason: req.reason ?? 'Banned by the administrator',
     source: 'manual',
   };
 }

@@ -542,7 +542,7 @@ export class ControlServer {
       const bans = this.requireBans();
       const ip = normalizeIp(args.ip);
       const match = blockFor(ip);
-      const reason = args.reason ?? 'banned from the control socket';
+      const reason = args.reason ?? 'Banned by the administrator';
       try {
         bans.ban(ip, args.seconds, reason);
       } catch (err) {

@@ -64,6 +64,31 @@ export function tempfail(code: RefusalCode, retryAfterMs?: number, text = REFUSA
   return retryAfterMs === undefined ? { action: 'tempfail', code, text } : { action: 'tempfail', code, text, retryAfterMs: Math.max(0, Math.ceil(retryAfterMs)) };
 }
 
+/** The longest ban reason a client is shown; the rest is cut. */
+export const MAX_CLIENT_REASON = 120;
+
+/**
+ * A ban's refusal: a ban set by hand tells the client the administrator's
+ * reason, as one short line of printable ASCII (accents dropped, anything
+ * else that could break a protocol line or a terminal replaced); a
+ * brute-force ban, the fixed text.
+ */
+export function banned(ban: Ban, now: number): Refusal {
+  const text = ban.source === 'manual' ? clientText(ban.reason) : undefined;
+  return tempfail('banned', ban.until - now, text || REFUSAL_TEXT.banned);
+}
+
+/** Text from an administrator as a client may see it: one line of printable ASCII, at most MAX_CLIENT_REASON characters. */
+export function clientText(text: string): string {
+  const plain = text
+    .normalize('NFKD')
+    .replace(/[\u0300-\u036f]/g, '')
+    .replace(/[^\x20-\x7e]+/g, ' ')
+    .replace(/ {2,}/g, ' ')
+    .trim();
+  return plain.length <= MAX_CLIENT_REASON ? plain : `${plain.slice(0, MAX_CLIENT_REASON - 3).trimEnd()}...`;
+}
+
 /** Login names longer than this are refused without further work (they are not names). */
 export const MAX_USER = 320;
 
@@ -151,7 +176,7 @@ export class PolicyRules {
   private connect(f: Extract<Facts, { stage: 'connect' }>, s: Snapshot): Verdict {
     const outcome = this.access.evaluate(connectRuleFacts(f.listener, f.clientIp));
     if (outcome.decided && outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, false);
-    if (s.ban) return tempfail('banned', s.ban.until - s.now);
+    if (s.ban) return banned(s.ban, s.now);
     for (const c of this.connectLimits(f.listener.name)) {
       if (c.spec.limit === 'connections') {
         const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
@@ -164,7 +189,7 @@ export class PolicyRules {
   }
 
   private request(f: Extract<Facts, { stage: 'request' }>, s: Snapshot): Verdict {
-    if (s.ban) return tempfail('banned', s.ban.until - s.now);
+    if (s.ban) return banned(s.ban, s.now);
     for (const c of this.requestLimits(f.listener.name)) {
       const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
       if (until !== undefined) return tempfail('request-rate', until - s.now);
@@ -207,7 +232,7 @@ export class PolicyRules {
 /** Credentials, before their password: names too long to be names, acting as another user, bans. */
 function credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): Verdict {
   if ((f.user?.length ?? 0) > MAX_USER || (f.authzid?.length ?? 0) > MAX_USER) return deny('bad-login');
-  if (s.ban) return tempfail('banned', s.ban.until - s.now);
+  if (s.ban) return banned(s.ban, s.now);
   return ALLOW;
 }
 

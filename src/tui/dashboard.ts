@@ -354,7 +354,7 @@ class Dashboard {
     this.mode = { kind: 'normal' };
     const c = this.client;
     if (!c) return this.model.addLog(Date.now(), 'error', `ban ${m.ip}: not connected`);
-    c.request('ban', { ip: m.ip, seconds: Math.round(ms / 1000), reason: 'banned from mailgate top' }).then(
+    c.request('ban', { ip: m.ip, seconds: Math.round(ms / 1000), reason: 'Banned by the administrator' }).then(
       (r) => {
         // The daemon's "banned" event goes into the log; say here only what it does not.
         if (r.killed === 0) this.model.addLog(Date.now(), 'info', `ban of ${m.ip} accepted`);

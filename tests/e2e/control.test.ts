@@ -16,7 +16,7 @@ import { after, before, test } from 'node:test';
 import { ControlClient, ControlRequestError } from '../../src/control/client.ts';
 import { encode, type ControlEvent } from '../../src/control/protocol.ts';
 import { ImapHolder } from './control-helpers.ts';
-import { run } from './harness/clients.ts';
+import { LineClient, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { freePort, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 import { waitFor } from '../helpers/wait.ts';
@@ -170,6 +170,20 @@ test('ban from the socket ends the address’s sessions and keeps it out; unban 
   await holder.logout('b4');
   await holder.logout('b1');
   w.client.close();
+});
+
+test('a ban set by hand tells the refused client its reason, as one clean line (the IMAP greeting)', async () => {
+  const c = await ControlClient.connect(socketPath);
+  try {
+    await c.request('ban', { ip: '127.0.0.7', seconds: 60, reason: 'Abuse from your network\r\n* OK [ALERT] injected\u0007 \u2013 write to abuse@example.org' });
+    const greeting = await LineClient.connect(gw.ports.imaps!, { tls: true, localAddress: '127.0.0.7' });
+    assert.equal(await greeting.readLine(), '* BYE [UNAVAILABLE] Abuse from your network * OK [ALERT] injected write to abuse@example.org');
+    assert.equal(await greeting.readFor(300), '', 'nothing after the one line');
+    assert.equal(await greeting.waitClosed(), true, 'then the connection closes');
+  } finally {
+    await c.request('unban', { ip: '127.0.0.7' });
+    c.close();
+  }
 });
 
 /** Connects to the socket as another user, with a system binary (the checkout may not be readable by that user). */
