@@ -15,7 +15,7 @@ import type { RateLimit } from '../config/schema-policy.ts';
 import { AddressSet } from '../net/cidr.ts';
 import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
-import { canonicalUser } from './names.ts';
+import { UserKeys } from './names.ts';
 import { RuleSet, type RuleFacts } from './rules.ts';
 import type { BruteForce } from './state.ts';
 
@@ -133,10 +133,13 @@ export interface CompiledLimit {
 export class PolicyRules {
   readonly limits: readonly CompiledLimit[];
   readonly bruteForce: BruteForce;
+  /** How login names become the keys counts and bans are kept under (username_format). */
+  readonly names: UserKeys;
   private readonly access: RuleSet;
 
   constructor(config: Config) {
     this.access = new RuleSet(config.access.rules, config.access.default);
+    this.names = new UserKeys(config.username_format);
     this.bruteForce = { settings: config.brute_force, exempt: new AddressSet(config.brute_force.exempt) };
     const protocolOf = new Map(config.listeners.map((l) => [l.name, l.protocol as string]));
     this.limits = config.rate_limits.map((spec) => compileLimit(spec, protocolOf));
@@ -210,7 +213,7 @@ export class PolicyRules {
     });
     if (!outcome.decided) throw new Error('rules left a login undecided');
     if (outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, f.authenticated);
-    const identityKey = f.identity === null ? null : canonicalUser(f.identity);
+    const identityKey = f.identity === null ? null : this.names.account(f.identity);
     for (const c of this.limits) {
       if (!c.scope(l.name)) continue;
       if (c.spec.limit === 'concurrent' && c.spec.per === 'user' && identityKey !== null) {

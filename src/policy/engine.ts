@@ -27,7 +27,6 @@ import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
 import { ALLOW, blockKey, deny, limitKey, MAX_USER, PolicyRules, tempfail, type CompiledLimit, type Refusal, type Snapshot, type Verdict } from './decide.ts';
 import type { PolicyFiles } from './files.ts';
-import { canonicalUser } from './names.ts';
 import { BackendSecrets, Router } from './routes.ts';
 import type { PolicyState, WindowLimit } from './state.ts';
 import { UserDirectory, type LocalUser } from './users.ts';
@@ -157,10 +156,11 @@ export class PolicyEngine implements Policy {
     const l = facts.listener;
     const address = facts.clientIp;
     const bf = this.rules.bruteForce;
-    const userKey = credentials && credentials.user.length <= MAX_USER ? canonicalUser(credentials.user) : null;
+    // The keys the login is counted and banned under (username_format): every spelling of the account.
+    const keys = credentials && credentials.user.length <= MAX_USER ? this.rules.names.keys(credentials.user) : [];
 
     // 1. The credentials as sent: names that are not names, bans (before the password is looked at).
-    const ban = await this.state.loginBan(address, userKey, this.state.clock(), bf);
+    const ban = await this.state.loginBan(address, keys, this.state.clock(), bf);
     const first = this.rules.decide({ stage: 'credentials', listener: l, clientIp: address, user: credentials?.user ?? null, authzid: credentials?.authzid ?? null }, this.snapshot(ban));
     if (first.action !== 'allow') return first;
 
@@ -171,11 +171,11 @@ export class PolicyEngine implements Policy {
       if (checked === 'busy') return tempfail('auth-busy', 5_000);
       if (checked === 'other-user') return deny('bad-login');
       if (checked === 'wrong-password') {
-        await this.state.loginFailed(address, userKey, bf);
+        await this.state.loginFailed(address, keys, bf);
         return deny('bad-login');
       }
       verified = checked;
-      await this.state.loginSucceeded(address, userKey ?? '', bf);
+      await this.state.loginSucceeded(address, keys, bf);
     }
 
     // 3. The login as it acts (a PLAIN authorization id, when the backend allows one): rules and limits.
@@ -196,7 +196,7 @@ export class PolicyEngine implements Policy {
       // SMTP without AUTH on a local listener: nothing to replay.
       replay = null;
     }
-    if (facts.session !== undefined && identity !== null) this.state.loginStarted(facts.session, l.name, canonicalUser(identity));
+    if (facts.session !== undefined && identity !== null) this.state.loginStarted(facts.session, l.name, this.rules.names.account(identity));
     return { action: 'allow', backend, credentials: replay };
   }
 
@@ -208,10 +208,10 @@ export class PolicyEngine implements Policy {
       if (!ok) this.log.warn({ listener: facts.listener.name, user: facts.user }, 'the backend refused a login mailgate had verified (check backend_login)');
       return;
     }
-    const userKey = canonicalUser(facts.user);
+    const keys = this.rules.names.keys(facts.user);
     const bf = this.rules.bruteForce;
-    if (ok) this.state.track('reset failures', this.state.loginSucceeded(facts.clientIp, userKey, bf));
-    else this.state.track('count failure', this.state.loginFailed(facts.clientIp, userKey, bf));
+    if (ok) this.state.track('reset failures', this.state.loginSucceeded(facts.clientIp, keys, bf));
+    else this.state.track('count failure', this.state.loginFailed(facts.clientIp, keys, bf));
   }
 
   // ---- SMTP recipients and messages ----------------------------------------------------
@@ -226,7 +226,7 @@ export class PolicyEngine implements Policy {
 
   /** One recipient or message against the limits that count them here; undefined when none does. */
   private countSmtp(facts: AuthFacts, limit: 'messages' | 'recipients'): Promise<Verdict> | undefined {
-    const userKey = facts.user === null ? null : canonicalUser(facts.user);
+    const userKey = facts.user === null ? null : this.rules.names.account(facts.user);
     const counts: { c: CompiledLimit; key: string }[] = [];
     for (const c of this.rules.messageLimits(facts.listener.name)) {
       if (c.spec.limit !== limit) continue;
@@ -273,7 +273,7 @@ export class PolicyEngine implements Policy {
   private async messageCounts(l: Listener, identity: string | null, address: string): Promise<ReadonlyMap<string, Count>> {
     const limits = this.rules.messageLimits(l.name);
     if (limits.length === 0) return NO_COUNTS;
-    const identityKey = identity === null ? null : canonicalUser(identity);
+    const identityKey = identity === null ? null : this.rules.names.account(identity);
     const counts = new Map<string, Count>();
     for (const c of limits) {
       const key = c.spec.per === 'user' ? identityKey : address;

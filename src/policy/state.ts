@@ -260,55 +260,74 @@ export class PolicyState {
   /**
    * The ban that stops a login before its password is looked at, from the
    * store: the address, a range, the user from this address, or the user's
-   * own ban when this address has failed for the user (a locked user still
-   * logs in from an address that has not).
+   * own ban (an administrator's everywhere; a brute-force one only where this
+   * address has failed for the user, so a locked user still logs in from an
+   * address that has not). `keys`: the login's keys (username_format), each
+   * checked.
    */
-  async loginBan(address: string, user: string | null, now: number, bf: BruteForce): Promise<Ban | undefined> {
-    const [addr, pair, own] = await Promise.all([
+  async loginBan(address: string, keys: readonly string[], now: number, bf: BruteForce): Promise<Ban | undefined> {
+    const [addr, ...rest] = await Promise.all([
       this.bans.check(banId('address', address, null), now),
-      user === null ? undefined : this.bans.check(banId('pair', address, user), now),
-      user === null ? undefined : this.bans.check(banId('user', null, user), now),
+      ...keys.map((k) => this.bans.check(banId('pair', address, k), now)),
+      ...keys.map((k) => this.bans.check(banId('user', null, k), now)),
     ]);
-    const hit = addr ?? this.bans.rangeBanFor(address, now) ?? pair;
-    if (hit || !own || user === null) return hit;
-    const failed = await this.failureCounters(bf.settings).pair.peek(pairKey(address, user));
-    return failed.count > 0 ? own : undefined;
+    const pairs = rest.slice(0, keys.length);
+    const own = rest.slice(keys.length);
+    const hit = addr ?? this.bans.rangeBanFor(address, now) ?? pairs.find((b) => b !== undefined);
+    if (hit) return hit;
+    for (let i = 0; i < keys.length; i++) {
+      const ban = own[i];
+      if (!ban) continue;
+      if (ban.source === 'manual') return ban;
+      const failed = await this.failureCounters(bf.settings).pair.peek(pairKey(address, keys[i]!));
+      if (failed.count > 0) return ban;
+    }
+    return undefined;
   }
 
-  /** Counts one failed login and bans when a threshold is reached. */
-  async loginFailed(address: string, user: string | null, bf: BruteForce): Promise<void> {
+  /** Counts one failed login (the address once, the user under each of its keys) and bans where a threshold is reached. */
+  async loginFailed(address: string, keys: readonly string[], bf: BruteForce): Promise<void> {
     if (!bf.settings.enabled || bf.exempt.has(address)) return;
     const counters = this.failureCounters(bf.settings);
-    const [a, p, u] = await Promise.all([
+    const [a, ...rest] = await Promise.all([
       counters.address.hit(address),
-      user === null ? undefined : counters.pair.hit(pairKey(address, user)),
-      user === null ? undefined : counters.user.hit(user),
+      ...keys.map((k) => counters.pair.hit(pairKey(address, k))),
+      ...keys.map((k) => counters.user.hit(k)),
     ]);
-    this.log.info({ client: address, user, failures: { address: a.count, pair: p?.count, user: u?.count } }, 'failed login counted');
+    const pairs = rest.slice(0, keys.length);
+    const users = rest.slice(keys.length);
+    const most = (counts: Count[]) => (counts.length === 0 ? undefined : Math.max(...counts.map((c) => c.count)));
+    this.log.info({ client: address, user: keys[0] ?? null, failures: { address: a!.count, pair: most(pairs), user: most(users) } }, 'failed login counted');
     const { per_address, per_address_user, per_user } = bf.settings;
     const now = this.clock();
-    if (a.count >= per_address.failures) await this.autoBan('address', address, null, per_address, a.count, now);
-    if (p && user !== null && p.count >= per_address_user.failures) await this.autoBan('pair', address, user, per_address_user, p.count, now);
-    if (u && user !== null && u.count >= per_user.failures) await this.autoBan('user', null, user, per_user, u.count, now);
+    if (a!.count >= per_address.failures) await this.autoBan('address', address, null, per_address, a!.count, now);
+    for (let i = 0; i < keys.length; i++) {
+      const p = pairs[i]!.count;
+      const u = users[i]!.count;
+      if (p >= per_address_user.failures) await this.autoBan('pair', address, keys[i]!, per_address_user, p, now);
+      if (u >= per_user.failures) await this.autoBan('user', null, keys[i]!, per_user, u, now);
+    }
   }
 
-  /** A login from this address succeeded: its failures for the user are forgiven. */
-  loginSucceeded(address: string, user: string, bf: BruteForce): Promise<void> {
-    return this.failureCounters(bf.settings).pair.reset(pairKey(address, user));
+  /** A login from this address succeeded: its failures for the user (under every key) are forgiven. */
+  async loginSucceeded(address: string, keys: readonly string[], bf: BruteForce): Promise<void> {
+    const pair = this.failureCounters(bf.settings).pair;
+    await Promise.all(keys.map((k) => pair.reset(pairKey(address, k))));
   }
 
-  /** Failed logins counted in the current windows (an address, a user, or both). */
-  async failures(query: { address?: string; user?: string }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
+  /** Failed logins counted in the current windows (an address, a user's keys, or both; the most of the keys). */
+  async failures(query: { address?: string; keys?: readonly string[] }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
     const counters = this.failureCounters(settings);
-    const { address, user } = query;
+    const { address, keys } = query;
+    const most = async (counts: Promise<Count>[]) => Math.max(0, ...(await Promise.all(counts)).map((c) => c.count));
     if (address !== undefined) {
       return {
         address: (await counters.address.peek(address)).count,
-        pair: user === undefined ? null : (await counters.pair.peek(pairKey(address, user))).count,
-        user: user === undefined ? null : (await counters.user.peek(user)).count,
+        pair: keys === undefined ? null : await most(keys.map((k) => counters.pair.peek(pairKey(address, k)))),
+        user: keys === undefined ? null : await most(keys.map((k) => counters.user.peek(k))),
       };
     }
-    if (user !== undefined) return { address: 0, pair: null, user: (await counters.user.peek(user)).count };
+    if (keys !== undefined) return { address: 0, pair: null, user: await most(keys.map((k) => counters.user.peek(k))) };
     return null;
   }
 

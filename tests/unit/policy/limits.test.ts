@@ -358,3 +358,64 @@ test('the control socket view (BanAdmin): ban, list, unban and change events for
   assert.deepEqual(events, ['+192.0.2.9', '+10.0.0.0/8', '+192.0.2.30', '-192.0.2.9']);
   off?.();
 });
+
+// ---- username_format: one account, many spellings ---------------------------------------
+
+/** A passthrough login the backend refuses (the engine counts it as Dovecot answers). */
+async function backendRefuses(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string) {
+  const c = connect(config, 'imap-pass', ip);
+  const cr = creds(user, 'wrong');
+  const v = await engine.onAuth(login(c, cr), cr);
+  if (v.action === 'allow') engine.onAuthResult(login(c, cr), false);
+  await engine.settled();
+  return v;
+}
+
+async function passthrough(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string) {
+  const c = connect(config, 'imap-pass', ip);
+  const cr = creds(user, 'right');
+  return engine.onAuth(login(c, cr), cr);
+}
+
+test('a banned user is banned under every spelling: by default the local part counts as well as the whole name', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  // Three guesses, three spellings of one account, as Dovecot's %n sees it.
+  for (const u of ['user5', 'User5@a.example', 'user5@B.EXAMPLE']) assert.equal((await backendRefuses(engine, config, '192.0.2.1', u)).action, 'allow');
+  for (const u of ['user5', 'user5@anything.invalid', 'User5@EXAMPLE.org']) {
+    assert.deepEqual(await passthrough(engine, config, '192.0.2.1', u), { action: 'tempfail', code: 'banned', text: 'Too many failed logins, try again later', retryAfterMs: 15 * 60_000 }, u);
+  }
+  assert.equal((await passthrough(engine, config, '192.0.2.2', 'user5@example.org')).action, 'allow', 'from another address the pair ban does not apply');
+  assert.equal((await passthrough(engine, config, '192.0.2.1', 'user6@example.org')).action, 'allow', 'another account from the same address');
+});
+
+test('username_format "%n": the ban key is the local part only; "%u": other domains are other accounts', async (t) => {
+  clock(t);
+  const n = configFrom(`username_format: "%Ln"\n${BF}${LOCAL}`);
+  const a = await engineFor(n);
+  for (let i = 0; i < 3; i++) await backendRefuses(a.engine, n, '192.0.2.1', `user5@d${i}.example`);
+  assert.equal((await passthrough(a.engine, n, '192.0.2.1', 'USER5')).action, 'tempfail');
+  assert.deepEqual((await a.admin.inspect({ address: '192.0.2.1', user: 'user5@elsewhere' })).failures, { address: 3, pair: 3, user: 3 });
+
+  const u = configFrom(`username_format: "%u"\n${BF}${LOCAL}`);
+  const b = await engineFor(u);
+  for (let i = 0; i < 3; i++) await backendRefuses(b.engine, u, '192.0.2.1', 'user5@a.example');
+  assert.equal((await passthrough(b.engine, u, '192.0.2.1', 'User5@A.example')).action, 'tempfail', 'case never makes another account');
+  assert.equal((await passthrough(b.engine, u, '192.0.2.1', 'user5@b.example')).action, 'allow', 'with %u another domain is another account');
+});
+
+test('per-user bans follow the keys too; a brute-force one only where the address failed, an administrator\'s everywhere', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine, admin } = await engineFor(config);
+  for (let i = 1; i <= 5; i++) await backendRefuses(engine, config, `203.0.113.${i}`, i % 2 ? 'carol' : 'Carol@example.org');
+  assert.equal((await passthrough(engine, config, '203.0.113.2', 'carol@other.example')).action, 'tempfail', 'an address that failed for carol, another spelling');
+  assert.equal((await passthrough(engine, config, '192.0.2.50', 'carol@other.example')).action, 'allow', 'a clean address');
+
+  const made = await admin.addBan({ kind: 'user', user: 'Mallory@Example.org', durationMs: 60_000, reason: 'compromised' });
+  assert.deepEqual(made.map((b) => b.id), ['user:mallory@example.org', 'user:mallory']);
+  assert.deepEqual(await passthrough(engine, config, '192.0.2.51', 'mallory@anything.invalid'), { action: 'tempfail', code: 'banned', text: 'compromised', retryAfterMs: 60_000 });
+  for (const b of made) assert.equal(await admin.removeBan(b.id), true);
+  assert.equal((await passthrough(engine, config, '192.0.2.51', 'mallory@anything.invalid')).action, 'allow', 'unbanned by the name it was banned with');
+});
