@@ -4,8 +4,9 @@
  * which keeps them (memory or Redis, and across workers).
  *
  *   PolicyAdmin  every ban kind, failed logins counted, sessions open
- *   BanAdmin     the control socket's address ban list (target.ts): addresses,
- *                ranges, and user-from-address bans shown by their address
+ *   BanAdmin     the control socket's ban list (target.ts): every kind
+ *                (addresses, ranges, users, users from one address), listed,
+ *                added and lifted
  *
  * User names become ban keys as the policy counts them (username_format):
  * banning "alice@example.org" with the default formats bans the keys
@@ -19,13 +20,13 @@ import { MailgateError } from '../core/errors.ts';
 import { DEFAULT_USERNAME_FORMAT } from '../core/username-format.ts';
 import type { Logger } from '../core/log.ts';
 import { normalizeIp } from '../net/address.ts';
-import { parseCidr } from '../net/cidr.ts';
+import { AddressSet, parseCidr } from '../net/cidr.ts';
 import { banId, type Ban, type BanKind } from '../policy/bans.ts';
 import { MAX_USER } from '../policy/decide.ts';
 import { UserKeys } from '../policy/names.ts';
 import type { FailureCounts, PolicyState } from '../policy/state.ts';
 import type { Ban as ControlBan } from './protocol.ts';
-import type { BanAdmin } from './target.ts';
+import type { BanAdmin, BanTarget } from './target.ts';
 
 export interface BanRequest {
   kind: BanKind;
@@ -110,35 +111,64 @@ export class PolicyAdmin {
     };
   }
 
-  /** The control socket's ban list: addresses and ranges; bans of a user from one address show as that address. */
+  /** The control socket's ban list: every kind. */
   banList(): BanAdmin {
     const state = this.state;
-    const shown = (b: Ban) => b.kind !== 'user' && b.address !== null;
     return {
-      list: () => state.bans.cachedList(state.clock()).filter(shown).map(toControlBan),
-      ban: (ip, seconds, reason) => {
-        const kind: BanKind = ip.includes('/') ? 'range' : 'address';
-        const req: BanRequest = { kind, address: ip, durationMs: seconds * 1000, reason };
-        this.makeBans(req, state.clock()); // validates now, so a bad address is the caller's error
+      list: () => state.bans.cachedList(state.clock()).map(toControlBan),
+      ban: (target, seconds, reason) => {
+        const req: BanRequest = { ...requestFor(typeof target === 'string' ? { ip: target } : target), durationMs: seconds * 1000, reason };
+        const bans = this.makeBans(req, state.clock()); // validates now, so a bad target is the caller's error
         state.track('ban', this.addBan(req));
+        return bans.map(toControlBan);
       },
-      unban: (ip) => {
-        const address = ip.includes('/') ? ip : normalizeIp(ip);
-        const ids = state.bans
-          .cachedList(state.clock())
-          .filter((b) => b.address === address && b.kind !== 'user')
-          .map((b) => b.id);
+      unban: (target) => {
+        const ids = this.matching(typeof target === 'string' ? { ip: target } : target).map((b) => b.id);
         for (const id of ids) state.track('unban', this.removeBan(id));
         return ids.length > 0;
       },
+      covers: (target, ip, user) => this.covers(target, ip, user),
       onChange: (listener) =>
         state.bans.onChange((change) => {
-          const b = change.ban;
-          if (!shown(b) || b.address === null) return;
-          if (change.kind === 'banned') listener({ kind: 'banned', ban: toControlBan(b) });
-          else listener({ kind: 'unbanned', ip: b.address });
+          const b = toControlBan(change.ban);
+          if (change.kind === 'banned') listener({ kind: 'banned', ban: b });
+          else listener({ kind: 'unbanned', ip: b.ip, id: change.ban.id, user: b.user ?? null });
         }),
     };
+  }
+
+  /**
+   * The bans an unban of `target` lifts: by id exactly; by address its
+   * address or range ban and the bans of users from it; by user every ban
+   * of the name's keys (everywhere and from any address); by both, the bans
+   * of the user from that address.
+   */
+  private matching(target: BanTarget | { id: string }): Ban[] {
+    const all = this.state.bans.cachedList(this.state.clock());
+    if ('id' in target) return all.filter((b) => b.id === target.id);
+    const address = target.ip === undefined ? undefined : target.ip.includes('/') ? (cidrText(target.ip) ?? target.ip) : normalizeIp(target.ip);
+    const keys = target.user === undefined ? undefined : this.userKeys(target.user);
+    return all.filter((b) => {
+      const byAddress = address === undefined || b.address === address;
+      const byUser = keys === undefined || (b.user !== null && keys.includes(b.user));
+      if (address !== undefined && keys !== undefined) return b.kind === 'pair' && byAddress && byUser;
+      return byAddress && byUser;
+    });
+  }
+
+  /** Whether a session from `ip`, logged in as `user`, is one a ban of `target` stops. */
+  private covers(target: BanTarget, ip: string, user: string | null): boolean {
+    if (target.ip !== undefined) {
+      const cidr = target.ip.includes('/') ? parseCidr(target.ip) : undefined;
+      const inside = cidr === undefined ? normalizeIp(target.ip) === normalizeIp(ip) : typeof cidr !== 'string' && new AddressSet([cidr]).has(ip);
+      if (!inside) return false;
+    }
+    if (target.user !== undefined) {
+      if (user === null) return false;
+      const theirs = new Set(this.userKeys(user));
+      return this.userKeys(target.user).some((k) => theirs.has(k));
+    }
+    return true;
   }
 
   private makeBans(req: BanRequest, now: number): Ban[] {
@@ -173,9 +203,29 @@ export class PolicyAdmin {
   }
 }
 
+/** A control target as a ban request: an address or range, a user, or a user from an address. */
+function requestFor(target: BanTarget): Pick<BanRequest, 'kind' | 'address' | 'user'> {
+  const { ip, user } = target;
+  if (ip !== undefined && user !== undefined) {
+    if (ip.includes('/')) throw new MailgateError('BAN_INVALID', 'a user is banned from one address, not from a range');
+    return { kind: 'pair', address: ip, user };
+  }
+  if (user !== undefined) return { kind: 'user', user };
+  if (ip !== undefined) return { kind: ip.includes('/') ? 'range' : 'address', address: ip };
+  throw new MailgateError('BAN_INVALID', 'name an address (ip), a user, or both');
+}
+
+function cidrText(text: string): string | undefined {
+  const cidr = parseCidr(text);
+  return typeof cidr === 'string' ? undefined : cidr.text;
+}
+
 function toControlBan(b: Ban): ControlBan {
   return {
-    ip: b.address ?? '',
+    id: b.id,
+    kind: b.kind,
+    ip: b.address,
+    user: b.user,
     reason: b.kind === 'pair' ? `user ${b.user ?? ''}: ${b.reason}` : b.reason,
     createdAt: b.createdAt,
     expiresAt: b.until,

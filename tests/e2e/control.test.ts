@@ -186,6 +186,42 @@ test('a ban set by hand tells the refused client its reason, as one clean line (
   }
 });
 
+test('a user is banned and lifted with the CLI verbs (bans, ban, unban); the client is told the administrator\'s reason', async () => {
+  const cli = (...args: string[]) => run(process.execPath, [CLI, ...args, '-s', socketPath], { timeoutMs: 20_000 });
+  assert.ok((await holder.open('u1', bob.name, bob.password, '127.0.0.5')).ok);
+  assert.ok((await holder.open('u2', alice.name, alice.password, '127.0.0.5')).ok);
+
+  const banned = await cli('ban', '--user', 'Bob', '--for', '10m', '--reason', 'Account locked: call the helpdesk');
+  assert.equal(banned.code, 0, banned.stderr);
+  assert.match(banned.stdout, /^banned user bob for 10m \(user:bob\)\n1 session ended\n$/);
+  assert.equal((await holder.noop('u1')).ok, false, 'bob\'s session ended');
+  assert.ok((await holder.noop('u2')).ok, 'alice from the same address keeps hers');
+  const refused = await holder.open('u3', bob.name, bob.password, '127.0.0.6');
+  assert.equal(refused.ok, false, 'bob is refused from another address too');
+  assert.match(refused.error ?? '', /\[UNAVAILABLE\] Account locked: call the helpdesk/);
+
+  const list = await cli('bans');
+  assert.equal(list.code, 0, list.stderr);
+  assert.match(list.stdout, /^ID +KIND +ADDRESS +USER +LEFT +SOURCE +REASON$/m);
+  assert.match(list.stdout, /^user:bob +user +- +bob +(9m\d\d|10m) +manual +Account locked: call the helpdesk$/m);
+  const c = await ControlClient.connect(socketPath);
+  try {
+    const user = (await c.request('bans', {})).find((b) => b.kind === 'user');
+    assert.deepEqual([user?.id, user?.ip, user?.user, user?.source], ['user:bob', null, 'bob', 'manual']);
+  } finally {
+    c.close();
+  }
+
+  const lifted = await cli('unban', '--user', 'bob');
+  assert.deepEqual([lifted.code, lifted.stdout], [0, 'lifted\n']);
+  const again = await cli('unban', '--user', 'bob');
+  assert.deepEqual([again.code, again.stdout], [1, 'no such ban\n']);
+  assert.equal((await cli('unban')).code, 2, 'nothing named: a usage error');
+  assert.ok((await holder.open('u4', bob.name, bob.password, '127.0.0.6')).ok, 'bob is back in');
+  await holder.logout('u4');
+  await holder.logout('u2');
+});
+
 /** Connects to the socket as another user, with a system binary (the checkout may not be readable by that user). */
 function connectAs(uid: number, gid: number): { status: number | null; stdout: string; stderr: string } {
   const script = [

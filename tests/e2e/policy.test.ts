@@ -5,8 +5,10 @@
  * nginx), driven by Python's imaplib/poplib/smtplib, curl and a TLS line client.
  */
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { ControlClient } from '../../src/control/client.ts';
 import { LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, startNginx, startSmtpSink, userByName, type Dovecot, type Nginx, type SmtpServer } from './harness/servers.ts';
@@ -247,6 +249,7 @@ test('HTTP requests per address on one keep-alive connection: 429 past the limit
     await local.stop();
   }
 });
+
 /** An IMAPS login from `source` through `port`: ok, or the server's words. */
 function imapLoginFrom(port: number, user: string, password: string, source: string): Promise<ImapResult> {
   return python<ImapResult>(
@@ -268,7 +271,7 @@ except (imaplib.IMAP4.error, OSError) as e:
   );
 }
 
-test('a ban holds for every spelling Dovecot (%n) takes for the same account: brute-force pair and user bans', async () => {
+test('a ban holds for every spelling Dovecot (%n) takes for the same account: brute-force pair and user bans, and one set by hand', async () => {
   // Dovecot itself: "dave@anything.invalid" and "Dave@EXAMPLE.org" are dave (auth_username_format %Lu, passdb %n).
   const direct = await python<{ a: string; b: string }>(
     `
@@ -312,7 +315,20 @@ out(r)
     assert.match((await imapLoginFrom(port, 'dave@other.invalid', dave.password, '127.0.0.62')).error ?? '', /Too many failed logins/);
     assert.equal((await imapLoginFrom(port, 'dave', dave.password, '127.0.0.63')).ok, true, 'the real dave at a clean address');
 
-    const logins = (await dovecot.logs()).split('\n').filter((l) => /imap-login: Login: user=<(dave|alice)>.*rip=127\.0\.0\.6[02]/.test(l));
+    // By hand: ban the user alice everywhere from the control socket; no spelling passes, from any address.
+    const c = await ControlClient.connect(join(pass.dir, 'control.sock'));
+    try {
+      const r = await c.request('ban', { user: 'alice', seconds: 600, reason: 'Account locked, call the helpdesk' });
+      assert.deepEqual(r.bans.map((b) => b.id), ['user:alice']);
+    } finally {
+      c.close();
+    }
+    for (const spelling of ['alice', 'ALICE@anything.invalid', 'alice@example.org']) {
+      const r = await imapLoginFrom(port, spelling, alice.password, '127.0.0.64');
+      assert.equal(r.ok, false, spelling);
+      assert.match(r.error ?? '', /UNAVAILABLE.*Account locked, call the helpdesk/, spelling);
+    }
+    const logins = (await dovecot.logs()).split('\n').filter((l) => /imap-login: Login: user=<(dave|alice)>.*rip=127\.0\.0\.6[024]/.test(l));
     assert.deepEqual(logins, [], 'no banned attempt reached Dovecot');
   } finally {
     await pass.stop();
