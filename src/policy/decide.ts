@@ -17,7 +17,7 @@ import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
 import { UserKeys } from './names.ts';
 import { RuleSet, type RuleFacts } from './rules.ts';
-import type { BruteForce } from './state.ts';
+import type { AttemptLoad, AttemptLoads, BruteForce } from './state.ts';
 
 /** Why a connection, login or request is refused, as metrics and logs name it. */
 export type RefusalCode =
@@ -31,7 +31,8 @@ export type RefusalCode =
   | 'message-rate'
   | 'recipient-rate'
   | 'request-rate'
-  | 'auth-busy';
+  | 'auth-busy'
+  | 'login-attempts';
 
 /** What the client is told for each code (an access rule may say its own `reason`). */
 export const REFUSAL_TEXT: Record<RefusalCode, string> = {
@@ -46,6 +47,7 @@ export const REFUSAL_TEXT: Record<RefusalCode, string> = {
   'recipient-rate': 'Too many recipients, try again later',
   'request-rate': 'Too many requests',
   'auth-busy': 'Authentication temporarily unavailable',
+  'login-attempts': 'Too many login attempts at once, try again later',
 };
 
 export type Refusal =
@@ -118,6 +120,12 @@ export interface Snapshot {
   loggedIn(user: string, scope: (listener: string) => boolean): number;
   /** The current count of a window limit's key (message limits at login), when it was read. */
   count(key: string): Count | undefined;
+  /**
+   * For credentials: the failures counted and the attempts in flight (this
+   * one included) per brute-force threshold, when other attempts were in
+   * flight as this one started; undefined when none were.
+   */
+  readonly attempts?: AttemptLoads | undefined;
 }
 
 /** A rate limit of the config, compiled: what it counts and under which name its counts are kept. */
@@ -152,7 +160,7 @@ export class PolicyRules {
       case 'request':
         return this.request(facts, snapshot);
       case 'credentials':
-        return credentials(facts, snapshot);
+        return this.credentials(facts, snapshot);
       case 'login':
         return this.login(facts, snapshot);
       default: {
@@ -200,6 +208,26 @@ export class PolicyRules {
     return ALLOW;
   }
 
+  /**
+   * Credentials, before their password: names too long to be names, bans,
+   * and attempts in flight. While other attempts are in flight, one whose
+   * threshold's failures and attempts in flight (itself included) pass the
+   * threshold is refused: parallel guesses cannot all be checked before the
+   * first failure is counted. Alone, an attempt is left to the bans (a count
+   * at the threshold has banned already).
+   */
+  private credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): Verdict {
+    if ((f.user?.length ?? 0) > MAX_USER || (f.authzid?.length ?? 0) > MAX_USER) return deny('bad-login');
+    if (s.ban) return banned(s.ban, s.now);
+    const a = s.attempts;
+    if (a) {
+      const t = this.bruteForce.settings;
+      const over = (load: AttemptLoad | undefined, failures: number) => load !== undefined && load.inFlight > 1 && load.failures + load.inFlight > failures;
+      if (over(a.address, t.per_address.failures) || over(a.pair, t.per_address_user.failures) || over(a.user, t.per_user.failures)) return tempfail('login-attempts');
+    }
+    return ALLOW;
+  }
+
   private login(f: Extract<Facts, { stage: 'login' }>, s: Snapshot): Verdict {
     const l = f.listener;
     const outcome = this.access.evaluate({
@@ -230,13 +258,6 @@ export class PolicyRules {
     }
     return ALLOW;
   }
-}
-
-/** Credentials, before their password: names too long to be names, acting as another user, bans. */
-function credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): Verdict {
-  if ((f.user?.length ?? 0) > MAX_USER || (f.authzid?.length ?? 0) > MAX_USER) return deny('bad-login');
-  if (s.ban) return banned(s.ban, s.now);
-  return ALLOW;
 }
 
 /** A rule's refusal: its own reason, else the code's text (a login that named a user is told it failed). */

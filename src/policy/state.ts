@@ -16,6 +16,7 @@ import { Redis } from 'ioredis';
 import type { PolicySections } from '../config/schema-policy.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import { MemoryInFlight, RedisInFlight, type InFlightStore } from './attempts.ts';
 import { banId, MemoryBanStore, RedisBanStore, type Ban, type BanKind, type BanStore } from './bans.ts';
 import { CounterStore, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
 import type { AddressSet } from '../net/cidr.ts';
@@ -33,6 +34,35 @@ export interface WindowLimit {
   readonly name: string;
   readonly windowMs: number;
   readonly max: number;
+}
+
+/** A threshold's count for one login: failures counted in its window, and attempts in flight (this one included). */
+export interface AttemptLoad {
+  failures: number;
+  inFlight: number;
+}
+
+/**
+ * What a login attempt meets when it starts: per address, per address and
+ * user (the busiest of the user's keys), and per user (the busiest of the
+ * keys this address has failed for; undefined when it has failed for none,
+ * as a per-user ban only holds there).
+ */
+export interface AttemptLoads {
+  address: AttemptLoad;
+  pair: AttemptLoad | undefined;
+  user: AttemptLoad | undefined;
+}
+
+/** A login attempt from its start to its verdict (or deadline). */
+export interface Attempt {
+  readonly id: string;
+  /** Its keys in the in-flight store; empty when it is not counted (brute force off, an exempt address). */
+  readonly keys: readonly string[];
+  readonly until: number;
+  /** What the attempt met when it started; undefined when no other attempt was in flight (nothing to add up). */
+  readonly loads: AttemptLoads | undefined;
+  ended: boolean;
 }
 
 /** Failed logins counted in the current windows for an address and/or user. */
@@ -69,8 +99,8 @@ export interface PolicyStateOptions {
   clock?: () => number;
   /** Cluster: the other processes' sessions. */
   sessions?: SharedSessions;
-  /** Cluster with the memory store: counters and bans kept by the primary instead of this process alone. */
-  memory?: { limiter?: SharedLimiter; bans?: BanStore };
+  /** Cluster with the memory store: counters, bans and attempts in flight kept by the primary instead of this process alone. */
+  memory?: { limiter?: SharedLimiter; bans?: BanStore; attempts?: InFlightStore };
 }
 
 /** Local blocks and session maps never grow past this many keys. */
@@ -80,6 +110,8 @@ export class PolicyState {
   readonly clock: () => number;
   readonly counters: CounterStore;
   readonly bans: BanStore;
+  /** Login attempts between their start and their verdict (src/policy/attempts.ts). */
+  readonly attempts: InFlightStore;
   readonly storeType: 'memory' | 'redis';
   readonly log: Logger;
   private readonly redis: Redis | undefined;
@@ -90,6 +122,10 @@ export class PolicyState {
   private readonly logins = new Map<string, Map<string, number>>();
   /** session id → the user slot it holds. */
   private readonly sessions = new Map<string, { user: string; listener: string }>();
+  /** session id → the login waiting for its verdict: its attempt, and the slot it takes once the verdict is good. */
+  private readonly pending = new Map<string, PendingLogin>();
+  private attemptSeq = 0;
+  private readonly attemptPrefix = `${process.pid.toString(36)}.${Math.random().toString(36).slice(2, 8)}`;
   /** limit key → blocked until (ms). */
   private readonly blocks = new Map<string, number>();
   private readonly background = new Set<Promise<unknown>>();
@@ -99,6 +135,7 @@ export class PolicyState {
     clock: () => number;
     counters: CounterStore;
     bans: BanStore;
+    attempts: InFlightStore;
     storeType: 'memory' | 'redis';
     log: Logger;
     redis?: Redis;
@@ -107,6 +144,7 @@ export class PolicyState {
     this.clock = opts.clock;
     this.counters = opts.counters;
     this.bans = opts.bans;
+    this.attempts = opts.attempts;
     this.storeType = opts.storeType;
     this.log = opts.log;
     this.redis = opts.redis;
@@ -124,6 +162,7 @@ export class PolicyState {
         clock,
         counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors }),
         bans: opts.memory?.bans ?? new MemoryBanStore(),
+        attempts: opts.memory?.attempts ?? new MemoryInFlight(),
         storeType: 'memory',
         log,
         shared,
@@ -146,7 +185,16 @@ export class PolicyState {
       log.warn({ err: errorMessage(err) }, 'policy store: Redis is not reachable, starting with this gateway\'s memory');
     }
     const bans = await RedisBanStore.open(redis, store.prefix, errors, log, clock);
-    return new PolicyState({ clock, counters: new CounterStore({ redis, prefix: store.prefix, errors }), bans, storeType: 'redis', log, redis, shared });
+    return new PolicyState({
+      clock,
+      counters: new CounterStore({ redis, prefix: store.prefix, errors }),
+      bans,
+      attempts: new RedisInFlight(redis, store.prefix, errors),
+      storeType: 'redis',
+      log,
+      redis,
+      shared,
+    });
   }
 
   // ---- sessions open per address ------------------------------------------------
@@ -315,6 +363,87 @@ export class PolicyState {
     await Promise.all(keys.map((k) => pair.reset(pairKey(address, k))));
   }
 
+  // ---- login attempts in flight ------------------------------------------------------
+
+  /**
+   * A login attempt starts: it counts as in flight under the address and the
+   * user's keys until its verdict or `ttlMs`. When others are in flight too,
+   * the failures already counted are read, so that the decision can add them
+   * up (the failures are read after the attempt is added: an attempt that
+   * fails meanwhile is counted twice rather than not at all).
+   */
+  async attemptStarted(address: string, keys: readonly string[], ttlMs: number, bf: BruteForce): Promise<Attempt> {
+    const now = this.clock();
+    const id = `${this.attemptPrefix}.${(++this.attemptSeq).toString(36)}`;
+    const until = now + ttlMs;
+    if (!bf.settings.enabled || bf.exempt.has(address)) return { id, keys: [], until, loads: undefined, ended: false };
+    const storeKeys = [`address|${address}`, ...keys.map((k) => `pair|${pairKey(address, k)}`), ...keys.map((k) => `user|${k}`)];
+    const counts = await this.attempts.start(storeKeys, id, until, now);
+    const attempt: Attempt = { id, keys: storeKeys, until, loads: undefined, ended: false };
+    if (!counts.some((n) => n > 1)) return attempt;
+    const c = this.failureCounters(bf.settings);
+    const [a, ...rest] = await Promise.all([
+      c.address.peek(address),
+      ...keys.map((k) => c.pair.peek(pairKey(address, k))),
+      ...keys.map((k) => c.user.peek(k)),
+    ]);
+    const load = (failures: number, i: number): AttemptLoad => ({ failures, inFlight: counts[i] ?? 1 });
+    const busiest = (loads: AttemptLoad[]) => loads.reduce<AttemptLoad | undefined>((m, x) => (m === undefined || x.failures + x.inFlight > m.failures + m.inFlight ? x : m), undefined);
+    const pairs = keys.map((_, i) => load(rest[i]!.count, 1 + i));
+    // A per-user count holds only where this address has failed for the user (as a per-user ban does).
+    const users = keys.map((_, i) => load(rest[keys.length + i]!.count, 1 + keys.length + i)).filter((_, i) => (rest[i]?.count ?? 0) > 0);
+    return { ...attempt, loads: { address: load(a!.count, 0), pair: busiest(pairs), user: busiest(users) } };
+  }
+
+  /** The attempt is over: it no longer counts as in flight (safe to call twice). */
+  attemptEnded(attempt: Attempt): Promise<void> {
+    if (attempt.ended || attempt.keys.length === 0) {
+      attempt.ended = true;
+      return Promise.resolve();
+    }
+    attempt.ended = true;
+    return this.attempts.end(attempt.keys, attempt.id);
+  }
+
+  /**
+   * The session's login waits for its verdict (onAuthResult): its attempt,
+   * and the user slot it takes if the verdict is good. A session has one.
+   */
+  loginPending(session: string, login: Omit<PendingLogin, 'live'>): void {
+    const now = this.clock();
+    if (this.pending.size >= MAX_BLOCKS) this.prunePending(now);
+    const before = this.pending.get(session);
+    if (before) this.track('end an attempt', this.attemptEnded(before.attempt));
+    this.pending.set(session, { ...login, live: true });
+  }
+
+  /** The session's login that waited for its verdict, taken (once); undefined when there is none. */
+  takePending(session: string): PendingLogin | undefined {
+    const p = this.pending.get(session);
+    if (p) this.pending.delete(session);
+    return p;
+  }
+
+  /**
+   * The session has ended. A login still waiting for its verdict keeps its
+   * attempt in flight (the verdict may still come, or its deadline ends it)
+   * but will take no user slot.
+   */
+  sessionEnded(session: string): void {
+    this.loginEnded(session);
+    const p = this.pending.get(session);
+    if (p) p.live = false;
+    if (this.pending.size > 0) this.prunePending(this.clock());
+  }
+
+  private prunePending(now: number): void {
+    for (const [session, p] of this.pending) {
+      if (p.attempt.until > now) continue;
+      this.pending.delete(session);
+      this.track('end an attempt', this.attemptEnded(p.attempt));
+    }
+  }
+
   /** Failed logins counted in the current windows (an address, a user's keys, or both; the most of the keys). */
   async failures(query: { address?: string; keys?: readonly string[] }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
     const counters = this.failureCounters(settings);
@@ -400,6 +529,16 @@ export function bump(map: Map<string, Map<string, number>>, key: string, listene
   else inner.delete(listener);
   if (inner.size === 0) map.delete(key);
   return n - before;
+}
+
+/** A login between its start and its verdict, as the state keeps it per session. */
+export interface PendingLogin {
+  readonly attempt: Attempt;
+  /** The user slot to take when the verdict is good: the account and the listener. */
+  readonly account: string | null;
+  readonly listener: string;
+  /** False once the session has ended: a late good verdict takes no slot. */
+  live: boolean;
 }
 
 function pairKey(address: string, user: string): string {

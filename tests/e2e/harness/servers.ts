@@ -210,6 +210,16 @@ interface DovecotConfOptions {
   /** omitted: auth-only instance (no protocols), with a world-accessible auth-client socket */
   imapPort?: number;
   pop3Port?: number;
+  /** Dovecot's auth_failure_delay (its default is 2 secs); 0 unless a test asks. */
+  authFailureDelay?: string;
+}
+
+/** startDovecot's options. */
+export interface DovecotOptions {
+  /** A second IMAP port that greets with "* PREAUTH" (user alice). */
+  preauth?: boolean;
+  /** Dovecot's auth_failure_delay, e.g. "2 secs" (as a real one answers wrong passwords); default 0. */
+  authFailureDelay?: string;
 }
 
 function dovecotConf(o: DovecotConfOptions): string {
@@ -226,7 +236,7 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
-auth_failure_delay = 0
+auth_failure_delay = ${o.authFailureDelay ?? '0'}
 first_valid_uid = 1
 first_valid_gid = 1
 verbose_proctitle = yes
@@ -290,12 +300,12 @@ service auth {
 }`;
 }
 
-export async function startDovecot(opts: { preauth?: boolean } = {}): Promise<Dovecot> {
+export async function startDovecot(opts: DovecotOptions = {}): Promise<Dovecot> {
   assertRoot('startDovecot');
   return retryOnAddrInUse(() => startDovecotOnce(opts));
 }
 
-async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
+async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
   const t0 = performance.now();
   const dir = await makeTempDir('dovecot');
   const procs: ManagedProcess[] = [];
@@ -327,6 +337,7 @@ async function startDovecotOnce(opts: { preauth?: boolean }): Promise<Dovecot> {
         instance: `mailgate-e2e-${path.basename(dir)}`,
         imapPort,
         pop3Port,
+        ...(opts.authFailureDelay === undefined ? {} : { authFailureDelay: opts.authFailureDelay }),
       }),
     );
 

@@ -79,19 +79,26 @@ test('concurrent sessions per address: the slot is freed when the session ends',
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
 });
 
-test('concurrent sessions per user: counted at login, released when the login fails or the session ends', async (t) => {
+test('concurrent sessions per user: a slot is taken when the login succeeds, not by an attempt; freed when the session ends', async (t) => {
   clock(t);
   const config = configFrom(`rate_limits:\n  - { limit: concurrent, per: user, max: 1 }\n${LOCAL}`);
   const { engine } = await engineFor(config);
   const s1 = connect(config, 'imap-pass', '192.0.2.1');
   const s2 = connect(config, 'imap-pass', '192.0.2.2');
+  const s3 = connect(config, 'imap-pass', '192.0.2.3');
   const c = creds('carol', 'x');
   assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow');
-  assert.deepEqual(await engine.onAuth(login(s2, c), c), { action: 'tempfail', code: 'concurrent-user', text: 'Too many sessions for this user' });
-  engine.onAuthResult(login(s1, c), false);
-  assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'a refused backend login frees the slot');
+  assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'an attempt waiting for the backend takes no slot');
+  engine.onAuthResult(login(s1, c), true);
+  assert.deepEqual(await engine.onAuth(login(s3, c), c), { action: 'tempfail', code: 'concurrent-user', text: 'Too many sessions for this user' });
+  engine.onAuthResult(login(s2, c), false);
   engine.onDisconnect(s2);
-  assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow', 'the end of a session frees it');
+  engine.onDisconnect(s1);
+  assert.equal((await engine.onAuth(login(s3, c), c)).action, 'allow', 'the end of a session frees its slot');
+  // A session that ends before its verdict takes no slot when a good verdict comes late.
+  engine.onDisconnect(s3);
+  engine.onAuthResult(login(s3, c), true);
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.4'), c), c)).action, 'allow');
   await engine.settled();
 });
 
@@ -420,4 +427,61 @@ test('per-user bans follow the keys too; a brute-force one only where the addres
   assert.equal(view.unban({ user: 'MALLORY@example.org' }), true);
   await engine.settled();
   assert.equal((await passthrough(engine, config, '192.0.2.51', 'mallory@anything.invalid')).action, 'allow', 'unbanned by the name it was banned with');
+});
+
+// ---- attempts in flight ---------------------------------------------------------------
+
+test('parallel guesses: attempts in flight count against the thresholds until their verdict; a good one is refunded', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  // Five guesses for dave from one address at once, none answered yet (per address+user: 3).
+  const sessions = Array.from({ length: 5 }, () => connect(config, 'imap-pass', '192.0.2.1'));
+  const cr = creds('dave', 'guess');
+  const verdicts = await Promise.all(sessions.map((s) => engine.onAuth(login(s, cr), cr)));
+  assert.deepEqual(
+    verdicts.map((v) => (v.action === 'allow' ? 'allow' : v.code)),
+    ['allow', 'allow', 'allow', 'login-attempts', 'login-attempts'],
+  );
+  assert.deepEqual(verdicts[3], { action: 'tempfail', code: 'login-attempts', text: 'Too many login attempts at once, try again later' });
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), creds('erin', 'x')), creds('erin', 'x'))).action, 'allow', 'another user from the address');
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.2'), cr), cr)).action, 'allow', 'dave from another address');
+  // The first is good: it leaves the count, and so one more may try.
+  engine.onAuthResult(login(sessions[0]!, cr), true);
+  await engine.settled();
+  const next = connect(config, 'imap-pass', '192.0.2.1');
+  assert.equal((await engine.onAuth(login(next, cr), cr)).action, 'allow');
+  // Three fail: the pair ban follows, and nothing more gets through.
+  for (const s of [sessions[1]!, sessions[2]!, next]) engine.onAuthResult(login(s, cr), false);
+  await engine.settled();
+  const after = await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr);
+  assert.equal(after.action === 'tempfail' && after.code, 'banned');
+});
+
+test('parallel guesses at local users: no more password checks than the threshold allows', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine, admin } = await engineFor(config);
+  const cr = creds('alice', 'wrong');
+  const verdicts = await Promise.all(Array.from({ length: 12 }, () => engine.onAuth(login(connect(config, 'imaps', '192.0.2.9'), cr), cr)));
+  const codes = verdicts.map((v) => (v.action === 'allow' ? 'allow' : v.code));
+  assert.equal(codes.filter((c) => c === 'bad-login').length, 3, `checked: ${codes.join(',')}`);
+  assert.ok(codes.every((c) => c === 'bad-login' || c === 'login-attempts' || c === 'banned'), codes.join(','));
+  await engine.settled();
+  assert.equal((await admin.inspect({ address: '192.0.2.9', user: 'alice' })).failures?.pair, 3);
+});
+
+test('an attempt whose verdict never comes stops counting at its deadline; exempt addresses are never counted', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  const cr = creds('dave', 'guess');
+  for (let i = 0; i < 3; i++) assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'allow');
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'tempfail');
+  // The sessions died without a verdict (an old driver, a killed worker): after connect + login_replay + 1 s they no longer count.
+  tick(5_000 + 20_000 + 1_000 + 1);
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'allow');
+  const exempt = await Promise.all(Array.from({ length: 8 }, () => engine.onAuth(login(connect(config, 'imap-pass', '198.51.100.7'), cr), cr)));
+  assert.ok(exempt.every((v) => v.action === 'allow'), 'the exempt network is never held back');
+  await engine.settled();
 });
