@@ -167,6 +167,8 @@ export const rateLimitSchema = z
     window: window.optional(),
     listeners: z.array(name).min(1).optional(),
     protocols: z.array(protocol).min(1).optional(),
+    /** Client addresses this limit neither counts nor refuses (a monitoring host, a scanner of one's own). */
+    exempt: z.array(cidr).max(10_000).default([]),
   })
   .superRefine((l, ctx) => {
     const keys: readonly string[] = LIMIT_KEYS[l.limit];

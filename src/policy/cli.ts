@@ -121,7 +121,8 @@ export function policySummary(config: Config): string[] {
   ];
   for (const l of config.rate_limits) {
     const scope = [...(l.listeners ?? []), ...(l.protocols ?? [])];
-    out.push(`  limit: ${l.limit} per ${l.per} ${l.max}${l.window === undefined ? ' at once' : ` per ${formatDuration(l.window)}`}${scope.length ? ` (${scope.join(', ')})` : ''}`);
+    const exempt = l.exempt.length ? `; exempt ${l.exempt.map((c) => c.text).join(', ')}` : '';
+    out.push(`  limit: ${l.limit} per ${l.per} ${l.max}${l.window === undefined ? ' at once' : ` per ${formatDuration(l.window)}`}${scope.length ? ` (${scope.join(', ')})` : ''}${exempt}`);
   }
   for (const l of config.listeners) {
     if ('authentication' in l && l.authentication === 'local') {

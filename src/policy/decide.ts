@@ -135,6 +135,8 @@ export interface CompiledLimit {
   readonly name: string;
   /** Whether a session on this listener counts (listeners/protocols scope). */
   readonly scope: (listener: string) => boolean;
+  /** Whether the limit leaves a client address alone (its `exempt` ranges): neither counted nor refused. */
+  readonly exempts: (address: string) => boolean;
 }
 
 /** The config's rules and limits, compiled once per (re)load; `decide` is pure. */
@@ -170,25 +172,25 @@ export class PolicyRules {
     }
   }
 
-  /** Limits counted when a connection is allowed (connections per window); concurrent ones are sessions, counted by the state. */
-  connectLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => c.scope(listener) && (c.spec.limit === 'connections' || (c.spec.limit === 'concurrent' && c.spec.per === 'address')));
+  /** Limits a connection from `address` (any address when not given) meets (connections per window, counted when allowed; concurrent ones are sessions, counted by the state). */
+  connectLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => c.scope(listener) && (c.spec.limit === 'connections' || (c.spec.limit === 'concurrent' && c.spec.per === 'address')) && (address === undefined || !c.exempts(address)));
   }
 
-  requestLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => c.spec.limit === 'http_requests' && c.scope(listener));
+  requestLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => c.spec.limit === 'http_requests' && c.scope(listener) && (address === undefined || !c.exempts(address)));
   }
 
-  /** Window limits on SMTP messages and recipients for this listener. */
-  messageLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => (c.spec.limit === 'messages' || c.spec.limit === 'recipients') && c.spec.window !== undefined && c.scope(listener));
+  /** Window limits on SMTP messages and recipients for this listener and client address. */
+  messageLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => (c.spec.limit === 'messages' || c.spec.limit === 'recipients') && c.spec.window !== undefined && c.scope(listener) && (address === undefined || !c.exempts(address)));
   }
 
   private connect(f: Extract<Facts, { stage: 'connect' }>, s: Snapshot): Verdict {
     const outcome = this.access.evaluate(connectRuleFacts(f.listener, f.clientIp));
     if (outcome.decided && outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, false);
     if (s.ban) return banned(s.ban, s.now);
-    for (const c of this.connectLimits(f.listener.name)) {
+    for (const c of this.connectLimits(f.listener.name, f.clientIp)) {
       if (c.spec.limit === 'connections') {
         const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
         if (until !== undefined) return tempfail('connection-rate', until - s.now);
@@ -201,7 +203,7 @@ export class PolicyRules {
 
   private request(f: Extract<Facts, { stage: 'request' }>, s: Snapshot): Verdict {
     if (s.ban) return banned(s.ban, s.now);
-    for (const c of this.requestLimits(f.listener.name)) {
+    for (const c of this.requestLimits(f.listener.name, f.clientIp)) {
       const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
       if (until !== undefined) return tempfail('request-rate', until - s.now);
     }
@@ -243,7 +245,7 @@ export class PolicyRules {
     if (outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, f.authenticated);
     const identityKey = f.identity === null ? null : this.names.account(f.identity);
     for (const c of this.limits) {
-      if (!c.scope(l.name)) continue;
+      if (!c.scope(l.name) || c.exempts(f.clientIp)) continue;
       if (c.spec.limit === 'concurrent' && c.spec.per === 'user' && identityKey !== null) {
         if (s.loggedIn(identityKey, c.scope) >= c.spec.max) return tempfail('concurrent-user');
       }
@@ -302,9 +304,11 @@ function compileLimit(spec: RateLimit, protocolOf: ReadonlyMap<string, string>):
     if (implied && p !== implied) return false;
     return true;
   };
+  const exempt = spec.exempt.length > 0 ? new AddressSet(spec.exempt) : undefined;
+  const exempts = (address: string) => exempt !== undefined && exempt.has(address);
   const sig = createHash('sha256')
     .update(JSON.stringify([spec.listeners?.toSorted() ?? null, spec.protocols?.toSorted() ?? null]))
     .digest('hex')
     .slice(0, 8);
-  return { spec, name: `${spec.limit}:${spec.per}:${sig}`, scope };
+  return { spec, name: `${spec.limit}:${spec.per}:${sig}`, scope, exempts };
 }

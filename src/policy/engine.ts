@@ -133,7 +133,7 @@ export class PolicyEngine implements Policy {
     const verdict = this.rules.decide({ stage: 'connect', listener: l, clientIp: address }, this.snapshot(this.state.addressBan(address, this.state.clock())));
     if (verdict.action !== 'allow') return verdict;
     this.state.connectionOpened(l.name, address);
-    for (const c of this.rules.connectLimits(l.name)) if (c.spec.limit === 'connections') this.countLater(c, limitKey(c, address, l.name));
+    for (const c of this.rules.connectLimits(l.name, address)) if (c.spec.limit === 'connections') this.countLater(c, limitKey(c, address, l.name));
     return verdict;
   }
 
@@ -147,7 +147,7 @@ export class PolicyEngine implements Policy {
     const l = facts.listener;
     const verdict = this.rules.decide({ stage: 'request', listener: l, clientIp: facts.clientIp }, this.snapshot(this.state.addressBan(facts.clientIp, this.state.clock())));
     if (verdict.action !== 'allow') return verdict;
-    for (const c of this.rules.requestLimits(l.name)) this.countLater(c, limitKey(c, facts.clientIp, l.name));
+    for (const c of this.rules.requestLimits(l.name, facts.clientIp)) this.countLater(c, limitKey(c, facts.clientIp, l.name));
     return verdict;
   }
 
@@ -265,7 +265,7 @@ export class PolicyEngine implements Policy {
   private countSmtp(facts: AuthFacts, limit: 'messages' | 'recipients'): Promise<Verdict> | undefined {
     const userKey = facts.user === null ? null : this.rules.names.account(facts.user);
     const counts: { c: CompiledLimit; key: string }[] = [];
-    for (const c of this.rules.messageLimits(facts.listener.name)) {
+    for (const c of this.rules.messageLimits(facts.listener.name, facts.clientIp)) {
       if (c.spec.limit !== limit) continue;
       const key = c.spec.per === 'user' ? userKey : facts.clientIp;
       if (key !== null) counts.push({ c, key });
@@ -309,7 +309,7 @@ export class PolicyEngine implements Policy {
 
   /** The message and recipient counts a login is checked against, read from the store. */
   private async messageCounts(l: Listener, identity: string | null, address: string): Promise<ReadonlyMap<string, Count>> {
-    const limits = this.rules.messageLimits(l.name);
+    const limits = this.rules.messageLimits(l.name, address);
     if (limits.length === 0) return NO_COUNTS;
     const identityKey = identity === null ? null : this.rules.names.account(identity);
     const counts = new Map<string, Count>();

@@ -334,3 +334,23 @@ out(r)
     await pass.stop();
   }
 });
+
+test('rate_limits exempt: a monitoring address passes a connection limit that refuses everyone else (IMAPS logins to Dovecot)', async () => {
+  const limited = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    extra: { rate_limits: [{ limit: 'connections', per: 'address', max: 3, window: '1m', exempt: ['127.0.0.80/32'] }] },
+  });
+  try {
+    const port = limited.ports.imaps!;
+    for (let i = 0; i < 8; i++) {
+      const r = await imapLoginFrom(port, alice.name, alice.password, '127.0.0.80');
+      assert.equal(r.ok, true, `monitoring check ${i + 1}: ${r.error ?? ''}`);
+    }
+    for (let i = 0; i < 3; i++) assert.equal((await imapLoginFrom(port, alice.name, alice.password, '127.0.0.81')).ok, true, `other address, connection ${i + 1}`);
+    const c = await LineClient.connect(port, { tls: true, localAddress: '127.0.0.81' });
+    assert.equal(await c.readLine(), '* BYE [UNAVAILABLE] Too many connections, try again later', 'the fourth from another address is refused');
+    await c.closedPromise;
+  } finally {
+    await limited.stop();
+  }
+});

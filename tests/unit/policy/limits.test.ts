@@ -485,3 +485,39 @@ test('an attempt whose verdict never comes stops counting at its deadline; exemp
   assert.ok(exempt.every((v) => v.action === 'allow'), 'the exempt network is never held back');
   await engine.settled();
 });
+
+// ---- rate limits: exempt -----------------------------------------------------------------
+
+test('rate_limits[].exempt: the listed addresses are neither counted nor refused by that limit; others are', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:
+  - { limit: connections, per: address, max: 2, window: 1m, exempt: [192.0.2.50/32, "2001:db8::/32"] }
+  - { limit: concurrent, per: address, max: 1, protocols: [pop3], exempt: [192.0.2.50] }
+  - { limit: messages, per: user, max: 1, window: 1h, exempt: [192.0.2.50] }
+${LOCAL}`);
+  const { engine } = await engineFor(config);
+  for (let i = 0; i < 6; i++) {
+    assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.50')).action, 'allow', `monitoring connection ${i + 1}`);
+    assert.equal(engine.onConnect(connect(config, 'imaps', '::ffff:192.0.2.50')).action, 'allow');
+    assert.equal(engine.onConnect(connect(config, 'imaps', '2001:db8::7')).action, 'allow');
+    await engine.settled();
+  }
+  for (let i = 0; i < 2; i++) {
+    assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+    await engine.settled();
+  }
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'tempfail', 'another address is limited');
+  // concurrent per address: the exempt address opens many, another one
+  for (let i = 0; i < 3; i++) assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.50')).action, 'allow');
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.2')).action, 'allow');
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.2')).action, 'tempfail');
+  // messages per user: not counted from the exempt address
+  const alice = creds('alice', 'right');
+  const fromExempt = login(connect(config, 'smtps', '192.0.2.50'), alice);
+  assert.equal(engine.onSmtpMessage(fromExempt), undefined, 'no limit counts here: nothing to wait for');
+  const fromElsewhere = login(connect(config, 'smtps', '192.0.2.3'), alice);
+  assert.equal((await engine.onSmtpMessage(fromElsewhere))?.action, 'tempfail', 'the one message reaches the limit');
+  assert.equal((await engine.onAuth(fromExempt, alice)).action, 'allow', 'the exempt address still logs in');
+  assert.equal((await engine.onAuth(fromElsewhere, alice)).action, 'tempfail');
+  assert.throws(() => configFrom(`rate_limits:\n  - { limit: connections, per: address, max: 2, window: 1m, exempt: [not-a-range] }\n`), /rate_limits\[0\]\.exempt\[0\]/);
+});
