@@ -33,8 +33,16 @@ export interface BackendHealth {
   ok: boolean;
   at: number;
   latencyMs: number | null;
-  /** The close reason of a failed attempt (backend-unavailable, backend-timeout). */
+  /** The close reason of a failed attempt (backend-unavailable, backend-timeout, backend-no-auth). */
   error: string | null;
+  /**
+   * ok; down (unreachable, too slow, broken: an outage); or misconfigured (it
+   * answers, but cannot do what the listener asks of it: a configuration
+   * error). Absent from a daemon that predates it: ok, or down.
+   */
+  state?: 'ok' | 'down' | 'misconfigured';
+  /** For misconfigured: what is wrong and what to do. */
+  detail?: string | null;
 }
 
 export interface ListenerStatus {

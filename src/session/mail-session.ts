@@ -385,7 +385,8 @@ export class MailSession implements SessionControl {
       if (this.closed) return;
       const code = errorCode(err);
       this.log.warn({ backend: backendName, user: facts.user, err: errorMessage(err), code }, 'backend login replay failed');
-      this.close(code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-error', adapter.loginRefusal('backend-unavailable'));
+      // A backend without AUTH behind a passthrough listener is a configuration error, told apart from an outage (issue 17).
+      this.close(code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : code === 'BACKEND_NO_AUTH' ? 'backend-no-auth' : 'backend-error', adapter.loginRefusal('backend-unavailable'));
       return;
     }
     if (this.closed) {

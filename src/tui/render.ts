@@ -302,12 +302,15 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
   const t = model.totals();
   const up = st ? st.listeners.filter((l) => l.up).length : 0;
   const total = st ? st.listeners.length : 0;
-  const down = st ? st.listeners.filter((l) => l.backendHealth && !l.backendHealth.ok).map((l) => l.name) : [];
+  const down = st ? st.listeners.filter((l) => l.backendHealth && !l.backendHealth.ok && l.backendHealth.state !== 'misconfigured').map((l) => l.name) : [];
+  const misconfigured = st ? st.listeners.filter((l) => l.backendHealth?.state === 'misconfigured').map((l) => l.name) : [];
   // Totals, most important kept when the line is narrow; shown in this order.
   const parts: { text: string; color?: string; priority: number }[] = [
     { text: `listeners ${up}/${total} up`, priority: 5, ...(up < total ? { color: 'red' } : {}) },
     ...workersPart(st?.workers),
-    { text: down.length ? `backend DOWN: ${down.join(',')}` : 'backends ok', priority: 8, ...(down.length ? { color: 'red' } : {}) },
+    ...(down.length ? [{ text: `backend DOWN: ${down.join(',')}`, priority: 8, color: 'red' }] : []),
+    ...(misconfigured.length ? [{ text: `backend MISCONFIGURED: ${misconfigured.join(',')}`, priority: 8, color: 'red' }] : []),
+    ...(down.length || misconfigured.length ? [] : [{ text: 'backends ok', priority: 8 }]),
     { text: `sessions ${t.sessions} (${t.authenticated} auth)`, priority: 9 },
     { text: `accepted ${t.accepted}`, priority: 3 },
     { text: `auth ok ${t.authOk} fail ${t.authFail}`, priority: 7 },
