@@ -584,6 +584,17 @@ class SessionTally implements SharedSessions {
   }
 }
 
+/** Logs, at most every 10 s, that one of the primary's counters forgot its oldest counts. */
+function counterFull(log: Logger, maxKeys: number | undefined): (keyPrefix: string) => void {
+  let last = 0;
+  return (counter) => {
+    const now = Date.now();
+    if (now - last < 10_000) return;
+    last = now;
+    log.warn({ counter, maxKeys }, 'policy counter full: the counts that started longest ago are forgotten (policy_store.max_keys)');
+  };
+}
+
 /** An attempt as a worker names it: its keys (the address, a pair and a user per key of username_format) and id. */
 function validAttempt(keys: unknown, id: unknown): keys is string[] {
   return Array.isArray(keys) && keys.length <= 16 && keys.every((k) => typeof k === 'string' && k.length <= 1024) && typeof id === 'string' && id.length <= 64;
@@ -631,7 +642,7 @@ export class PolicyAuthority {
       log: opts.log,
       sessions: tally,
       ...(opts.clock ? { clock: opts.clock } : {}),
-      ...(memory ? { memory: { limiter: masterLimiter() } } : {}),
+      ...(memory ? { memory: { limiter: masterLimiter(opts.store.max_keys, counterFull(opts.log, opts.store.max_keys)) } } : {}),
     });
     return new PolicyAuthority(state, tally, opts);
   }

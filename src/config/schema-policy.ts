@@ -230,6 +230,12 @@ const policyStoreSchema = z
     prefix: z.string().regex(/^[A-Za-z0-9_.:-]{1,64}$/).default('mailgate'),
     /** Redis command deadline; a slow Redis falls back to this gateway's memory. */
     timeout: duration.default(1000),
+    /**
+     * Memory store (and the memory Redis falls back to): the most keys one
+     * counter, the ban list and the attempts in flight each keep; past it the
+     * oldest go first. Bounds the memory a flood of addresses or names can take.
+     */
+    max_keys: positiveInt.min(100).max(10_000_000).default(100_000),
   })
   .superRefine((s, ctx) => {
     if (s.type === 'redis' && s.url === undefined) ctx.addIssue({ code: 'custom', path: ['url'], message: 'is required for type: redis' });

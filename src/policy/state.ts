@@ -18,10 +18,11 @@ import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { MemoryInFlight, RedisInFlight, type InFlightStore } from './attempts.ts';
 import { banId, MemoryBanStore, RedisBanStore, type Ban, type BanKind, type BanStore } from './bans.ts';
-import { CounterStore, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
+import { CounterStore, DEFAULT_MAX_KEYS, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
 import type { AddressSet } from '../net/cidr.ts';
 
-export type StoreConfig = PolicySections['policy_store'];
+/** The config's policy_store; `max_keys` may be left out (DEFAULT_MAX_KEYS). */
+export type StoreConfig = Omit<PolicySections['policy_store'], 'max_keys'> & { max_keys?: number };
 
 /** Brute-force protection as configured: thresholds per address, address+user and user, and addresses never counted. */
 export interface BruteForce {
@@ -156,13 +157,14 @@ export class PolicyState {
     const log = opts.log.child({ part: 'policy' });
     const errors = new StoreErrors(log);
     const { store } = opts;
+    const maxKeys = store.max_keys ?? DEFAULT_MAX_KEYS;
     const shared = opts.sessions;
     if (store.type === 'memory' || store.url === undefined) {
       return new PolicyState({
         clock,
-        counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors }),
-        bans: opts.memory?.bans ?? new MemoryBanStore(),
-        attempts: opts.memory?.attempts ?? new MemoryInFlight(),
+        counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors, maxKeys, log }),
+        bans: opts.memory?.bans ?? new MemoryBanStore(maxKeys),
+        attempts: opts.memory?.attempts ?? new MemoryInFlight(maxKeys),
         storeType: 'memory',
         log,
         shared,
@@ -187,7 +189,7 @@ export class PolicyState {
     const bans = await RedisBanStore.open(redis, store.prefix, errors, log, clock);
     return new PolicyState({
       clock,
-      counters: new CounterStore({ redis, prefix: store.prefix, errors }),
+      counters: new CounterStore({ redis, prefix: store.prefix, errors, maxKeys, log }),
       bans,
       attempts: new RedisInFlight(redis, store.prefix, errors),
       storeType: 'redis',
