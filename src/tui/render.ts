@@ -29,8 +29,8 @@ export interface Chrome {
   socketPath: string;
 }
 
-export const HELP = '↑↓/jk move  s/S sort  / filter  K kill  b ban  B bans  ⏎ detail  r reload  q quit';
-export const HELP_ASCII = 'jk move  s/S sort  / filter  K kill  b ban  B bans  Enter detail  r reload  q quit';
+export const HELP = '↑↓/jk move  s/S sort  / filter  K kill  b/B ban/bans  ⏎ detail  r reload  q quit';
+export const HELP_ASCII = 'jk move  s/S sort  /filter  K kill  b/B ban/bans  Enter detail  r reload  q quit';
 export const BANS_HELP = '↑↓/jk move  u unban  Esc/B back to sessions  q quit';
 export const BANS_HELP_ASCII = 'jk move  u unban  Esc/B back to sessions  q quit';
 
