@@ -126,6 +126,7 @@ export class PolicyState {
   /** session id → the login waiting for its verdict: its attempt, and the slot it takes once the verdict is good. */
   private readonly pending = new Map<string, PendingLogin>();
   private attemptSeq = 0;
+  private lastPrune = 0;
   private readonly attemptPrefix = `${process.pid.toString(36)}.${Math.random().toString(36).slice(2, 8)}`;
   /** limit key → blocked until (ms). */
   private readonly blocks = new Map<string, number>();
@@ -435,10 +436,13 @@ export class PolicyState {
     this.loginEnded(session);
     const p = this.pending.get(session);
     if (p) p.live = false;
-    if (this.pending.size > 0) this.prunePending(this.clock());
+    // Logins whose verdict never came (their sessions died) go at their deadline: looked for once a second at most.
+    const now = this.clock();
+    if (this.pending.size > 0 && now - this.lastPrune >= 1000) this.prunePending(now);
   }
 
   private prunePending(now: number): void {
+    this.lastPrune = now;
     for (const [session, p] of this.pending) {
       if (p.attempt.until > now) continue;
       this.pending.delete(session);
