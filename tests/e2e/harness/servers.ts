@@ -12,7 +12,9 @@
 //    a passwd-file (TEST_USERS: alice, bob, carol, dave), Maildir++ mailboxes
 //    pre-filled from MAILBOXES (fixtures.ts) with pinned UIDs/UIDVALIDITY,
 //    login_trusted_networks = 127.0.0.0/8 (so ID x-originating-ip / POP3 XCLIENT
-//    from the gateway are honoured), auth penalty and failure delay disabled,
+//    from the gateway are honoured), auth penalty and failure delay disabled
+//    ({ authFailureDelay: '2 secs' } delays wrong passwords as a real one does;
+//    auth_verbose logs each check as `passwd-file(user,rip,...): Password mismatch`),
 //    log lines `Login: user=<..>, method=.., rip=.., rport=.., lip=.., lport=..,
 //    real_rip=..` and `ID sent: ...`. { preauth: true } makes imapPort greet with
 //    PREAUTH (real Dovecot imap for alice behind preauth-listener.ts).
@@ -31,6 +33,7 @@
 //    { acceptBareNewline: true } sets smtpd_forbid_bare_newline = no where the
 //    installed Postfix knows it (3.7.10+, the default before 3.9): a bare <LF>
 //    ends a line, so <LF>.<LF> ends DATA, the way SMTP smuggling needs it.
+//    { noAuth: true } sets smtpd_sasl_auth_enable = no: a relay that offers no AUTH.
 //  - startNginx(): plain HTTP serving index.html and a 1 MiB big.bin, an access log
 //    with $remote_addr / X-Forwarded-For / -Proto / Host, and GET /echo-headers.
 
