@@ -24,12 +24,15 @@ commands:
   certs [-c FILE | -s SOCKET]   certificate status of the running gateway
   certs renew [NAME...]         renew ACME certificates now through the running gateway
   dns [--check] [--resolver ADDR]  the DNS records to publish (discovery:), checked against a resolver
+  bans [-c FILE | -s SOCKET]    every ban of the running gateway (addresses, ranges, users, users from an address)
+  ban (IP | --user NAME [--ip IP]) [--for 1h] [--reason TEXT]   ban through the running gateway
+  unban (IP | --user NAME [--ip IP] | --id ID)                   lift bans through the running gateway
   hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
 
 options:
   -c, --config FILE  configuration file (default: config/mailgate.yaml)
   -s, --socket PATH  control socket (default: control.socket of the configuration)
-      --json         status, reload, certs: print the daemon's answer as JSON
+      --json         status, reload, certs, bans, ban, unban: print the daemon's answer as JSON
   -h, --help         this text
 `;
 
@@ -52,6 +55,11 @@ export async function main(argv: string[]): Promise<number> {
     // dns [--check] [--resolver ADDR]: options of its own, parsed by the verb (src/control/dns-verb.ts).
     const { dnsVerb } = await import('./control/dns-verb.ts');
     return dnsVerb(rest);
+  }
+  if (verb === 'bans' || verb === 'ban' || verb === 'unban') {
+    // Targets as positionals and options, parsed by the verb itself (src/control/bans-verb.ts).
+    const { bansVerb } = await import('./control/bans-verb.ts');
+    return bansVerb(verb, rest);
   }
   let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
   try {

@@ -96,7 +96,7 @@ export class Runtime {
     this.started = { policy_store: config.policy_store, workers: config.workers };
     this.refresh = this.side.refresh?.bind(this.side);
     this.workers = this.side.workers?.bind(this.side);
-    this.banView = new PolicyAdmin(this.side.policyState, config.brute_force, log).banList();
+    this.banView = new PolicyAdmin(this.side.policyState, () => this.config, log).banList();
   }
 
   /**

@@ -13,12 +13,16 @@
  * - Primary: the RateLimiterClusterMaster keeps one memory limiter per key
  *   prefix (its `_rateLimiters`, not public API); the primary's own counters
  *   are those same limiters, so what the control socket reads includes
- *   every worker's hits.
+ *   every worker's hits. The master makes a plain RateLimiterMemory for a
+ *   prefix a worker names first (its 'init'), which keeps every key until its
+ *   window ends however many there are; `_rateLimiters` is therefore
+ *   replaced by a proxy that turns each limiter stored in it into a
+ *   BoundedMemoryLimiter (policy_store.max_keys).
  */
 import cluster from 'node:cluster';
 import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, type RateLimiterAbstract } from 'rate-limiter-flexible';
 import { MailgateError } from '../core/errors.ts';
-import type { SharedLimiter } from '../policy/counters.ts';
+import { BoundedMemoryLimiter, DEFAULT_MAX_KEYS, type SharedLimiter } from '../policy/counters.ts';
 
 /** rate-limiter-flexible's IPC messages carry this `channel` (lib/RateLimiterCluster.js). */
 export const LIMITER_CHANNEL = 'rate_limiter_flexible';
@@ -71,8 +75,26 @@ export class WorkerLimiters {
   }
 }
 
-/** The primary's limiters: the very ones the library's master answers the workers from. */
-export function masterLimiter(): SharedLimiter {
+/** What the proxy over the master's limiters bounds them with: the latest masterLimiter() call's. */
+const bounds: { maxKeys: number; onFull: ((keyPrefix: string) => void) | undefined } = { maxKeys: DEFAULT_MAX_KEYS, onFull: undefined };
+const BOUNDED = Symbol('mailgate.bounded');
+
+/** A limiter as the master keeps it: bounded, whoever made it. */
+function bounded(prefix: string, limiter: unknown): unknown {
+  if (!(limiter instanceof RateLimiterMemory) || limiter instanceof BoundedMemoryLimiter) return limiter;
+  const onFull = bounds.onFull;
+  return new BoundedMemoryLimiter({ keyPrefix: limiter.keyPrefix, points: limiter.points, duration: limiter.duration }, bounds.maxKeys, onFull && (() => onFull(prefix)));
+}
+
+/**
+ * The primary's limiters: the very ones the library's master answers the
+ * workers from, each bounded to `maxKeys` keys (policy_store.max_keys;
+ * `onFull` hears when one forgets its oldest counts), whether the primary or
+ * a worker's 'init' made it.
+ */
+export function masterLimiter(maxKeys = DEFAULT_MAX_KEYS, onFull?: (keyPrefix: string) => void): SharedLimiter {
+  bounds.maxKeys = maxKeys;
+  bounds.onFull = onFull;
   const max = cluster.getMaxListeners();
   // One per process (the library keeps a singleton); it listens on cluster 'message' for good.
   const master = new RateLimiterClusterMaster() as unknown as { _rateLimiters?: unknown };
@@ -80,6 +102,19 @@ export function masterLimiter(): SharedLimiter {
   cluster.setMaxListeners(max);
   const limiters = master._rateLimiters;
   if (typeof limiters !== 'object' || limiters === null) throw changed('RateLimiterClusterMaster has no _rateLimiters');
-  const byPrefix = limiters as Record<string, RateLimiterAbstract | undefined>;
-  return (opts) => (byPrefix[opts.keyPrefix] ??= new RateLimiterMemory(opts));
+  let byPrefix = limiters as Record<string | symbol, unknown>;
+  if (!byPrefix[BOUNDED]) {
+    for (const [prefix, l] of Object.entries(byPrefix)) byPrefix[prefix] = bounded(prefix, l);
+    byPrefix = new Proxy(byPrefix, {
+      get: (target, prop) => (prop === BOUNDED ? true : target[prop]),
+      set: (target, prop, value) => {
+        target[prop] = typeof prop === 'string' ? bounded(prop, value) : value;
+        return true;
+      },
+    });
+    master._rateLimiters = byPrefix;
+    if (master._rateLimiters !== byPrefix) throw changed('RateLimiterClusterMaster\'s _rateLimiters cannot be replaced');
+  }
+  const shared = byPrefix as Record<string, RateLimiterAbstract | undefined>;
+  return (opts) => (shared[opts.keyPrefix] ??= new BoundedMemoryLimiter(opts, bounds.maxKeys, bounds.onFull && (() => bounds.onFull?.(opts.keyPrefix))));
 }

@@ -11,6 +11,10 @@
  *   worker asks it to add or remove (ClusterBanStore), and every change, a
  *   worker's or an admin's in the primary, is broadcast to every worker's
  *   local view. Redis store: Redis and its pub/sub, as between gateways.
+ * - Login attempts in flight, memory store: the primary's MemoryInFlight; a
+ *   worker asks it to add an attempt and gets the counts back (ClusterInFlight),
+ *   or counts in its own memory when the primary does not answer in time.
+ *   Redis store: Redis, as between gateways.
  * - Sessions open per address and logged in per user, both stores: a worker
  *   reports its changes every REPORT_MS; the primary keeps each
  *   worker's counts and answers every other worker with its new view of the
@@ -23,6 +27,7 @@
  */
 import { errorMessage, MailgateError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import { MemoryInFlight, type InFlightStore } from '../policy/attempts.ts';
 import { ViewedBanStore, type Ban, type BanChange } from '../policy/bans.ts';
 import type { SharedLimiter } from '../policy/counters.ts';
 import { bump, PolicyState, storeKind, type SessionKind, type SharedSessions, type StoreConfig } from '../policy/state.ts';
@@ -66,6 +71,9 @@ export type PolicyMessage =
   | { t: 'policy.ban.remove'; req: number; id: string }
   /** A window limit was reached in this worker: the others block the key too (passed on at once, not batched). */
   | { t: 'policy.block'; key: string; until: number }
+  /** A login attempt starts (answered with policy.attempt.counts) or ends (no answer). */
+  | { t: 'policy.attempt.start'; req: number; keys: string[]; id: string; until: number }
+  | { t: 'policy.attempt.end'; keys: string[]; id: string }
   // primary → worker
   | { t: 'policy.sync'; sync: PolicySync }
   | { t: 'policy.others'; counts: SessionCounts[] }
@@ -73,7 +81,9 @@ export type PolicyMessage =
   | { t: 'policy.unbanned'; id: string }
   | { t: 'policy.blocked'; key: string; until: number }
   /** Sent after the broadcast of the change, so the asker's view has it when its request settles. */
-  | { t: 'policy.ban.reply'; req: number; removed?: boolean; error?: string };
+  | { t: 'policy.ban.reply'; req: number; removed?: boolean; error?: string }
+  /** The attempts in flight per key, the new one included. */
+  | { t: 'policy.attempt.counts'; req: number; counts: number[] };
 
 function isPolicy(msg: Message): msg is PolicyMessage {
   return msg.t.startsWith('policy.');
@@ -125,6 +135,7 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
   const sessions = new WorkerSessions(link, log, opts.reportMs ?? REPORT_MS);
   const bans = kind === 'memory' ? new ClusterBanStore(link, log, timeoutMs) : undefined;
   const limiters = kind === 'memory' && !opts.limiter ? new WorkerLimiters(timeoutMs) : undefined;
+  const attempts = kind === 'memory' ? new ClusterInFlight(link, log, timeoutMs) : undefined;
   const limiter = opts.limiter ?? limiters?.make;
   let state: PolicyState;
   try {
@@ -133,7 +144,7 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
       log,
       sessions,
       ...(opts.clock ? { clock: opts.clock } : {}),
-      ...(bans && limiter ? { memory: { bans, limiter } } : {}),
+      ...(bans && limiter ? { memory: { bans, limiter, ...(attempts ? { attempts } : {}) } } : {}),
     });
   } catch (err) {
     limiters?.close();
@@ -151,6 +162,7 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
     if (closed) return;
     closed = true;
     sessions.close();
+    attempts?.close();
     await state.close(); // also closes the ban store, failing requests still waiting
     // Last: counter hits still in flight during state.close() get their answers.
     limiters?.close();
@@ -184,11 +196,17 @@ export async function createWorkerPolicyState(opts: WorkerPolicyOptions): Promis
         if (bans) bans.settle(msg);
         else log.warn({ t: msg.t }, 'policy link: a ban reply reached a worker with the Redis store; ignored');
         break;
+      case 'policy.attempt.counts':
+        if (attempts) attempts.settle(msg);
+        else log.warn({ t: msg.t }, 'policy link: attempt counts reached a worker with the Redis store; ignored');
+        break;
       case 'policy.hello':
       case 'policy.sessions':
       case 'policy.ban.add':
       case 'policy.ban.remove':
       case 'policy.block':
+      case 'policy.attempt.start':
+      case 'policy.attempt.end':
         log.warn({ t: msg.t }, 'policy link: a message for the primary reached a worker; ignored');
         break;
       default: {
@@ -292,6 +310,85 @@ class WorkerSessions implements SharedSessions {
     } catch (err) {
       // The other workers' views miss these until the primary hears of this worker again (or it is gone).
       this.log.error({ err: errorMessage(err), changes: msg.changes.length }, 'policy link: could not report session counts to the primary');
+    }
+  }
+}
+
+/**
+ * A worker's login attempts in flight with the memory store: counted in the
+ * primary, so parallel guesses spread over workers see each other. When the
+ * primary does not answer in time the attempt counts in this worker's memory
+ * (as counters do), and the wait is logged.
+ */
+export class ClusterInFlight implements InFlightStore {
+  private readonly link: PrimaryLink;
+  private readonly log: Logger;
+  private readonly timeoutMs: number;
+  private readonly memory = new MemoryInFlight();
+  private readonly waiting = new Map<number, { resolve(counts: number[]): void; fallback(): void; timer: NodeJS.Timeout }>();
+  private nextReq = 0;
+  private closed = false;
+
+  constructor(link: PrimaryLink, log: Logger, timeoutMs: number) {
+    this.link = link;
+    this.log = log;
+    this.timeoutMs = timeoutMs;
+  }
+
+  start(keys: readonly string[], id: string, until: number, now: number): Promise<number[]> {
+    const local = () => this.memory.startNow(keys, id, until, now);
+    if (this.closed) return Promise.resolve(local());
+    return new Promise((resolve) => {
+      const req = ++this.nextReq;
+      const fallback = () => {
+        this.waiting.delete(req);
+        resolve(local());
+      };
+      const timer = setTimeout(() => {
+        this.log.warn({ timeoutMs: this.timeoutMs }, 'policy link: the primary did not count a login attempt in time; counting it in this worker');
+        fallback();
+      }, this.timeoutMs);
+      this.waiting.set(req, { resolve, fallback, timer });
+      try {
+        const msg: PolicyMessage = { t: 'policy.attempt.start', req, keys: [...keys], id, until };
+        this.link.send(msg);
+      } catch (err) {
+        clearTimeout(timer);
+        this.log.warn({ err: errorMessage(err) }, 'policy link: could not ask the primary to count a login attempt; counting it in this worker');
+        fallback();
+      }
+    });
+  }
+
+  async end(keys: readonly string[], id: string): Promise<void> {
+    this.memory.endNow(keys, id);
+    if (this.closed) return;
+    try {
+      const msg: PolicyMessage = { t: 'policy.attempt.end', keys: [...keys], id };
+      this.link.send(msg);
+    } catch (err) {
+      // The primary drops the attempt at its deadline.
+      this.log.warn({ err: errorMessage(err) }, 'policy link: could not tell the primary a login attempt ended');
+    }
+  }
+
+  settle(msg: Extract<PolicyMessage, { t: 'policy.attempt.counts' }>): void {
+    const w = this.waiting.get(msg.req);
+    if (!w) {
+      this.log.debug({ req: msg.req }, 'policy link: attempt counts after their timeout; ignored');
+      return;
+    }
+    this.waiting.delete(msg.req);
+    clearTimeout(w.timer);
+    w.resolve(msg.counts);
+  }
+
+  /** Requests still waiting count in this worker's memory. */
+  close(): void {
+    this.closed = true;
+    for (const w of [...this.waiting.values()]) {
+      clearTimeout(w.timer);
+      w.fallback();
     }
   }
 }
@@ -487,6 +584,22 @@ class SessionTally implements SharedSessions {
   }
 }
 
+/** Logs, at most every 10 s, that one of the primary's counters forgot its oldest counts. */
+function counterFull(log: Logger, maxKeys: number | undefined): (keyPrefix: string) => void {
+  let last = 0;
+  return (counter) => {
+    const now = Date.now();
+    if (now - last < 10_000) return;
+    last = now;
+    log.warn({ counter, maxKeys }, 'policy counter full: the counts that started longest ago are forgotten (policy_store.max_keys)');
+  };
+}
+
+/** An attempt as a worker names it: its keys (the address, a pair and a user per key of username_format) and id. */
+function validAttempt(keys: unknown, id: unknown): keys is string[] {
+  return Array.isArray(keys) && keys.length <= 16 && keys.every((k) => typeof k === 'string' && k.length <= 1024) && typeof id === 'string' && id.length <= 64;
+}
+
 function isEmpty(keys: Keys): boolean {
   return keys.open.size === 0 && keys.login.size === 0;
 }
@@ -529,7 +642,7 @@ export class PolicyAuthority {
       log: opts.log,
       sessions: tally,
       ...(opts.clock ? { clock: opts.clock } : {}),
-      ...(memory ? { memory: { limiter: masterLimiter() } } : {}),
+      ...(memory ? { memory: { limiter: masterLimiter(opts.store.max_keys, counterFull(opts.log, opts.store.max_keys)) } } : {}),
     });
     return new PolicyAuthority(state, tally, opts);
   }
@@ -574,6 +687,14 @@ export class PolicyAuthority {
         this.state.blockFromElsewhere(msg.key, msg.until);
         for (const link of this.workers()) if (link.pid !== from.pid) this.send(link, { t: 'policy.blocked', key: msg.key, until: msg.until });
         break;
+      case 'policy.attempt.start':
+        this.attemptStart(from, msg);
+        break;
+      case 'policy.attempt.end':
+        if (validAttempt(msg.keys, msg.id)) this.state.track('end an attempt', this.state.attempts.end(msg.keys, msg.id));
+        else this.log.warn({ worker: from.index }, 'policy link: ignoring a malformed attempt end');
+        break;
+      case 'policy.attempt.counts':
       case 'policy.sync':
       case 'policy.others':
       case 'policy.banned':
@@ -588,6 +709,17 @@ export class PolicyAuthority {
       }
     }
     return true;
+  }
+
+  private attemptStart(from: WorkerLink, msg: Extract<PolicyMessage, { t: 'policy.attempt.start' }>): void {
+    if (this.kind !== 'memory' || !validAttempt(msg.keys, msg.id) || !Number.isFinite(msg.until)) {
+      this.log.warn({ worker: from.index }, 'policy link: ignoring a malformed or misplaced attempt start');
+      return;
+    }
+    this.state.track(
+      `count an attempt for worker ${from.index}`,
+      this.state.attempts.start(msg.keys, msg.id, msg.until, this.state.clock()).then((counts) => this.send(from, { t: 'policy.attempt.counts', req: msg.req, counts })),
+    );
   }
 
   /** A worker process has exited: its sessions no longer count anywhere. */

@@ -7,6 +7,7 @@
 import { z } from 'zod';
 import { parseHash } from '../core/password-hash.ts';
 import { parseCidr, type Cidr } from '../net/cidr.ts';
+import { DEFAULT_USERNAME_FORMAT, MAX_USERNAME_FORMAT_LENGTH, MAX_USERNAME_FORMATS, parseUsernameFormat } from '../core/username-format.ts';
 import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf('30s, 15m, 1h');
@@ -166,6 +167,8 @@ export const rateLimitSchema = z
     window: window.optional(),
     listeners: z.array(name).min(1).optional(),
     protocols: z.array(protocol).min(1).optional(),
+    /** Client addresses this limit neither counts nor refuses (a monitoring host, a scanner of one's own). */
+    exempt: z.array(cidr).max(10_000).default([]),
   })
   .superRefine((l, ctx) => {
     const keys: readonly string[] = LIMIT_KEYS[l.limit];
@@ -198,6 +201,26 @@ const bruteForceSchema = z
   })
   .prefault({});
 
+/** One format: printable ASCII, checked by the same parser that applies it. */
+const usernameFormat = z
+  .string()
+  .min(1)
+  .max(MAX_USERNAME_FORMAT_LENGTH)
+  .regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces')
+  .superRefine((f, ctx) => {
+    const r = parseUsernameFormat(f);
+    if (typeof r === 'string') ctx.addIssue({ code: 'custom', message: r });
+  });
+
+/**
+ * How the backends turn a login name into an account, as Dovecot's
+ * auth_username_format: one format or a list. A login is counted and banned
+ * under every format's key; per-user limits count under the first.
+ */
+const usernameFormatSchema = z
+  .preprocess((v) => (typeof v === 'string' ? [v] : v), z.array(usernameFormat).min(1).max(MAX_USERNAME_FORMATS))
+  .default([...DEFAULT_USERNAME_FORMAT]);
+
 const policyStoreSchema = z
   .strictObject({
     type: z.enum(['memory', 'redis']).default('memory'),
@@ -207,6 +230,12 @@ const policyStoreSchema = z
     prefix: z.string().regex(/^[A-Za-z0-9_.:-]{1,64}$/).default('mailgate'),
     /** Redis command deadline; a slow Redis falls back to this gateway's memory. */
     timeout: duration.default(1000),
+    /**
+     * Memory store (and the memory Redis falls back to): the most keys one
+     * counter, the ban list and the attempts in flight each keep; past it the
+     * oldest go first. Bounds the memory a flood of addresses or names can take.
+     */
+    max_keys: positiveInt.min(100).max(10_000_000).default(100_000),
   })
   .superRefine((s, ctx) => {
     if (s.type === 'redis' && s.url === undefined) ctx.addIssue({ code: 'custom', path: ['url'], message: 'is required for type: redis' });
@@ -220,6 +249,7 @@ export const policySections = {
   routes: z.array(routeSchema).max(10_000).default([]),
   rate_limits: z.array(rateLimitSchema).max(1_000).default([]),
   brute_force: bruteForceSchema,
+  username_format: usernameFormatSchema,
   policy_store: policyStoreSchema,
 };
 

@@ -7,7 +7,7 @@ import { loadConfigFile } from '../config/load.ts';
 import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
 import { humanBytes, humanDuration } from '../core/human.ts';
 import { ControlClient, ControlRequestError } from './client.ts';
-import type { CertStatus, StatusInfo } from './protocol.ts';
+import type { BackendHealth, CertStatus, StatusInfo } from './protocol.ts';
 import { controlSocketPath } from './server.ts';
 
 export interface VerbOptions {
@@ -119,6 +119,13 @@ export function formatCerts(certs: CertStatus[]): string {
   return table(rows);
 }
 
+/** A backend's health in words: ok with its latency, DOWN (an outage) with why, MISCONFIGURED (a configuration error) with what to do. */
+export function backendState(h: BackendHealth): string {
+  if (h.ok) return `ok ${h.latencyMs ?? '?'}ms`;
+  if (h.state === 'misconfigured') return `MISCONFIGURED (${h.detail ?? h.error ?? 'configuration error'})`;
+  return `DOWN (${h.error ?? 'error'})`;
+}
+
 export function formatStatus(s: StatusInfo): string {
   const out: string[] = [];
   out.push(`mailgate ${s.version}  pid ${s.pid}  up ${humanDuration(s.uptimeMs)}  config ${s.configFile}`);
@@ -128,7 +135,7 @@ export function formatStatus(s: StatusInfo): string {
   for (const l of s.listeners) {
     const c = counters.get(l.name);
     const h = l.backendHealth;
-    const backend = `${l.backend}${h ? (h.ok ? ` ok ${h.latencyMs ?? '?'}ms` : ` DOWN (${h.error ?? 'error'})`) : ''}`;
+    const backend = `${l.backend}${h ? ` ${backendState(h)}` : ''}`;
     rows.push([
       l.name,
       l.protocol,

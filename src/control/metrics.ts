@@ -88,18 +88,29 @@ export class GatewayMetrics {
       }
     });
     this.registry.registerMetric(stats.backendConnectSeconds);
-    this.gauge('mailgate_backend_up', "Outcome of the listener's last backend connection (1 ok, 0 failed); absent until one was made.", ['listener'], (set) => {
+    this.gauge('mailgate_backend_up', "Outcome of the listener's last backend connection (1 the backend answered, 0 it is down); absent until one was made.", ['listener'], (set) => {
       for (const name of names()) {
         const health = stats.for(name).backendHealth;
-        if (health) set({ listener: name }, health.ok ? 1 : 0);
+        if (health) set({ listener: name }, health.ok || health.state === 'misconfigured' ? 1 : 0);
       }
     });
+    this.gauge(
+      'mailgate_backend_misconfigured',
+      "1 when the listener's last backend login failed on a configuration error (a passthrough listener whose backend offers no AUTH), else 0; absent until a backend connection was made.",
+      ['listener'],
+      (set) => {
+        for (const name of names()) {
+          const health = stats.for(name).backendHealth;
+          if (health) set({ listener: name }, health.state === 'misconfigured' ? 1 : 0);
+        }
+      },
+    );
     this.gauge('mailgate_certificate_expiry_timestamp_seconds', 'notAfter of each served certificate (Unix time).', ['name', 'names', 'source'], (set) => {
       for (const c of target.certificates.list()) set({ name: c.names[0] ?? '', names: c.names.join(','), source: c.source }, Math.floor(c.notAfter.getTime() / 1000));
     });
     if (target.bans) {
       const bans = target.bans;
-      this.gauge('mailgate_bans', 'Addresses banned now.', [], (set) => {
+      this.gauge('mailgate_bans', 'Bans in force now (addresses, ranges, users, users from an address).', [], (set) => {
         const now = Date.now();
         set({}, bans.list().filter((b) => b.expiresAt === null || b.expiresAt > now).length);
       });

@@ -33,8 +33,16 @@ export interface BackendHealth {
   ok: boolean;
   at: number;
   latencyMs: number | null;
-  /** The close reason of a failed attempt (backend-unavailable, backend-timeout). */
+  /** The close reason of a failed attempt (backend-unavailable, backend-timeout, backend-no-auth). */
   error: string | null;
+  /**
+   * ok; down (unreachable, too slow, broken: an outage); or misconfigured (it
+   * answers, but cannot do what the listener asks of it: a configuration
+   * error). Absent from a daemon that predates it: ok, or down.
+   */
+  state?: 'ok' | 'down' | 'misconfigured';
+  /** For misconfigured: what is wrong and what to do. */
+  detail?: string | null;
 }
 
 export interface ListenerStatus {
@@ -87,8 +95,18 @@ export interface CertStatus {
 }
 
 export interface Ban {
-  /** An address or a CIDR block. */
-  ip: string;
+  /**
+   * The ban's id in the policy store ("address:192.0.2.7", "range:192.0.2.0/24",
+   * "user:alice", "pair:192.0.2.7|alice"): `unban { id }` lifts exactly this one.
+   */
+  id?: string;
+  /** An address, a range, a user everywhere, or a user from one address; absent: an address or range. */
+  kind?: 'address' | 'range' | 'user' | 'pair';
+  /** The address or CIDR block; null for a user banned everywhere. */
+  ip: string | null;
+  /** The user (one key of username_format) for user and pair bans. */
+  user?: string | null;
+  /** The administrator's words, or why the policy banned (shown to the client for a manual ban). */
   reason: string;
   createdAt: number;
   /** null: until removed */
@@ -167,7 +185,7 @@ export type ControlEvent =
   | { type: 'refused'; at: number; listener: string; clientIp: string; code?: string; reason: string }
   | { type: 'auth-failed'; at: number; id: string; listener: string; clientIp: string; user: string | null }
   | { type: 'banned'; at: number; ban: Ban; killed: number }
-  | { type: 'unbanned'; at: number; ip: string }
+  | { type: 'unbanned'; at: number; ip: string | null; id?: string; user?: string | null }
   | { type: 'cert'; at: number; cert: CertStatus }
   /** A TLS report was posted: from whom (sender text, shown sanitised), and the sessions it counts; or refused, and why. */
   | { type: 'tls-report'; at: number; ok: boolean; organization: string; success: number; failure: number; reason?: string }
@@ -239,19 +257,32 @@ const ipOrCidr = z
   .max(64)
   .regex(/^[0-9A-Fa-f.:]+(\/\d{1,3})?$/, 'an IPv4/IPv6 address or a CIDR block');
 
+/** A login name as a ban names it: no control characters, as long as a login name may be. */
+const banUser = z.string().min(1).max(320).regex(/^[^\0-\x1f\x7f]+$/, 'a user name without control characters');
+
+const banId = z.string().min(1).max(400).regex(/^(address|range|user|pair):[^\0-\x1f\x7f]+$/, 'a ban id from the `bans` list');
+
 /** Arguments of the built-in commands, validated by the daemon before a handler runs. */
 export const commandArgs = {
   status: z.strictObject({}),
   sessions: z.strictObject({ listener: z.string().max(64).optional(), limit: z.number().int().positive().max(1_000_000).optional() }),
   kill: z.strictObject({ id: z.string().min(1).max(64) }),
-  ban: z.strictObject({
-    ip: ipOrCidr,
-    seconds: z.number().int().positive().max(10 * 365 * 86_400),
-    reason: z.string().max(200).optional(),
-    /** End the address's live sessions too (default true). */
-    kill: z.boolean().optional(),
-  }),
-  unban: z.strictObject({ ip: ipOrCidr }),
+  ban: z
+    .strictObject({
+      /** An address or range; with `user`, the user from that address. */
+      ip: ipOrCidr.optional(),
+      /** A user (everywhere, or from `ip`). */
+      user: banUser.optional(),
+      seconds: z.number().int().positive().max(10 * 365 * 86_400),
+      /** Shown in the ban list and logs, and to the client that is refused (cleaned and cut to one short line). */
+      reason: z.string().max(200).optional(),
+      /** End the live sessions the ban covers too (default true). */
+      kill: z.boolean().optional(),
+    })
+    .refine((a) => a.ip !== undefined || a.user !== undefined, 'name an ip, a user, or both'),
+  unban: z
+    .strictObject({ ip: ipOrCidr.optional(), user: banUser.optional(), id: banId.optional() })
+    .refine((a) => (a.id !== undefined) !== (a.ip !== undefined || a.user !== undefined), 'name an ip and/or a user, or a ban id'),
   bans: z.strictObject({}),
   reload: z.strictObject({}),
   certs: z.strictObject({}),
@@ -264,7 +295,8 @@ export interface CommandResults {
   status: StatusInfo;
   sessions: SessionInfo[];
   kill: { id: string };
-  ban: { ban: Ban; killed: number };
+  /** `ban`: the first of `bans` (a user name may be banned under several keys). */
+  ban: { ban: Ban; bans: Ban[]; killed: number };
   unban: { removed: boolean };
   bans: Ban[];
   reload: ReloadOutcome;

@@ -48,7 +48,7 @@ import {
 import type { TlsReportLog } from '../discovery/tlsrpt.ts';
 import { bindSocketFile, removeSocketFile } from './socket-file.ts';
 import type { GatewayStats } from './stats.ts';
-import type { ControlTarget } from './target.ts';
+import type { BanTarget, ControlTarget } from './target.ts';
 import { VERSION } from './version.ts';
 
 /** Events kept for the snapshot's `recent`. */
@@ -287,7 +287,7 @@ export class ControlServer {
     this.banUnsubscribe?.();
     this.banUnsubscribe = this.target.bans?.onChange?.((change) => {
       if (change.kind === 'banned') this.publish({ type: 'banned', at: Date.now(), ban: change.ban, killed: 0 });
-      else this.publish({ type: 'unbanned', at: Date.now(), ip: change.ip });
+      else this.publish({ type: 'unbanned', at: Date.now(), ip: change.ip, ...(change.id === undefined ? {} : { id: change.id }), ...(change.user === undefined ? {} : { user: change.user }) });
     });
   }
 
@@ -554,33 +554,45 @@ export class ControlServer {
     });
     this.builtin('ban', (args) => {
       const bans = this.requireBans();
-      const ip = normalizeIp(args.ip);
-      const match = blockFor(ip);
-      const reason = args.reason ?? 'banned from the control socket';
+      const target: BanTarget = {
+        ...(args.ip === undefined ? {} : { ip: normalizeIp(args.ip) }),
+        ...(args.user === undefined ? {} : { user: args.user }),
+      };
+      // An address check that a ban admin without `covers` relies on (and a clear error for a bad block).
+      const match = target.ip === undefined ? undefined : blockFor(target.ip);
+      const reason = args.reason ?? 'Banned by the administrator';
+      let made: Ban[];
       try {
-        bans.ban(ip, args.seconds, reason);
+        // An address or range alone goes as a string: every ban admin takes that form.
+        made = bans.ban(target.user === undefined && target.ip !== undefined ? target.ip : target, args.seconds, reason) ?? [];
       } catch (err) {
-        throw new CommandError('BAD_REQUEST', `ban ${ip}: ${errorMessage(err)}`);
+        throw new CommandError('BAD_REQUEST', `ban ${describeTarget(target)}: ${errorMessage(err)}`);
       }
       let killed = 0;
       if (args.kill !== false) {
         for (const r of this.target.registry.list()) {
-          if (matches(match, r.clientIp) && this.target.registry.kill(r.id, 'killed')) killed++;
+          const hit = bans.covers ? bans.covers(target, r.clientIp, r.user) : match !== undefined && matches(match, r.clientIp);
+          if (hit && this.target.registry.kill(r.id, 'killed')) killed++;
         }
       }
       const now = Date.now();
-      const ban: Ban = bans.list().find((b) => b.ip === ip) ?? { ip, reason, createdAt: now, expiresAt: now + args.seconds * 1000, source: 'manual' };
-      this.log.info({ ip, seconds: args.seconds, reason, killed }, 'address banned from the control socket');
-      if (!bans.onChange) this.publish({ type: 'banned', at: now, ban, killed });
-      return { ban, killed };
+      if (made.length === 0) {
+        const listed = bans.list().find((b) => b.ip === (target.ip ?? null) && (target.user === undefined || b.user !== undefined));
+        made = [listed ?? { ip: target.ip ?? null, reason, createdAt: now, expiresAt: now + args.seconds * 1000, source: 'manual' }];
+      }
+      this.log.info({ ip: target.ip, user: target.user, seconds: args.seconds, reason, killed }, 'banned from the control socket');
+      if (!bans.onChange) for (const ban of made) this.publish({ type: 'banned', at: now, ban, killed });
+      return { ban: made[0]!, bans: made, killed };
     });
     this.builtin('unban', (args) => {
       const bans = this.requireBans();
-      const ip = normalizeIp(args.ip);
-      const removed = bans.unban(ip);
+      const ip = args.ip === undefined ? undefined : normalizeIp(args.ip);
+      // An address or range alone goes as a string, as to `ban`.
+      const target = args.id !== undefined ? { id: args.id } : args.user === undefined && ip !== undefined ? ip : { ...(ip === undefined ? {} : { ip }), ...(args.user === undefined ? {} : { user: args.user }) };
+      const removed = bans.unban(target);
       if (removed) {
-        this.log.info({ ip }, 'ban removed from the control socket');
-        if (!bans.onChange) this.publish({ type: 'unbanned', at: Date.now(), ip });
+        this.log.info({ ip, user: args.user, id: args.id }, 'ban removed from the control socket');
+        if (!bans.onChange) this.publish({ type: 'unbanned', at: Date.now(), ip: ip ?? null });
       }
       return { removed };
     });
@@ -671,6 +683,10 @@ function sum<K extends 'success' | 'failure'>(domains: readonly Record<K, number
 function tlsReportStatus(log: TlsReportLog): TlsReportStatus {
   const t = log.totals();
   return { accepted: t.reports.accepted, refused: t.reports.refused, success: sum(t.domains, 'success'), failure: sum(t.domains, 'failure') };
+}
+
+function describeTarget(t: BanTarget): string {
+  return [t.user === undefined ? '' : `user ${t.user}`, t.ip ?? ''].filter(Boolean).join(' from ');
 }
 
 /** A BlockList for a CIDR block, or the address itself. */

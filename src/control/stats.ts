@@ -24,7 +24,13 @@ export interface ListenerTotals {
   backendHealth: BackendHealth | null;
 }
 
+/** Close reasons that mean the backend is down (unreachable, too slow, broken). */
 const BACKEND_FAILURES = new Set(['backend-unavailable', 'backend-timeout', 'backend-error']);
+
+/** Close reasons that mean the backend answers but is not configured for what the listener asks, and what to do. */
+export const BACKEND_MISCONFIGURED: ReadonlyMap<string, string> = new Map([
+  ['backend-no-auth', 'backend offers no AUTH; use authentication: local, or enable AUTH on the backend'],
+]);
 
 export class GatewayStats {
   /** Backend connect latency per listener, observed as connections are made (exposed by metrics.ts). */
@@ -62,7 +68,7 @@ export class GatewayStats {
       registry.on('backendConnected', (e) => {
         const t = this.for(e.listener);
         this.backendConnectSeconds.observe({ listener: e.listener }, e.ms / 1000);
-        t.backendHealth = { ok: true, at: e.at, latencyMs: Math.round(e.ms * 10) / 10, error: null };
+        t.backendHealth = { ok: true, at: e.at, latencyMs: Math.round(e.ms * 10) / 10, error: null, state: 'ok', detail: null };
       }),
       registry.on('closed', (r) => {
         const t = this.for(r.listener);
@@ -70,7 +76,10 @@ export class GatewayStats {
         bump(t.closedByReason, reason);
         t.closedBytesIn += r.bytesIn;
         t.closedBytesOut += r.bytesOut;
-        if (BACKEND_FAILURES.has(reason)) t.backendHealth = { ok: false, at: Date.now(), latencyMs: null, error: reason };
+        if (BACKEND_FAILURES.has(reason)) t.backendHealth = { ok: false, at: Date.now(), latencyMs: null, error: reason, state: 'down', detail: null };
+        const misconfigured = BACKEND_MISCONFIGURED.get(reason);
+        // The connection itself worked (its latency stays): the login cannot, whatever the client sends.
+        if (misconfigured !== undefined) t.backendHealth = { ok: false, at: Date.now(), latencyMs: t.backendHealth?.latencyMs ?? null, error: reason, state: 'misconfigured', detail: misconfigured };
       }),
     ];
   }

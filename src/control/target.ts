@@ -10,17 +10,28 @@ import type { Ban, CertRenewal, ReloadOutcome, WorkerStatus } from './protocol.t
 
 export type { Ban } from './protocol.ts';
 
+/** Who a ban stops: an address or CIDR range (`ip`), a user everywhere (`user`), or a user from one address (both). */
+export interface BanTarget {
+  ip?: string;
+  user?: string;
+}
+
 /**
- * The ban list's admin side, provided by the policy engine. `ban` replaces an
- * existing ban of the same address; `unban` answers whether one was removed.
- * `onChange` (optional) lets bans made by the engine itself (too many failed
- * logins) reach the dashboard as events.
+ * The ban list's admin side, provided by the policy engine. `ban` takes an
+ * address or range (a string) or a target, replaces an existing ban of the
+ * same target and returns what it bans (a user name may be banned under
+ * several keys, see username_format); `unban` lifts the bans of a target, or
+ * one ban by its id, and answers whether one was removed. `covers` (optional;
+ * without it a ban ends sessions by address) says whether a live session is
+ * one the target stops. `onChange` (optional) lets bans made by the engine
+ * itself (too many failed logins) reach the dashboard as events.
  */
 export interface BanAdmin {
   list(): Ban[];
-  ban(ip: string, seconds: number, reason: string): void;
-  unban(ip: string): boolean;
-  onChange?(listener: (change: { kind: 'banned'; ban: Ban } | { kind: 'unbanned'; ip: string }) => void): () => void;
+  ban(target: string | BanTarget, seconds: number, reason: string): Ban[] | void;
+  unban(target: string | BanTarget | { id: string }): boolean;
+  covers?(target: BanTarget, ip: string, user: string | null): boolean;
+  onChange?(listener: (change: { kind: 'banned'; ban: Ban } | { kind: 'unbanned'; ip: string | null; id?: string; user?: string | null }) => void): () => void;
 }
 
 export interface ControlTarget {

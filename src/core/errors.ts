@@ -10,6 +10,7 @@ export const ErrorCodes = {
   BACKEND_TIMEOUT: 'Backend did not answer in time',
   BACKEND_PROTOCOL: 'Backend sent something unexpected',
   BACKEND_CLOSED: 'Backend closed the connection',
+  BACKEND_NO_AUTH: 'Backend offers no AUTH, which passthrough authentication needs',
   CERT_LOAD: 'Certificate or key could not be loaded',
   CERT_WRITE: 'Certificate or key could not be written',
   ACME: 'The ACME certificate authority refused or could not be reached',

@@ -117,10 +117,12 @@ export function policySummary(config: Config): string[] {
     bf.enabled
       ? `  brute force: per address ${t(bf.per_address)}; per address+user ${t(bf.per_address_user)}; per user ${t(bf.per_user)}${bf.exempt.length ? `; exempt ${bf.exempt.map((c) => c.text).join(', ')}` : ''}`
       : '  brute force: off',
+    `  user names: counted and banned as ${config.username_format.join(', ')} (per-user limits: ${config.username_format[0] ?? '%u'})`,
   ];
   for (const l of config.rate_limits) {
     const scope = [...(l.listeners ?? []), ...(l.protocols ?? [])];
-    out.push(`  limit: ${l.limit} per ${l.per} ${l.max}${l.window === undefined ? ' at once' : ` per ${formatDuration(l.window)}`}${scope.length ? ` (${scope.join(', ')})` : ''}`);
+    const exempt = l.exempt.length ? `; exempt ${l.exempt.map((c) => c.text).join(', ')}` : '';
+    out.push(`  limit: ${l.limit} per ${l.per} ${l.max}${l.window === undefined ? ' at once' : ` per ${formatDuration(l.window)}`}${scope.length ? ` (${scope.join(', ')})` : ''}${exempt}`);
   }
   for (const l of config.listeners) {
     if ('authentication' in l && l.authentication === 'local') {

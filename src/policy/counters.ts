@@ -13,7 +13,7 @@
  * keep working on each gateway alone rather than not at all.
  */
 import type { Redis } from 'ioredis';
-import { RateLimiterMemory, RateLimiterRedis, type RateLimiterAbstract } from 'rate-limiter-flexible';
+import { RateLimiterMemory, RateLimiterRedis, type IRateLimiterOptions, type RateLimiterAbstract, type RateLimiterRes } from 'rate-limiter-flexible';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 
@@ -35,6 +35,74 @@ export interface WindowCounter {
 
 /** Makes the limiter that counts for every process; the options are the ones the memory limiter gets. */
 export type SharedLimiter = (opts: { keyPrefix: string; points: number; duration: number }) => RateLimiterAbstract;
+
+/** Keys one memory counter keeps by default (policy_store.max_keys). */
+export const DEFAULT_MAX_KEYS = 100_000;
+
+/**
+ * rate-limiter-flexible's memory limiter, with at most `maxKeys` keys.
+ *
+ * The library keeps each key until its window ends (a record and a timer,
+ * about 460 bytes of heap each, measured on the cluster primary), however
+ * many keys there are: 40,000 client addresses within a minute grew a
+ * primary's heap by 18 MB, and failed logins keep theirs for up to an hour.
+ * Here the keys are kept in the order their windows started (one window
+ * length per limiter, so also the order they end); when a new key would pass
+ * the bound, the key whose window started longest ago is deleted first (its
+ * count starts again). Only the library's public API is used.
+ */
+export class BoundedMemoryLimiter extends RateLimiterMemory {
+  /** key → when its window ends (ms), oldest first. */
+  private readonly windows = new Map<string, number>();
+  private readonly maxKeys: number;
+  private readonly onFull: (() => void) | undefined;
+
+  constructor(opts: IRateLimiterOptions, maxKeys = DEFAULT_MAX_KEYS, onFull?: () => void) {
+    super(opts);
+    this.maxKeys = Math.max(1, maxKeys);
+    this.onFull = onFull;
+  }
+
+  /** Keys counted now (tests, and the bound). */
+  get size(): number {
+    this.expire(Date.now());
+    return this.windows.size;
+  }
+
+  override async consume(key: string | number, points?: number, options?: { [key: string]: unknown }): Promise<RateLimiterRes> {
+    const k = String(key);
+    const now = Date.now();
+    this.expire(now);
+    const fresh = !this.windows.has(k);
+    if (fresh) {
+      let evicted = false;
+      while (this.windows.size >= this.maxKeys) {
+        const oldest = this.windows.keys().next();
+        if (oldest.done) break;
+        this.windows.delete(oldest.value);
+        await super.delete(oldest.value);
+        evicted = true;
+      }
+      if (evicted) this.onFull?.();
+    }
+    const res = await super.consume(key, points, options);
+    if (fresh) this.windows.set(k, now + Math.max(0, res.msBeforeNext));
+    return res;
+  }
+
+  override async delete(key: string | number, options?: { [key: string]: unknown }): Promise<boolean> {
+    this.windows.delete(String(key));
+    return super.delete(key, options);
+  }
+
+  /** Forgets keys whose window has ended (the library drops their records itself). */
+  private expire(now: number): void {
+    for (const [k, until] of this.windows) {
+      if (until > now) break;
+      this.windows.delete(k);
+    }
+  }
+}
 
 /** The library counts points up to this; the caller compares with its own maximum. */
 const UNLIMITED = 2_000_000_000;
@@ -69,12 +137,26 @@ export class CounterStore {
   private readonly prefix: string;
   private readonly errors: StoreErrors;
 
-  /** `shared` is used when there is no `redis`. */
-  constructor(opts: { redis?: Redis | undefined; shared?: SharedLimiter | undefined; prefix: string; errors: StoreErrors }) {
+  private readonly maxKeys: number;
+  private readonly log: Logger | undefined;
+  private lastFull = 0;
+
+  /** `shared` is used when there is no `redis`; `maxKeys` bounds each memory counter (policy_store.max_keys). */
+  constructor(opts: { redis?: Redis | undefined; shared?: SharedLimiter | undefined; prefix: string; errors: StoreErrors; maxKeys?: number; log?: Logger }) {
     this.redis = opts.redis;
     this.shared = opts.shared;
     this.prefix = opts.prefix;
     this.errors = opts.errors;
+    this.maxKeys = opts.maxKeys ?? DEFAULT_MAX_KEYS;
+    this.log = opts.log;
+  }
+
+  /** A memory counter reached its bound and forgot its oldest counts: logged at most every STORE_LOG_INTERVAL_MS. */
+  private full(name: string): void {
+    const now = Date.now();
+    if (now - this.lastFull < STORE_LOG_INTERVAL_MS) return;
+    this.lastFull = now;
+    this.log?.warn({ counter: name, maxKeys: this.maxKeys }, 'policy counter full: the counts that started longest ago are forgotten (policy_store.max_keys)');
   }
 
   /** The counter for `name` with this window; the same one (and its counts) each time it is asked for. */
@@ -90,7 +172,7 @@ export class CounterStore {
   }
 
   private make(keyPrefix: string, seconds: number): WindowCounter {
-    const memory = new RateLimiterMemory({ keyPrefix, points: UNLIMITED, duration: seconds });
+    const memory = new BoundedMemoryLimiter({ keyPrefix, points: UNLIMITED, duration: seconds }, this.maxKeys, () => this.full(keyPrefix));
     const shared: RateLimiterAbstract | undefined = this.redis
       ? new RateLimiterRedis({ storeClient: this.redis, keyPrefix, points: UNLIMITED, duration: seconds, rejectIfRedisNotReady: true })
       : this.shared?.({ keyPrefix, points: UNLIMITED, duration: seconds });

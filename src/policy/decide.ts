@@ -15,9 +15,9 @@ import type { RateLimit } from '../config/schema-policy.ts';
 import { AddressSet } from '../net/cidr.ts';
 import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
-import { canonicalUser } from './names.ts';
+import { UserKeys } from './names.ts';
 import { RuleSet, type RuleFacts } from './rules.ts';
-import type { BruteForce } from './state.ts';
+import type { AttemptLoad, AttemptLoads, BruteForce } from './state.ts';
 
 /** Why a connection, login or request is refused, as metrics and logs name it. */
 export type RefusalCode =
@@ -31,7 +31,8 @@ export type RefusalCode =
   | 'message-rate'
   | 'recipient-rate'
   | 'request-rate'
-  | 'auth-busy';
+  | 'auth-busy'
+  | 'login-attempts';
 
 /** What the client is told for each code (an access rule may say its own `reason`). */
 export const REFUSAL_TEXT: Record<RefusalCode, string> = {
@@ -46,6 +47,7 @@ export const REFUSAL_TEXT: Record<RefusalCode, string> = {
   'recipient-rate': 'Too many recipients, try again later',
   'request-rate': 'Too many requests',
   'auth-busy': 'Authentication temporarily unavailable',
+  'login-attempts': 'Too many login attempts at once, try again later',
 };
 
 export type Refusal =
@@ -62,6 +64,31 @@ export function deny(code: RefusalCode, text = REFUSAL_TEXT[code]): Refusal {
 
 export function tempfail(code: RefusalCode, retryAfterMs?: number, text = REFUSAL_TEXT[code]): Refusal {
   return retryAfterMs === undefined ? { action: 'tempfail', code, text } : { action: 'tempfail', code, text, retryAfterMs: Math.max(0, Math.ceil(retryAfterMs)) };
+}
+
+/** The longest ban reason a client is shown; the rest is cut. */
+export const MAX_CLIENT_REASON = 120;
+
+/**
+ * A ban's refusal: a ban set by hand tells the client the administrator's
+ * reason, as one short line of printable ASCII (accents dropped, anything
+ * else that could break a protocol line or a terminal replaced); a
+ * brute-force ban, the fixed text.
+ */
+export function banned(ban: Ban, now: number): Refusal {
+  const text = ban.source === 'manual' ? clientText(ban.reason) : undefined;
+  return tempfail('banned', ban.until - now, text || REFUSAL_TEXT.banned);
+}
+
+/** Text from an administrator as a client may see it: one line of printable ASCII, at most MAX_CLIENT_REASON characters. */
+export function clientText(text: string): string {
+  const plain = text
+    .normalize('NFKD')
+    .replace(/[\u0300-\u036f]/g, '')
+    .replace(/[^\x20-\x7e]+/g, ' ')
+    .replace(/ {2,}/g, ' ')
+    .trim();
+  return plain.length <= MAX_CLIENT_REASON ? plain : `${plain.slice(0, MAX_CLIENT_REASON - 3).trimEnd()}...`;
 }
 
 /** Login names longer than this are refused without further work (they are not names). */
@@ -93,6 +120,12 @@ export interface Snapshot {
   loggedIn(user: string, scope: (listener: string) => boolean): number;
   /** The current count of a window limit's key (message limits at login), when it was read. */
   count(key: string): Count | undefined;
+  /**
+   * For credentials: the failures counted and the attempts in flight (this
+   * one included) per brute-force threshold, when other attempts were in
+   * flight as this one started; undefined when none were.
+   */
+  readonly attempts?: AttemptLoads | undefined;
 }
 
 /** A rate limit of the config, compiled: what it counts and under which name its counts are kept. */
@@ -102,16 +135,21 @@ export interface CompiledLimit {
   readonly name: string;
   /** Whether a session on this listener counts (listeners/protocols scope). */
   readonly scope: (listener: string) => boolean;
+  /** Whether the limit leaves a client address alone (its `exempt` ranges): neither counted nor refused. */
+  readonly exempts: (address: string) => boolean;
 }
 
 /** The config's rules and limits, compiled once per (re)load; `decide` is pure. */
 export class PolicyRules {
   readonly limits: readonly CompiledLimit[];
   readonly bruteForce: BruteForce;
+  /** How login names become the keys counts and bans are kept under (username_format). */
+  readonly names: UserKeys;
   private readonly access: RuleSet;
 
   constructor(config: Config) {
     this.access = new RuleSet(config.access.rules, config.access.default);
+    this.names = new UserKeys(config.username_format);
     this.bruteForce = { settings: config.brute_force, exempt: new AddressSet(config.brute_force.exempt) };
     const protocolOf = new Map(config.listeners.map((l) => [l.name, l.protocol as string]));
     this.limits = config.rate_limits.map((spec) => compileLimit(spec, protocolOf));
@@ -124,7 +162,7 @@ export class PolicyRules {
       case 'request':
         return this.request(facts, snapshot);
       case 'credentials':
-        return credentials(facts, snapshot);
+        return this.credentials(facts, snapshot);
       case 'login':
         return this.login(facts, snapshot);
       default: {
@@ -134,25 +172,25 @@ export class PolicyRules {
     }
   }
 
-  /** Limits counted when a connection is allowed (connections per window); concurrent ones are sessions, counted by the state. */
-  connectLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => c.scope(listener) && (c.spec.limit === 'connections' || (c.spec.limit === 'concurrent' && c.spec.per === 'address')));
+  /** Limits a connection from `address` (any address when not given) meets (connections per window, counted when allowed; concurrent ones are sessions, counted by the state). */
+  connectLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => c.scope(listener) && (c.spec.limit === 'connections' || (c.spec.limit === 'concurrent' && c.spec.per === 'address')) && (address === undefined || !c.exempts(address)));
   }
 
-  requestLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => c.spec.limit === 'http_requests' && c.scope(listener));
+  requestLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => c.spec.limit === 'http_requests' && c.scope(listener) && (address === undefined || !c.exempts(address)));
   }
 
-  /** Window limits on SMTP messages and recipients for this listener. */
-  messageLimits(listener: string): CompiledLimit[] {
-    return this.limits.filter((c) => (c.spec.limit === 'messages' || c.spec.limit === 'recipients') && c.spec.window !== undefined && c.scope(listener));
+  /** Window limits on SMTP messages and recipients for this listener and client address. */
+  messageLimits(listener: string, address?: string): CompiledLimit[] {
+    return this.limits.filter((c) => (c.spec.limit === 'messages' || c.spec.limit === 'recipients') && c.spec.window !== undefined && c.scope(listener) && (address === undefined || !c.exempts(address)));
   }
 
   private connect(f: Extract<Facts, { stage: 'connect' }>, s: Snapshot): Verdict {
     const outcome = this.access.evaluate(connectRuleFacts(f.listener, f.clientIp));
     if (outcome.decided && outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, false);
-    if (s.ban) return tempfail('banned', s.ban.until - s.now);
-    for (const c of this.connectLimits(f.listener.name)) {
+    if (s.ban) return banned(s.ban, s.now);
+    for (const c of this.connectLimits(f.listener.name, f.clientIp)) {
       if (c.spec.limit === 'connections') {
         const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
         if (until !== undefined) return tempfail('connection-rate', until - s.now);
@@ -164,10 +202,30 @@ export class PolicyRules {
   }
 
   private request(f: Extract<Facts, { stage: 'request' }>, s: Snapshot): Verdict {
-    if (s.ban) return tempfail('banned', s.ban.until - s.now);
-    for (const c of this.requestLimits(f.listener.name)) {
+    if (s.ban) return banned(s.ban, s.now);
+    for (const c of this.requestLimits(f.listener.name, f.clientIp)) {
       const until = s.blockedUntil(blockKey(c, limitKey(c, f.clientIp, f.listener.name)));
       if (until !== undefined) return tempfail('request-rate', until - s.now);
+    }
+    return ALLOW;
+  }
+
+  /**
+   * Credentials, before their password: names too long to be names, bans,
+   * and attempts in flight. While other attempts are in flight, one whose
+   * threshold's failures and attempts in flight (itself included) pass the
+   * threshold is refused: parallel guesses cannot all be checked before the
+   * first failure is counted. Alone, an attempt is left to the bans (a count
+   * at the threshold has banned already).
+   */
+  private credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): Verdict {
+    if ((f.user?.length ?? 0) > MAX_USER || (f.authzid?.length ?? 0) > MAX_USER) return deny('bad-login');
+    if (s.ban) return banned(s.ban, s.now);
+    const a = s.attempts;
+    if (a) {
+      const t = this.bruteForce.settings;
+      const over = (load: AttemptLoad | undefined, failures: number) => load !== undefined && load.inFlight > 1 && load.failures + load.inFlight > failures;
+      if (over(a.address, t.per_address.failures) || over(a.pair, t.per_address_user.failures) || over(a.user, t.per_user.failures)) return tempfail('login-attempts');
     }
     return ALLOW;
   }
@@ -185,9 +243,9 @@ export class PolicyRules {
     });
     if (!outcome.decided) throw new Error('rules left a login undecided');
     if (outcome.action !== 'allow') return ruleVerdict(outcome.action, outcome.reason, f.authenticated);
-    const identityKey = f.identity === null ? null : canonicalUser(f.identity);
+    const identityKey = f.identity === null ? null : this.names.account(f.identity);
     for (const c of this.limits) {
-      if (!c.scope(l.name)) continue;
+      if (!c.scope(l.name) || c.exempts(f.clientIp)) continue;
       if (c.spec.limit === 'concurrent' && c.spec.per === 'user' && identityKey !== null) {
         if (s.loggedIn(identityKey, c.scope) >= c.spec.max) return tempfail('concurrent-user');
       }
@@ -202,13 +260,6 @@ export class PolicyRules {
     }
     return ALLOW;
   }
-}
-
-/** Credentials, before their password: names too long to be names, acting as another user, bans. */
-function credentials(f: Extract<Facts, { stage: 'credentials' }>, s: Snapshot): Verdict {
-  if ((f.user?.length ?? 0) > MAX_USER || (f.authzid?.length ?? 0) > MAX_USER) return deny('bad-login');
-  if (s.ban) return tempfail('banned', s.ban.until - s.now);
-  return ALLOW;
 }
 
 /**
@@ -264,9 +315,11 @@ function compileLimit(spec: RateLimit, protocolOf: ReadonlyMap<string, string>):
     if (implied && p !== implied) return false;
     return true;
   };
+  const exempt = spec.exempt.length > 0 ? new AddressSet(spec.exempt) : undefined;
+  const exempts = (address: string) => exempt !== undefined && exempt.has(address);
   const sig = createHash('sha256')
     .update(JSON.stringify([spec.listeners?.toSorted() ?? null, spec.protocols?.toSorted() ?? null]))
     .digest('hex')
     .slice(0, 8);
-  return { spec, name: `${spec.limit}:${spec.per}:${sig}`, scope };
+  return { spec, name: `${spec.limit}:${spec.per}:${sig}`, scope, exempts };
 }

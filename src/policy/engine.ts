@@ -27,9 +27,8 @@ import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
 import { ALLOW, blockKey, deny, limitKey, MAX_USER, PolicyRules, tempfail, type CompiledLimit, type Refusal, type Snapshot, type Verdict } from './decide.ts';
 import type { PolicyFiles } from './files.ts';
-import { canonicalUser } from './names.ts';
 import { BackendSecrets, Router } from './routes.ts';
-import type { PolicyState, WindowLimit } from './state.ts';
+import type { Attempt, AttemptLoads, PolicyState, WindowLimit } from './state.ts';
 import { UserDirectory, type LocalUser } from './users.ts';
 
 export interface ConnectFacts {
@@ -134,20 +133,21 @@ export class PolicyEngine implements Policy {
     const verdict = this.rules.decide({ stage: 'connect', listener: l, clientIp: address }, this.snapshot(this.state.addressBan(address, this.state.clock())));
     if (verdict.action !== 'allow') return verdict;
     this.state.connectionOpened(l.name, address);
-    for (const c of this.rules.connectLimits(l.name)) if (c.spec.limit === 'connections') this.countLater(c, limitKey(c, address, l.name));
+    for (const c of this.rules.connectLimits(l.name, address)) if (c.spec.limit === 'connections') this.countLater(c, limitKey(c, address, l.name));
     return verdict;
   }
 
   onDisconnect(facts: ConnectFacts): void {
     this.state.connectionClosed(facts.listener.name, facts.clientIp);
-    if (facts.session !== undefined) this.state.loginEnded(facts.session);
+    // A login still waiting for its verdict stays in flight until the verdict or its deadline, and takes no slot.
+    if (facts.session !== undefined) this.state.sessionEnded(facts.session);
   }
 
   onHttpRequest(facts: HttpRequestFacts): Verdict {
     const l = facts.listener;
     const verdict = this.rules.decide({ stage: 'request', listener: l, clientIp: facts.clientIp }, this.snapshot(this.state.addressBan(facts.clientIp, this.state.clock())));
     if (verdict.action !== 'allow') return verdict;
-    for (const c of this.rules.requestLimits(l.name)) this.countLater(c, limitKey(c, facts.clientIp, l.name));
+    for (const c of this.rules.requestLimits(l.name, facts.clientIp)) this.countLater(c, limitKey(c, facts.clientIp, l.name));
     return verdict;
   }
 
@@ -157,12 +157,34 @@ export class PolicyEngine implements Policy {
     const l = facts.listener;
     const address = facts.clientIp;
     const bf = this.rules.bruteForce;
-    const userKey = credentials && credentials.user.length <= MAX_USER ? canonicalUser(credentials.user) : null;
+    // The keys the login is counted and banned under (username_format): every spelling of the account.
+    const keys = credentials && credentials.user.length <= MAX_USER ? this.rules.names.keys(credentials.user) : [];
 
-    // 1. The credentials as sent: names that are not names, bans (before the password is looked at).
-    const ban = await this.state.loginBan(address, userKey, this.state.clock(), bf);
-    const first = this.rules.decide({ stage: 'credentials', listener: l, clientIp: address, user: credentials?.user ?? null, authzid: credentials?.authzid ?? null }, this.snapshot(ban));
+    // 1. The credentials as sent: names that are not names, bans, attempts in flight (before the password is looked at).
+    const ban = await this.state.loginBan(address, keys, this.state.clock(), bf);
+    const credentialFacts = { stage: 'credentials' as const, listener: l, clientIp: address, user: credentials?.user ?? null, authzid: credentials?.authzid ?? null };
+    const first = this.rules.decide(credentialFacts, this.snapshot(ban));
     if (first.action !== 'allow') return first;
+    // From here the attempt counts as in flight until its verdict: parallel guesses see each other.
+    const attempt = credentials ? await this.state.attemptStarted(address, keys, attemptDeadline(l), bf) : undefined;
+    const decision = await this.authorize(facts, credentials, keys, attempt);
+    if (attempt && !(decision.action === 'allow' && this.waitsForVerdict(facts, attempt, decision))) this.state.track('end an attempt', this.state.attemptEnded(attempt));
+    return decision;
+  }
+
+  /** onAuth past the ban check: attempts in flight, the password where mailgate checks it, rules and limits, the route. */
+  private async authorize(facts: AuthFacts, credentials: Credentials | null, keys: string[], attempt: Attempt | undefined): Promise<AuthDecision> {
+    const l = facts.listener;
+    const address = facts.clientIp;
+    const bf = this.rules.bruteForce;
+    if (attempt?.loads) {
+      const credentialFacts = { stage: 'credentials' as const, listener: l, clientIp: address, user: credentials?.user ?? null, authzid: credentials?.authzid ?? null };
+      const busy = this.rules.decide(credentialFacts, this.snapshot(undefined, NO_COUNTS, attempt.loads));
+      if (busy.action !== 'allow') {
+        this.log.info({ client: address, user: credentials?.user, load: attempt.loads }, 'login attempt refused: too many in flight');
+        return busy;
+      }
+    }
 
     // 2. The password, where mailgate checks it.
     let verified: LocalUser | undefined;
@@ -171,11 +193,11 @@ export class PolicyEngine implements Policy {
       if (checked === 'busy') return tempfail('auth-busy', 5_000);
       if (checked === 'other-user') return deny('bad-login');
       if (checked === 'wrong-password') {
-        await this.state.loginFailed(address, userKey, bf);
+        await this.state.loginFailed(address, keys, bf);
         return deny('bad-login');
       }
       verified = checked;
-      await this.state.loginSucceeded(address, userKey ?? '', bf);
+      await this.state.loginSucceeded(address, keys, bf);
     }
 
     // 3. The login as it acts (a PLAIN authorization id, when the backend allows one): rules and limits.
@@ -196,22 +218,37 @@ export class PolicyEngine implements Policy {
       // SMTP without AUTH on a local listener: nothing to replay.
       replay = null;
     }
-    if (facts.session !== undefined && identity !== null) this.state.loginStarted(facts.session, l.name, canonicalUser(identity));
+    // The user's session slot is taken when the login succeeds (onAuthResult), not by an attempt.
+    if (facts.session !== undefined && identity !== null && attempt) {
+      this.state.loginPending(facts.session, { attempt, account: this.rules.names.account(identity), listener: l.name });
+    }
     return { action: 'allow', backend, credentials: replay };
   }
 
+  /** Whether an allowed login's attempt stays in flight until the backend's verdict (passthrough, with a session to match it). */
+  private waitsForVerdict(facts: AuthFacts, attempt: Attempt, decision: AuthDecision): boolean {
+    return decision.action === 'allow' && !isLocal(facts.listener) && facts.session !== undefined && !attempt.ended;
+  }
+
   onAuthResult(facts: AuthFacts, ok: boolean): void {
+    const pending = facts.session === undefined ? undefined : this.state.takePending(facts.session);
     if (!ok && facts.session !== undefined) this.state.loginEnded(facts.session);
-    if (facts.user === null) return;
+    if (ok && pending?.live && pending.account !== null && facts.session !== undefined) this.state.loginStarted(facts.session, pending.listener, pending.account);
+    if (facts.user === null) {
+      if (pending) this.state.track('end an attempt', this.state.attemptEnded(pending.attempt));
+      return;
+    }
     if (isLocal(facts.listener)) {
+      if (pending) this.state.track('end an attempt', this.state.attemptEnded(pending.attempt));
       // mailgate verified the password; a refusal now is the backend's configuration (backend_login), not the client.
       if (!ok) this.log.warn({ listener: facts.listener.name, user: facts.user }, 'the backend refused a login mailgate had verified (check backend_login)');
       return;
     }
-    const userKey = canonicalUser(facts.user);
+    const keys = this.rules.names.keys(facts.user);
     const bf = this.rules.bruteForce;
-    if (ok) this.state.track('reset failures', this.state.loginSucceeded(facts.clientIp, userKey, bf));
-    else this.state.track('count failure', this.state.loginFailed(facts.clientIp, userKey, bf));
+    // The verdict is counted first, then the attempt leaves the in-flight count: a reader in between counts it twice, never not at all.
+    const counted = ok ? this.state.loginSucceeded(facts.clientIp, keys, bf) : this.state.loginFailed(facts.clientIp, keys, bf);
+    this.state.track(ok ? 'reset failures' : 'count failure', pending ? counted.finally(() => this.state.attemptEnded(pending.attempt)) : counted);
   }
 
   // ---- SMTP recipients and messages ----------------------------------------------------
@@ -226,9 +263,9 @@ export class PolicyEngine implements Policy {
 
   /** One recipient or message against the limits that count them here; undefined when none does. */
   private countSmtp(facts: AuthFacts, limit: 'messages' | 'recipients'): Promise<Verdict> | undefined {
-    const userKey = facts.user === null ? null : canonicalUser(facts.user);
+    const userKey = facts.user === null ? null : this.rules.names.account(facts.user);
     const counts: { c: CompiledLimit; key: string }[] = [];
-    for (const c of this.rules.messageLimits(facts.listener.name)) {
+    for (const c of this.rules.messageLimits(facts.listener.name, facts.clientIp)) {
       if (c.spec.limit !== limit) continue;
       const key = c.spec.per === 'user' ? userKey : facts.clientIp;
       if (key !== null) counts.push({ c, key });
@@ -255,13 +292,14 @@ export class PolicyEngine implements Policy {
 
   // ---- the snapshot and counting ----------------------------------------------------------
 
-  /** What the state holds now, for decide(); `ban` and `counts` as read for this decision. */
-  private snapshot(ban: Ban | undefined, counts: ReadonlyMap<string, Count> = NO_COUNTS): Snapshot {
+  /** What the state holds now, for decide(); `ban`, `counts` and `attempts` as read for this decision. */
+  private snapshot(ban: Ban | undefined, counts: ReadonlyMap<string, Count> = NO_COUNTS, attempts?: AttemptLoads): Snapshot {
     const state = this.state;
     const now = state.clock();
     return {
       now,
       ban,
+      attempts,
       blockedUntil: (key) => state.blockedUntil(key, now),
       openFrom: (address, scope) => state.openFrom(address, scope),
       loggedIn: (user, scope) => state.loggedIn(user, scope),
@@ -271,9 +309,9 @@ export class PolicyEngine implements Policy {
 
   /** The message and recipient counts a login is checked against, read from the store. */
   private async messageCounts(l: Listener, identity: string | null, address: string): Promise<ReadonlyMap<string, Count>> {
-    const limits = this.rules.messageLimits(l.name);
+    const limits = this.rules.messageLimits(l.name, address);
     if (limits.length === 0) return NO_COUNTS;
-    const identityKey = identity === null ? null : canonicalUser(identity);
+    const identityKey = identity === null ? null : this.rules.names.account(identity);
     const counts = new Map<string, Count>();
     for (const c of limits) {
       const key = c.spec.per === 'user' ? identityKey : address;
@@ -305,6 +343,14 @@ function isLocal(l: Listener): boolean {
 
 function listenerLogin(l: Listener): BackendLogin {
   return ('backend_login' in l ? l.backend_login : undefined) ?? 'replay';
+}
+
+/**
+ * How long a login attempt may count as in flight: the longest the session
+ * waits for the backend (connect, then the login replay), and a second more.
+ */
+function attemptDeadline(l: Listener): number {
+  return l.timeouts.backend_connect + l.timeouts.login_replay + 1000;
 }
 
 function windowOf(c: CompiledLimit): WindowLimit {

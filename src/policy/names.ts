@@ -1,12 +1,54 @@
 /**
  * User names as policy sees them: compared case-insensitively, matched by
  * exact name or a glob ("*@example.org", "user?"), split into a domain part
- * for routing by domain.
+ * for routing by domain, and turned into the keys counts and bans are kept
+ * under (username_format, parsed in core/username-format.ts).
  */
+import { DEFAULT_USERNAME_FORMAT, parseUsernameFormat, type FormatPart } from '../core/username-format.ts';
 
 /** The form every lookup and counter key uses. */
 export function canonicalUser(user: string): string {
   return user.toLowerCase();
+}
+
+// ---- how the backend names accounts (username_format) ------------------------------
+
+/**
+ * The keys a login name is counted and banned under (username_format
+ * applied): one per format, lower case, without duplicates or empty ones.
+ * The first is the account: per-user limits count under it.
+ */
+export class UserKeys {
+  private readonly formats: readonly FormatPart[][];
+
+  /** Throws for a format parseUsernameFormat refuses (the config schema checks them first). */
+  constructor(formats: readonly string[] = DEFAULT_USERNAME_FORMAT) {
+    this.formats = formats.map((f) => {
+      const parts = parseUsernameFormat(f);
+      if (typeof parts === 'string') throw new Error(`username_format "${f}": ${parts}`);
+      return parts;
+    });
+  }
+
+  keys(user: string): string[] {
+    const name = canonicalUser(user);
+    const at = name.indexOf('@');
+    const local = at < 0 ? name : name.slice(0, at);
+    const domain = at < 0 ? '' : name.slice(at + 1);
+    const out: string[] = [];
+    for (const parts of this.formats) {
+      let key = '';
+      for (const p of parts) key += 'text' in p ? p.text : p.field === 'u' ? name : p.field === 'n' ? local : domain;
+      if (key !== '' && !out.includes(key)) out.push(key);
+    }
+    if (out.length === 0) out.push(name);
+    return out;
+  }
+
+  /** The account a login name belongs to: its first key. */
+  account(user: string): string {
+    return this.keys(user)[0]!;
+  }
 }
 
 /** The part after the last "@", lower case; "" when there is none. */

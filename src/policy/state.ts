@@ -16,11 +16,13 @@ import { Redis } from 'ioredis';
 import type { PolicySections } from '../config/schema-policy.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import { MemoryInFlight, RedisInFlight, type InFlightStore } from './attempts.ts';
 import { banId, MemoryBanStore, RedisBanStore, type Ban, type BanKind, type BanStore } from './bans.ts';
-import { CounterStore, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
+import { CounterStore, DEFAULT_MAX_KEYS, StoreErrors, type Count, type SharedLimiter, type WindowCounter } from './counters.ts';
 import type { AddressSet } from '../net/cidr.ts';
 
-export type StoreConfig = PolicySections['policy_store'];
+/** The config's policy_store; `max_keys` may be left out (DEFAULT_MAX_KEYS). */
+export type StoreConfig = Omit<PolicySections['policy_store'], 'max_keys'> & { max_keys?: number };
 
 /** Brute-force protection as configured: thresholds per address, address+user and user, and addresses never counted. */
 export interface BruteForce {
@@ -33,6 +35,35 @@ export interface WindowLimit {
   readonly name: string;
   readonly windowMs: number;
   readonly max: number;
+}
+
+/** A threshold's count for one login: failures counted in its window, and attempts in flight (this one included). */
+export interface AttemptLoad {
+  failures: number;
+  inFlight: number;
+}
+
+/**
+ * What a login attempt meets when it starts: per address, per address and
+ * user (the busiest of the user's keys), and per user (the busiest of the
+ * keys this address has failed for; undefined when it has failed for none,
+ * as a per-user ban only holds there).
+ */
+export interface AttemptLoads {
+  address: AttemptLoad;
+  pair: AttemptLoad | undefined;
+  user: AttemptLoad | undefined;
+}
+
+/** A login attempt from its start to its verdict (or deadline). */
+export interface Attempt {
+  readonly id: string;
+  /** Its keys in the in-flight store; empty when it is not counted (brute force off, an exempt address). */
+  readonly keys: readonly string[];
+  readonly until: number;
+  /** What the attempt met when it started; undefined when no other attempt was in flight (nothing to add up). */
+  readonly loads: AttemptLoads | undefined;
+  ended: boolean;
 }
 
 /** Failed logins counted in the current windows for an address and/or user. */
@@ -69,8 +100,8 @@ export interface PolicyStateOptions {
   clock?: () => number;
   /** Cluster: the other processes' sessions. */
   sessions?: SharedSessions;
-  /** Cluster with the memory store: counters and bans kept by the primary instead of this process alone. */
-  memory?: { limiter?: SharedLimiter; bans?: BanStore };
+  /** Cluster with the memory store: counters, bans and attempts in flight kept by the primary instead of this process alone. */
+  memory?: { limiter?: SharedLimiter; bans?: BanStore; attempts?: InFlightStore };
 }
 
 /** Local blocks and session maps never grow past this many keys. */
@@ -80,6 +111,8 @@ export class PolicyState {
   readonly clock: () => number;
   readonly counters: CounterStore;
   readonly bans: BanStore;
+  /** Login attempts between their start and their verdict (src/policy/attempts.ts). */
+  readonly attempts: InFlightStore;
   readonly storeType: 'memory' | 'redis';
   readonly log: Logger;
   private readonly redis: Redis | undefined;
@@ -90,6 +123,11 @@ export class PolicyState {
   private readonly logins = new Map<string, Map<string, number>>();
   /** session id → the user slot it holds. */
   private readonly sessions = new Map<string, { user: string; listener: string }>();
+  /** session id → the login waiting for its verdict: its attempt, and the slot it takes once the verdict is good. */
+  private readonly pending = new Map<string, PendingLogin>();
+  private attemptSeq = 0;
+  private lastPrune = 0;
+  private readonly attemptPrefix = `${process.pid.toString(36)}.${Math.random().toString(36).slice(2, 8)}`;
   /** limit key → blocked until (ms). */
   private readonly blocks = new Map<string, number>();
   private readonly background = new Set<Promise<unknown>>();
@@ -99,6 +137,7 @@ export class PolicyState {
     clock: () => number;
     counters: CounterStore;
     bans: BanStore;
+    attempts: InFlightStore;
     storeType: 'memory' | 'redis';
     log: Logger;
     redis?: Redis;
@@ -107,6 +146,7 @@ export class PolicyState {
     this.clock = opts.clock;
     this.counters = opts.counters;
     this.bans = opts.bans;
+    this.attempts = opts.attempts;
     this.storeType = opts.storeType;
     this.log = opts.log;
     this.redis = opts.redis;
@@ -118,12 +158,14 @@ export class PolicyState {
     const log = opts.log.child({ part: 'policy' });
     const errors = new StoreErrors(log);
     const { store } = opts;
+    const maxKeys = store.max_keys ?? DEFAULT_MAX_KEYS;
     const shared = opts.sessions;
     if (store.type === 'memory' || store.url === undefined) {
       return new PolicyState({
         clock,
-        counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors }),
-        bans: opts.memory?.bans ?? new MemoryBanStore(),
+        counters: new CounterStore({ shared: opts.memory?.limiter, prefix: store.prefix, errors, maxKeys, log }),
+        bans: opts.memory?.bans ?? new MemoryBanStore(maxKeys),
+        attempts: opts.memory?.attempts ?? new MemoryInFlight(maxKeys),
         storeType: 'memory',
         log,
         shared,
@@ -146,7 +188,16 @@ export class PolicyState {
       log.warn({ err: errorMessage(err) }, 'policy store: Redis is not reachable, starting with this gateway\'s memory');
     }
     const bans = await RedisBanStore.open(redis, store.prefix, errors, log, clock);
-    return new PolicyState({ clock, counters: new CounterStore({ redis, prefix: store.prefix, errors }), bans, storeType: 'redis', log, redis, shared });
+    return new PolicyState({
+      clock,
+      counters: new CounterStore({ redis, prefix: store.prefix, errors, maxKeys, log }),
+      bans,
+      attempts: new RedisInFlight(redis, store.prefix, errors),
+      storeType: 'redis',
+      log,
+      redis,
+      shared,
+    });
   }
 
   // ---- sessions open per address ------------------------------------------------
@@ -260,55 +311,158 @@ export class PolicyState {
   /**
    * The ban that stops a login before its password is looked at, from the
    * store: the address, a range, the user from this address, or the user's
-   * own ban when this address has failed for the user (a locked user still
-   * logs in from an address that has not).
+   * own ban (an administrator's everywhere; a brute-force one only where this
+   * address has failed for the user, so a locked user still logs in from an
+   * address that has not). `keys`: the login's keys (username_format), each
+   * checked.
    */
-  async loginBan(address: string, user: string | null, now: number, bf: BruteForce): Promise<Ban | undefined> {
-    const [addr, pair, own] = await Promise.all([
+  async loginBan(address: string, keys: readonly string[], now: number, bf: BruteForce): Promise<Ban | undefined> {
+    const [addr, ...rest] = await Promise.all([
       this.bans.check(banId('address', address, null), now),
-      user === null ? undefined : this.bans.check(banId('pair', address, user), now),
-      user === null ? undefined : this.bans.check(banId('user', null, user), now),
+      ...keys.map((k) => this.bans.check(banId('pair', address, k), now)),
+      ...keys.map((k) => this.bans.check(banId('user', null, k), now)),
     ]);
-    const hit = addr ?? this.bans.rangeBanFor(address, now) ?? pair;
-    if (hit || !own || user === null) return hit;
-    const failed = await this.failureCounters(bf.settings).pair.peek(pairKey(address, user));
-    return failed.count > 0 ? own : undefined;
+    const pairs = rest.slice(0, keys.length);
+    const own = rest.slice(keys.length);
+    const hit = addr ?? this.bans.rangeBanFor(address, now) ?? pairs.find((b) => b !== undefined);
+    if (hit) return hit;
+    for (let i = 0; i < keys.length; i++) {
+      const ban = own[i];
+      if (!ban) continue;
+      if (ban.source === 'manual') return ban;
+      const failed = await this.failureCounters(bf.settings).pair.peek(pairKey(address, keys[i]!));
+      if (failed.count > 0) return ban;
+    }
+    return undefined;
   }
 
-  /** Counts one failed login and bans when a threshold is reached. */
-  async loginFailed(address: string, user: string | null, bf: BruteForce): Promise<void> {
+  /** Counts one failed login (the address once, the user under each of its keys) and bans where a threshold is reached. */
+  async loginFailed(address: string, keys: readonly string[], bf: BruteForce): Promise<void> {
     if (!bf.settings.enabled || bf.exempt.has(address)) return;
     const counters = this.failureCounters(bf.settings);
-    const [a, p, u] = await Promise.all([
+    const [a, ...rest] = await Promise.all([
       counters.address.hit(address),
-      user === null ? undefined : counters.pair.hit(pairKey(address, user)),
-      user === null ? undefined : counters.user.hit(user),
+      ...keys.map((k) => counters.pair.hit(pairKey(address, k))),
+      ...keys.map((k) => counters.user.hit(k)),
     ]);
-    this.log.info({ client: address, user, failures: { address: a.count, pair: p?.count, user: u?.count } }, 'failed login counted');
+    const pairs = rest.slice(0, keys.length);
+    const users = rest.slice(keys.length);
+    const most = (counts: Count[]) => (counts.length === 0 ? undefined : Math.max(...counts.map((c) => c.count)));
+    this.log.info({ client: address, user: keys[0] ?? null, failures: { address: a!.count, pair: most(pairs), user: most(users) } }, 'failed login counted');
     const { per_address, per_address_user, per_user } = bf.settings;
     const now = this.clock();
-    if (a.count >= per_address.failures) await this.autoBan('address', address, null, per_address, a.count, now);
-    if (p && user !== null && p.count >= per_address_user.failures) await this.autoBan('pair', address, user, per_address_user, p.count, now);
-    if (u && user !== null && u.count >= per_user.failures) await this.autoBan('user', null, user, per_user, u.count, now);
+    if (a!.count >= per_address.failures) await this.autoBan('address', address, null, per_address, a!.count, now);
+    for (let i = 0; i < keys.length; i++) {
+      const p = pairs[i]!.count;
+      const u = users[i]!.count;
+      if (p >= per_address_user.failures) await this.autoBan('pair', address, keys[i]!, per_address_user, p, now);
+      if (u >= per_user.failures) await this.autoBan('user', null, keys[i]!, per_user, u, now);
+    }
   }
 
-  /** A login from this address succeeded: its failures for the user are forgiven. */
-  loginSucceeded(address: string, user: string, bf: BruteForce): Promise<void> {
-    return this.failureCounters(bf.settings).pair.reset(pairKey(address, user));
+  /** A login from this address succeeded: its failures for the user (under every key) are forgiven. */
+  async loginSucceeded(address: string, keys: readonly string[], bf: BruteForce): Promise<void> {
+    const pair = this.failureCounters(bf.settings).pair;
+    await Promise.all(keys.map((k) => pair.reset(pairKey(address, k))));
   }
 
-  /** Failed logins counted in the current windows (an address, a user, or both). */
-  async failures(query: { address?: string; user?: string }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
+  // ---- login attempts in flight ------------------------------------------------------
+
+  /**
+   * A login attempt starts: it counts as in flight under the address and the
+   * user's keys until its verdict or `ttlMs`. When others are in flight too,
+   * the failures already counted are read, so that the decision can add them
+   * up (the failures are read after the attempt is added: an attempt that
+   * fails meanwhile is counted twice rather than not at all).
+   */
+  async attemptStarted(address: string, keys: readonly string[], ttlMs: number, bf: BruteForce): Promise<Attempt> {
+    const now = this.clock();
+    const id = `${this.attemptPrefix}.${(++this.attemptSeq).toString(36)}`;
+    const until = now + ttlMs;
+    if (!bf.settings.enabled || bf.exempt.has(address)) return { id, keys: [], until, loads: undefined, ended: false };
+    const storeKeys = [`address|${address}`, ...keys.map((k) => `pair|${pairKey(address, k)}`), ...keys.map((k) => `user|${k}`)];
+    const counts = await this.attempts.start(storeKeys, id, until, now);
+    const attempt: Attempt = { id, keys: storeKeys, until, loads: undefined, ended: false };
+    if (!counts.some((n) => n > 1)) return attempt;
+    const c = this.failureCounters(bf.settings);
+    const [a, ...rest] = await Promise.all([
+      c.address.peek(address),
+      ...keys.map((k) => c.pair.peek(pairKey(address, k))),
+      ...keys.map((k) => c.user.peek(k)),
+    ]);
+    const load = (failures: number, i: number): AttemptLoad => ({ failures, inFlight: counts[i] ?? 1 });
+    const busiest = (loads: AttemptLoad[]) => loads.reduce<AttemptLoad | undefined>((m, x) => (m === undefined || x.failures + x.inFlight > m.failures + m.inFlight ? x : m), undefined);
+    const pairs = keys.map((_, i) => load(rest[i]!.count, 1 + i));
+    // A per-user count holds only where this address has failed for the user (as a per-user ban does).
+    const users = keys.map((_, i) => load(rest[keys.length + i]!.count, 1 + keys.length + i)).filter((_, i) => (rest[i]?.count ?? 0) > 0);
+    return { ...attempt, loads: { address: load(a!.count, 0), pair: busiest(pairs), user: busiest(users) } };
+  }
+
+  /** The attempt is over: it no longer counts as in flight (safe to call twice). */
+  attemptEnded(attempt: Attempt): Promise<void> {
+    if (attempt.ended || attempt.keys.length === 0) {
+      attempt.ended = true;
+      return Promise.resolve();
+    }
+    attempt.ended = true;
+    return this.attempts.end(attempt.keys, attempt.id);
+  }
+
+  /**
+   * The session's login waits for its verdict (onAuthResult): its attempt,
+   * and the user slot it takes if the verdict is good. A session has one.
+   */
+  loginPending(session: string, login: Omit<PendingLogin, 'live'>): void {
+    const now = this.clock();
+    if (this.pending.size >= MAX_BLOCKS) this.prunePending(now);
+    const before = this.pending.get(session);
+    if (before) this.track('end an attempt', this.attemptEnded(before.attempt));
+    this.pending.set(session, { ...login, live: true });
+  }
+
+  /** The session's login that waited for its verdict, taken (once); undefined when there is none. */
+  takePending(session: string): PendingLogin | undefined {
+    const p = this.pending.get(session);
+    if (p) this.pending.delete(session);
+    return p;
+  }
+
+  /**
+   * The session has ended. A login still waiting for its verdict keeps its
+   * attempt in flight (the verdict may still come, or its deadline ends it)
+   * but will take no user slot.
+   */
+  sessionEnded(session: string): void {
+    this.loginEnded(session);
+    const p = this.pending.get(session);
+    if (p) p.live = false;
+    // Logins whose verdict never came (their sessions died) go at their deadline: looked for once a second at most.
+    const now = this.clock();
+    if (this.pending.size > 0 && now - this.lastPrune >= 1000) this.prunePending(now);
+  }
+
+  private prunePending(now: number): void {
+    this.lastPrune = now;
+    for (const [session, p] of this.pending) {
+      if (p.attempt.until > now) continue;
+      this.pending.delete(session);
+      this.track('end an attempt', this.attemptEnded(p.attempt));
+    }
+  }
+
+  /** Failed logins counted in the current windows (an address, a user's keys, or both; the most of the keys). */
+  async failures(query: { address?: string; keys?: readonly string[] }, settings: BruteForce['settings']): Promise<FailureCounts | null> {
     const counters = this.failureCounters(settings);
-    const { address, user } = query;
+    const { address, keys } = query;
+    const most = async (counts: Promise<Count>[]) => Math.max(0, ...(await Promise.all(counts)).map((c) => c.count));
     if (address !== undefined) {
       return {
         address: (await counters.address.peek(address)).count,
-        pair: user === undefined ? null : (await counters.pair.peek(pairKey(address, user))).count,
-        user: user === undefined ? null : (await counters.user.peek(user)).count,
+        pair: keys === undefined ? null : await most(keys.map((k) => counters.pair.peek(pairKey(address, k)))),
+        user: keys === undefined ? null : await most(keys.map((k) => counters.user.peek(k))),
       };
     }
-    if (user !== undefined) return { address: 0, pair: null, user: (await counters.user.peek(user)).count };
+    if (keys !== undefined) return { address: 0, pair: null, user: await most(keys.map((k) => counters.user.peek(k))) };
     return null;
   }
 
@@ -381,6 +535,16 @@ export function bump(map: Map<string, Map<string, number>>, key: string, listene
   else inner.delete(listener);
   if (inner.size === 0) map.delete(key);
   return n - before;
+}
+
+/** A login between its start and its verdict, as the state keeps it per session. */
+export interface PendingLogin {
+  readonly attempt: Attempt;
+  /** The user slot to take when the verdict is good: the account and the listener. */
+  readonly account: string | null;
+  readonly listener: string;
+  /** False once the session has ended: a late good verdict takes no slot. */
+  live: boolean;
 }
 
 function pairKey(address: string, user: string): string {

@@ -424,7 +424,7 @@ export class SmtpAdapter implements MailAdapter {
   private async backendAuth(backend: BackendLink, credentials: Credentials, keywords: readonly string[]): Promise<LoginResult> {
     const mechs = authMechanisms(keywords);
     if (mechs.size === 0) {
-      throw new MailgateError('BACKEND_PROTOCOL', 'backend offers no AUTH; passthrough authentication needs it (use local auth)');
+      throw new MailgateError('BACKEND_NO_AUTH', 'backend offers no AUTH; passthrough authentication needs it (use local auth)');
     }
     let r: Reply;
     if (mechs.has('PLAIN')) {

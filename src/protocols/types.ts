@@ -52,6 +52,8 @@ export type CloseReason =
   | 'backend-unavailable'
   | 'backend-timeout'
   | 'backend-error'
+  /** The backend answered but cannot do what the listener asks of it (passthrough AUTH to a backend without AUTH): a configuration error, not an outage. */
+  | 'backend-no-auth'
   | 'policy-denied'
   | 'policy-tempfail'
   | 'shutdown'

@@ -96,7 +96,7 @@ const RECORD_STATE: Record<Phase['kind'], SessionState> = {
 /** How a login replay ended: the backend's answer (its link still open), or no answer at all. */
 type Replayed =
   | { kind: 'answered'; result: LoginResult; link: SocketLink; backend: string }
-  | { kind: 'unavailable'; reason: 'backend-timeout' | 'backend-unavailable' | 'backend-error' };
+  | { kind: 'unavailable'; reason: 'backend-timeout' | 'backend-unavailable' | 'backend-error' | 'backend-no-auth' };
 
 export class MailSession implements SessionControl {
   readonly record: SessionRecord;
@@ -447,7 +447,8 @@ export class MailSession implements SessionControl {
       this.record.backend = null;
       const code = errorCode(err);
       this.log.warn({ backend, user: facts.user, err: errorMessage(err), code }, 'backend login replay failed');
-      return { kind: 'unavailable', reason: code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-error' };
+      // A backend without AUTH behind a passthrough listener is a configuration error, told apart from an outage (issue 17).
+      return { kind: 'unavailable', reason: code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : code === 'BACKEND_NO_AUTH' ? 'backend-no-auth' : 'backend-error' };
     }
   }
 

@@ -9,9 +9,10 @@ import blessed from 'blessed';
 import { parseDuration } from '../core/duration.ts';
 import { errorMessage } from '../core/errors.ts';
 import { ControlClient, ControlRequestError } from '../control/client.ts';
-import { renderFrame, HELP, HELP_ASCII } from './render.ts';
+import type { Ban } from '../control/protocol.ts';
+import { renderFrame, BANS_HELP, BANS_HELP_ASCII, HELP, HELP_ASCII } from './render.ts';
 import { humanDuration } from '../core/human.ts';
-import { DashboardModel, sanitize, type SessionView } from './view-model.ts';
+import { banTarget, DashboardModel, sanitize, type SessionView } from './view-model.ts';
 
 export interface DashboardOptions {
   socketPath: string;
@@ -20,12 +21,19 @@ export interface DashboardOptions {
   banSeconds?: number;
 }
 
+/** What a ban from the dashboard stops: the session's address, its user from that address, or its user everywhere. */
+interface BanChoice {
+  ip?: string;
+  user?: string;
+}
+
 type Mode =
   | { kind: 'normal' }
   | { kind: 'filter'; text: string; before: string }
-  | { kind: 'ban'; ip: string; text: string; error: string | null }
-  | { kind: 'confirm'; question: string; run: () => void }
-  | { kind: 'detail'; id: string; last: SessionView };
+  | { kind: 'ban'; choices: BanChoice[]; choice: number; text: string; error: string | null }
+  | { kind: 'confirm'; question: string; run: () => void; back?: Mode }
+  | { kind: 'detail'; id: string; last: SessionView }
+  | { kind: 'bans' };
 
 interface Key {
   name?: string;
@@ -175,10 +183,12 @@ class Dashboard {
       if (live) this.mode.last = live;
       detail = this.mode.last;
     }
+    const showBans = this.mode.kind === 'bans' || (this.mode.kind === 'confirm' && this.mode.back?.kind === 'bans');
     const lines = renderFrame(this.model, screen.width as number, screen.height as number, now, {
       bottom: this.bottomLine(),
-      prompting: this.mode.kind !== 'normal' && this.mode.kind !== 'detail',
+      prompting: this.mode.kind !== 'normal' && this.mode.kind !== 'detail' && this.mode.kind !== 'bans',
       detail,
+      bans: showBans,
       unicode: this.unicode,
       configFile: this.opts.configFile,
       socketPath: this.opts.socketPath,
@@ -193,11 +203,15 @@ class Dashboard {
       case 'normal':
       case 'detail':
         return this.unicode ? HELP : HELP_ASCII;
+      case 'bans':
+        return this.unicode ? BANS_HELP : BANS_HELP_ASCII;
       case 'filter':
         return `filter: ${m.text}_   (Enter keep, Esc clear)`;
       case 'ban': {
-        const n = this.model.sessionsFrom(m.ip);
-        return `ban ${m.ip} for: ${m.text}_   Enter ban${n ? ` and end its ${n} session${n === 1 ? '' : 's'}` : ''}, Esc cancel${m.error ? `   ${m.error}` : ''}`;
+        const target = m.choices[m.choice]!;
+        const n = this.model.sessionsCovered(target);
+        const next = m.choices.length > 1 ? `   Tab: ${choiceText(m.choices[(m.choice + 1) % m.choices.length]!)}` : '';
+        return `ban ${sanitize(choiceText(target))} for: ${m.text}_   Enter ban${n ? ` and end ${n} session${n === 1 ? '' : 's'}` : ''}, Esc cancel${sanitize(next)}${m.error ? `   ${m.error}` : ''}`;
       }
       case 'confirm':
         return `${m.question} [y/N]`;
@@ -238,16 +252,20 @@ class Dashboard {
           this.model.setFilter(m.text);
         }
         break;
+      case 'bans':
+        this.bansKey(ch, key);
+        break;
       case 'ban':
         if (key.name === 'escape') this.mode = { kind: 'normal' };
         else if (key.name === 'enter') this.ban(m);
+        else if (key.name === 'tab') m.choice = (m.choice + 1) % m.choices.length;
         else {
           m.text = edit(m.text, ch, key);
           m.error = null;
         }
         break;
       case 'confirm':
-        this.mode = { kind: 'normal' };
+        this.mode = m.back ?? { kind: 'normal' };
         if (ch === 'y' || ch === 'Y') m.run();
         break;
       default: {
@@ -310,12 +328,34 @@ class Dashboard {
         if (s) this.askBan(s);
         return;
       }
+      case 'B':
+        this.mode = { kind: 'bans' };
+        return;
       case 'r':
         return this.reload();
       case 'q':
         return this.quit(0);
       default:
         return;
+    }
+  }
+
+  /** The bans view: move, lift the selected ban (after a `y`), back to the sessions. */
+  private bansKey(ch: string | undefined, key: Key): void {
+    if (key.name === 'escape' || ch === 'B') {
+      this.mode = { kind: 'normal' };
+      return;
+    }
+    if (ch === 'q') return this.quit(0);
+    if (key.name === 'up' || ch === 'k') return this.model.moveBan(-1);
+    if (key.name === 'down' || ch === 'j') return this.model.moveBan(1);
+    if (key.name === 'home' || ch === 'g') return this.model.moveBan(-this.model.bans.length);
+    if (key.name === 'end' || ch === 'G') return this.model.moveBan(this.model.bans.length);
+    if (ch === 'u' || ch === 'd' || key.name === 'delete') {
+      const b = this.model.selectedBan();
+      if (!b) return;
+      const left = b.expiresAt === null ? '' : `, ${humanDuration(Math.max(0, b.expiresAt - Date.now()))} left`;
+      this.mode = { kind: 'confirm', question: `Lift the ban of ${sanitize(banTarget(b))} (${b.source}${left})?`, run: () => this.unban(b), back: { kind: 'bans' } };
     }
   }
 
@@ -326,8 +366,11 @@ class Dashboard {
     this.mode = { kind: 'confirm', question: `Kill session ${s.id} (${who} on ${s.listener}, ${humanDuration(Date.now() - s.startedAt)})?`, run: () => this.kill(s.id) };
   }
 
+  /** `b`: the session's address, then (Tab) its user from that address, its user everywhere. */
   private askBan(s: SessionView): void {
-    this.mode = { kind: 'ban', ip: s.clientIp, text: formatSeconds(this.opts.banSeconds ?? 3600), error: null };
+    const choices: BanChoice[] = [{ ip: s.clientIp }];
+    if (s.user) choices.push({ ip: s.clientIp, user: s.user }, { user: s.user });
+    this.mode = { kind: 'ban', choices, choice: 0, text: formatSeconds(this.opts.banSeconds ?? 3600), error: null };
   }
 
   private kill(id: string): void {
@@ -352,17 +395,38 @@ class Dashboard {
       return;
     }
     this.mode = { kind: 'normal' };
+    const target = m.choices[m.choice]!;
+    const what = sanitize(choiceText(target));
     const c = this.client;
-    if (!c) return this.model.addLog(Date.now(), 'error', `ban ${m.ip}: not connected`);
-    c.request('ban', { ip: m.ip, seconds: Math.round(ms / 1000), reason: 'banned from mailgate top' }).then(
+    if (!c) return this.model.addLog(Date.now(), 'error', `ban ${what}: not connected`);
+    c.request('ban', { ...target, seconds: Math.round(ms / 1000), reason: 'Banned by the administrator' }).then(
       (r) => {
         // The daemon's "banned" event goes into the log; say here only what it does not.
-        if (r.killed === 0) this.model.addLog(Date.now(), 'info', `ban of ${m.ip} accepted`);
+        if (r.killed === 0) this.model.addLog(Date.now(), 'info', `ban of ${what} accepted`);
+        else this.model.addLog(Date.now(), 'info', `ban of ${what}: ${r.killed} session${r.killed === 1 ? '' : 's'} ended`);
         this.requestRender();
       },
       (err: unknown) => {
         const why = err instanceof ControlRequestError && err.code === 'UNSUPPORTED' ? 'this gateway has no ban list' : errorMessage(err);
-        this.model.addLog(Date.now(), 'error', `ban ${m.ip}: ${why}`);
+        this.model.addLog(Date.now(), 'error', `ban ${what}: ${why}`);
+        this.requestRender();
+      },
+    );
+  }
+
+  private unban(b: Ban): void {
+    const what = sanitize(banTarget(b));
+    const c = this.client;
+    if (!c) return this.model.addLog(Date.now(), 'error', `unban ${what}: not connected`);
+    // By id where the daemon gives one: exactly this ban.
+    const args: { id?: string; ip?: string } = b.id !== undefined ? { id: b.id } : { ip: b.ip ?? '' };
+    c.request<'unban'>('unban', args).then(
+      (r) => {
+        if (!r.removed) this.model.addLog(Date.now(), 'warn', `unban ${what}: it had already ended`);
+        this.requestRender();
+      },
+      (err: unknown) => {
+        this.model.addLog(Date.now(), 'error', `unban ${what}: ${errorMessage(err)}`);
         this.requestRender();
       },
     );
@@ -397,6 +461,10 @@ function edit(text: string, ch: string | undefined, key: Key): string {
   if (key.full === 'C-u') return '';
   if (ch && ch.length === 1 && ch >= ' ' && ch !== '\x7f' && text.length < 200) return text + ch;
   return text;
+}
+
+function choiceText(c: BanChoice): string {
+  return banTarget({ ip: c.ip ?? null, user: c.user ?? null });
 }
 
 function formatSeconds(s: number): string {

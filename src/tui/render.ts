@@ -3,9 +3,10 @@
  * `width` columns wide and `height` lines high, drawing only the visible
  * session rows. Pure: no terminal, so layouts are unit-tested at 80x24.
  */
-import type { CertStatus, StatusInfo } from '../control/protocol.ts';
+import type { Ban, CertStatus, StatusInfo } from '../control/protocol.ts';
 import { humanBytes, humanDuration, humanRate } from '../core/human.ts';
 import {
+  banKey,
   sanitize,
   type DashboardModel,
   type ListenerRow,
@@ -21,13 +22,17 @@ export interface Chrome {
   prompting: boolean;
   /** The session whose detail replaces the session table, if any. */
   detail: SessionView | null;
+  /** The bans view replaces the session table. */
+  bans?: boolean;
   unicode: boolean;
   configFile: string | null;
   socketPath: string;
 }
 
-export const HELP = '↑↓/jk move  s/S sort  / filter  K kill  b ban  ⏎ detail  r reload  q quit';
-export const HELP_ASCII = 'jk move  s/S sort  / filter  K kill  b ban  Enter detail  r reload  q quit';
+export const HELP = '↑↓/jk move  s/S sort  / filter  K kill  b/B ban/bans  ⏎ detail  r reload  q quit';
+export const HELP_ASCII = 'jk move  s/S sort  /filter  K kill  b/B ban/bans  Enter detail  r reload  q quit';
+export const BANS_HELP = '↑↓/jk move  u unban  Esc/B back to sessions  q quit';
+export const BANS_HELP_ASCII = 'jk move  u unban  Esc/B back to sessions  q quit';
 
 // ---- text cells -------------------------------------------------------------------
 
@@ -113,6 +118,19 @@ export const SESSION_COLUMNS: readonly (Column<SessionView> & { sort: SortKey })
   { key: 'in', sort: 'in', title: 'IN', min: 6, flex: 0, priority: 8, align: 'right', cell: (s) => humanBytes(s.bytesIn) },
   { key: 'out', sort: 'out', title: 'OUT', min: 6, flex: 0, priority: 8, align: 'right', cell: (s) => humanBytes(s.bytesOut) },
   { key: 'state', sort: 'state', title: 'STATE', min: 7, flex: 0, priority: 5, align: 'left', cell: (s) => STATE_SHORT[s.state] ?? s.state },
+];
+
+const KIND_SHORT: Record<string, string> = { address: 'address', range: 'range', user: 'user', pair: 'user+addr' };
+
+/** The bans view: what each ban stops, until when, who set it and why. */
+export const BAN_COLUMNS: readonly Column<Ban>[] = [
+  { key: 'kind', title: 'KIND', min: 9, flex: 0, priority: 8, align: 'left', cell: (b) => KIND_SHORT[b.kind ?? (b.ip?.includes('/') ? 'range' : 'address')] ?? '?' },
+  { key: 'ip', title: 'ADDRESS', min: 15, flex: 1, priority: 10, align: 'left', cell: (b) => b.ip ?? '-' },
+  { key: 'user', title: 'USER', min: 10, flex: 2, priority: 9, align: 'left', cell: (b) => b.user ?? '-' },
+  { key: 'left', title: 'LEFT', min: 6, flex: 0, priority: 7, align: 'right', cell: (b, now) => (b.expiresAt === null ? 'never' : humanDuration(Math.max(0, b.expiresAt - now))) },
+  { key: 'until', title: 'UNTIL', min: 5, flex: 0, priority: 3, align: 'left', cell: (b) => (b.expiresAt === null ? '-' : new Date(b.expiresAt).toTimeString().slice(0, 5)) },
+  { key: 'source', title: 'SOURCE', min: 6, flex: 0, priority: 5, align: 'left', cell: (b) => b.source },
+  { key: 'reason', title: 'REASON', min: 10, flex: 6, priority: 6, align: 'left', cell: (b) => b.reason },
 ];
 
 function sparkline(values: number[], width: number, unicode: boolean): string {
@@ -202,7 +220,23 @@ export function renderFrame(model: DashboardModel, width: number, height: number
   // Session table (or the detail of one session).
   const rows = model.rows();
   const scols = layoutColumns(SESSION_COLUMNS, w);
-  if (chrome.detail) {
+  if (chrome.bans) {
+    const bcols = layoutColumns(BAN_COLUMNS, w);
+    line(`{inverse}${headerRow(bcols)}{/inverse}`);
+    const bans = model.banRows();
+    const selected = model.selectedBan();
+    const at = selected ? bans.indexOf(selected) : 0;
+    const start = Math.max(0, Math.min(at - sessionLines + 1, bans.length - sessionLines));
+    for (let i = 0; i < sessionLines; i++) {
+      const b = bans[Math.max(0, start) + i];
+      if (!b) {
+        line(i === 0 && bans.length === 0 ? esc(fit('  no bans', w)) : '');
+        continue;
+      }
+      const text = row(bcols, b, now);
+      line(selected && banKey(b) === banKey(selected) ? `{inverse}${text}{/inverse}` : text);
+    }
+  } else if (chrome.detail) {
     const title = ` session ${chrome.detail.id}  (Esc/Enter: back, K: kill, b: ban) `;
     line(`{inverse}${esc(fit(title, w))}{/inverse}`, w);
     const d = detailLines(chrome.detail, now);
@@ -224,10 +258,10 @@ export function renderFrame(model: DashboardModel, width: number, height: number
   }
 
   // Event log, newest at the bottom.
-  const count = `${rows.length}${rows.length !== model.sessions.size ? `/${model.sessions.size}` : ''} sessions`;
+  const count = chrome.bans ? `${model.bans.length} ban${model.bans.length === 1 ? '' : 's'}  (sessions: ${model.sessions.size})` : `${rows.length}${rows.length !== model.sessions.size ? `/${model.sessions.size}` : ''} sessions`;
   const where = model.filter ? `  filter "${sanitize(model.filter)}"` : '';
   const pos = rows.length > sessionLines ? `  ${model.selectedIndex + 1}/${rows.length}` : '';
-  const info = ` ${count}  sort ${model.sortKey}${model.sortDesc ? ' desc' : ''}${where}${pos}`;
+  const info = chrome.bans ? ` ${count}` : ` ${count}  sort ${model.sortKey}${model.sortDesc ? ' desc' : ''}${where}${pos}`;
   const label = 'event log ';
   line(`{inverse}${esc(fit(info, Math.max(0, w - label.length)))}${esc(fit(label, Math.min(w, label.length), 'right'))}{/inverse}`, w);
   const entries = model.log.slice(-logLines);
@@ -274,12 +308,15 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
   const t = model.totals();
   const up = st ? st.listeners.filter((l) => l.up).length : 0;
   const total = st ? st.listeners.length : 0;
-  const down = st ? st.listeners.filter((l) => l.backendHealth && !l.backendHealth.ok).map((l) => l.name) : [];
+  const down = st ? st.listeners.filter((l) => l.backendHealth && !l.backendHealth.ok && l.backendHealth.state !== 'misconfigured').map((l) => l.name) : [];
+  const misconfigured = st ? st.listeners.filter((l) => l.backendHealth?.state === 'misconfigured').map((l) => l.name) : [];
   // Totals, most important kept when the line is narrow; shown in this order.
   const parts: { text: string; color?: string; priority: number }[] = [
     { text: `listeners ${up}/${total} up`, priority: 5, ...(up < total ? { color: 'red' } : {}) },
     ...workersPart(st?.workers),
-    { text: down.length ? `backend DOWN: ${down.join(',')}` : 'backends ok', priority: 8, ...(down.length ? { color: 'red' } : {}) },
+    ...(down.length ? [{ text: `backend DOWN: ${down.join(',')}`, priority: 8, color: 'red' }] : []),
+    ...(misconfigured.length ? [{ text: `backend MISCONFIGURED: ${misconfigured.join(',')}`, priority: 8, color: 'red' }] : []),
+    ...(down.length || misconfigured.length ? [] : [{ text: 'backends ok', priority: 8 }]),
     { text: `sessions ${t.sessions} (${t.authenticated} auth)`, priority: 9 },
     { text: `accepted ${t.accepted}`, priority: 3 },
     { text: `auth ok ${t.authOk} fail ${t.authFail}`, priority: 7 },

@@ -74,6 +74,9 @@ export class DashboardModel {
   selectedId: string | null = null;
   selectedIndex = 0;
   scrollTop = 0;
+  /** The bans view's selection (a ban's id, or its address from a daemon without ids). */
+  selectedBanId: string | null = null;
+  banIndex = 0;
 
   private samples: Sample[] = [];
   private readonly history = new Map<string, number[]>();
@@ -113,6 +116,7 @@ export class DashboardModel {
     this.connection = { kind: 'connected', since: now, pid };
     this.status = s.status;
     this.bans = s.bans;
+    this.banSelection();
     this.sessions.clear();
     for (const info of s.sessions) this.sessions.set(info.id, view(info));
     this.rowsCache = null;
@@ -150,10 +154,13 @@ export class DashboardModel {
         if (this.sessions.delete(e.id)) this.rowsCache = null;
         break;
       case 'banned':
-        this.bans = [...this.bans.filter((b) => b.ip !== e.ban.ip), e.ban];
+        this.bans = [...this.bans.filter((b) => banKey(b) !== banKey(e.ban)), e.ban];
+        this.banSelection();
         break;
       case 'unbanned':
-        this.bans = this.bans.filter((b) => b.ip !== e.ip);
+        // A daemon that names the ban by id lifts that one; else every ban of the address.
+        this.bans = this.bans.filter((b) => (e.id !== undefined ? banKey(b) !== e.id : b.ip !== e.ip));
+        this.banSelection();
         break;
       case 'cert':
         if (this.status) {
@@ -362,10 +369,50 @@ export class DashboardModel {
     return { start: this.scrollTop, rows: rows.slice(this.scrollTop, this.scrollTop + h) };
   }
 
+  // ---- the bans view -------------------------------------------------------------------
+
+  /** Bans as the bans view lists them: soonest to end first, then by kind and who. */
+  banRows(): Ban[] {
+    return [...this.bans].sort((a, b) => (a.expiresAt ?? Infinity) - (b.expiresAt ?? Infinity) || banKey(a).localeCompare(banKey(b)));
+  }
+
+  selectedBan(): Ban | undefined {
+    return this.banRows().find((b) => banKey(b) === this.selectedBanId) ?? this.banRows()[this.banIndex];
+  }
+
+  moveBan(delta: number): void {
+    const rows = this.banRows();
+    if (rows.length === 0) return;
+    const at = Math.max(0, rows.findIndex((b) => banKey(b) === this.selectedBanId));
+    this.banIndex = Math.max(0, Math.min(rows.length - 1, at + delta));
+    this.selectedBanId = banKey(rows[this.banIndex]!);
+  }
+
+  /** Keeps the ban selection on a ban that exists (the one chosen, else the one now at its place). */
+  private banSelection(): void {
+    const rows = this.banRows();
+    const at = rows.findIndex((b) => banKey(b) === this.selectedBanId);
+    if (at >= 0) {
+      this.banIndex = at;
+      return;
+    }
+    this.banIndex = Math.max(0, Math.min(this.banIndex, rows.length - 1));
+    this.selectedBanId = rows[this.banIndex] ? banKey(rows[this.banIndex]!) : null;
+  }
+
   /** Live sessions from one address (what a ban would end). */
   sessionsFrom(ip: string): number {
+    return this.sessionsCovered({ ip });
+  }
+
+  /** Live sessions a ban of an address, a user, or a user from an address would end (the user as logged in). */
+  sessionsCovered(target: { ip?: string; user?: string }): number {
     let n = 0;
-    for (const s of this.sessions.values()) if (s.clientIp === ip) n++;
+    for (const s of this.sessions.values()) {
+      if (target.ip !== undefined && s.clientIp !== target.ip) continue;
+      if (target.user !== undefined && s.user?.toLowerCase() !== target.user.toLowerCase()) continue;
+      n++;
+    }
     return n;
   }
 }
@@ -457,10 +504,10 @@ export function describe(e: ControlEvent): { level: LogLevel; text: string } | n
     case 'banned':
       return {
         level: 'warn',
-        text: `banned ${e.ban.ip}${e.ban.expiresAt ? ` until ${clock(e.ban.expiresAt)}` : ''} (${e.ban.reason})${e.killed ? `, ${e.killed} session${e.killed === 1 ? '' : 's'} ended` : ''}`,
+        text: `banned ${banTarget(e.ban)}${e.ban.expiresAt ? ` until ${clock(e.ban.expiresAt)}` : ''} (${e.ban.reason})${e.killed ? `, ${e.killed} session${e.killed === 1 ? '' : 's'} ended` : ''}`,
       };
     case 'unbanned':
-      return { level: 'info', text: `unbanned ${e.ip}` };
+      return { level: 'info', text: `unbanned ${banTarget({ ip: e.ip, user: e.user ?? null })}` };
     case 'cert':
       return { level: 'info', text: `certificate ${e.cert.names.join(', ')}: valid until ${day(e.cert.notAfter)} (${e.cert.source})` };
     case 'tls-report':
@@ -479,6 +526,17 @@ export function describe(e: ControlEvent): { level: LogLevel; text: string } | n
       throw new Error(`unknown event ${JSON.stringify(never)}`);
     }
   }
+}
+
+/** A ban's key in the dashboard: its id, or its address from a daemon without ids. */
+export function banKey(b: Ban): string {
+  return b.id ?? b.ip ?? '';
+}
+
+/** Who a ban stops, in words: "192.0.2.7", "user alice", "user alice from 192.0.2.7". */
+export function banTarget(b: Pick<Ban, 'ip' | 'user'>): string {
+  if (b.user) return b.ip ? `user ${b.user} from ${b.ip}` : `user ${b.user}`;
+  return b.ip ?? '?';
 }
 
 function who(user: string | null, ip: string): string {

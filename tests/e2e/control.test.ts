@@ -14,11 +14,13 @@ import { createConnection, connect as tcpConnect } from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { ControlClient, ControlRequestError } from '../../src/control/client.ts';
-import { encode, type ControlEvent } from '../../src/control/protocol.ts';
+import { encode, type ControlEvent, type Snapshot } from '../../src/control/protocol.ts';
+import { renderFrame } from '../../src/tui/render.ts';
+import { DashboardModel } from '../../src/tui/view-model.ts';
 import { ImapHolder } from './control-helpers.ts';
-import { LineClient, run } from './harness/clients.ts';
+import { LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
-import { freePort, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
+import { freePort, startDovecot, startPostfix, userByName, type Dovecot } from './harness/servers.ts';
 import { waitFor } from '../helpers/wait.ts';
 
 let dovecot: Dovecot;
@@ -196,6 +198,56 @@ test('ban from the socket ends the address’s sessions and keeps it out; unban 
   w.client.close();
 });
 
+test('a ban set by hand tells the refused client its reason, as one clean line (the IMAP greeting)', async () => {
+  const c = await ControlClient.connect(socketPath);
+  try {
+    await c.request('ban', { ip: '127.0.0.7', seconds: 60, reason: 'Abuse from your network\r\n* OK [ALERT] injected\u0007 \u2013 write to abuse@example.org' });
+    const greeting = await LineClient.connect(gw.ports.imaps!, { tls: true, localAddress: '127.0.0.7' });
+    assert.equal(await greeting.readLine(), '* BYE [UNAVAILABLE] Abuse from your network * OK [ALERT] injected write to abuse@example.org');
+    assert.equal(await greeting.readFor(300), '', 'nothing after the one line');
+    assert.equal(await greeting.waitClosed(), true, 'then the connection closes');
+  } finally {
+    await c.request('unban', { ip: '127.0.0.7' });
+    c.close();
+  }
+});
+
+test('a user is banned and lifted with the CLI verbs (bans, ban, unban); the client is told the administrator\'s reason', async () => {
+  const cli = (...args: string[]) => run(process.execPath, [CLI, ...args, '-s', socketPath], { timeoutMs: 20_000 });
+  assert.ok((await holder.open('u1', bob.name, bob.password, '127.0.0.5')).ok);
+  assert.ok((await holder.open('u2', alice.name, alice.password, '127.0.0.5')).ok);
+
+  const banned = await cli('ban', '--user', 'Bob', '--for', '10m', '--reason', 'Account locked: call the helpdesk');
+  assert.equal(banned.code, 0, banned.stderr);
+  assert.match(banned.stdout, /^banned user bob for 10m \(user:bob\)\n1 session ended\n$/);
+  assert.equal((await holder.noop('u1')).ok, false, 'bob\'s session ended');
+  assert.ok((await holder.noop('u2')).ok, 'alice from the same address keeps hers');
+  const refused = await holder.open('u3', bob.name, bob.password, '127.0.0.6');
+  assert.equal(refused.ok, false, 'bob is refused from another address too');
+  assert.match(refused.error ?? '', /\[UNAVAILABLE\] Account locked: call the helpdesk/);
+
+  const list = await cli('bans');
+  assert.equal(list.code, 0, list.stderr);
+  assert.match(list.stdout, /^ID +KIND +ADDRESS +USER +LEFT +SOURCE +REASON$/m);
+  assert.match(list.stdout, /^user:bob +user +- +bob +(9m\d\d|10m) +manual +Account locked: call the helpdesk$/m);
+  const c = await ControlClient.connect(socketPath);
+  try {
+    const user = (await c.request('bans', {})).find((b) => b.kind === 'user');
+    assert.deepEqual([user?.id, user?.ip, user?.user, user?.source], ['user:bob', null, 'bob', 'manual']);
+  } finally {
+    c.close();
+  }
+
+  const lifted = await cli('unban', '--user', 'bob');
+  assert.deepEqual([lifted.code, lifted.stdout], [0, 'lifted\n']);
+  const again = await cli('unban', '--user', 'bob');
+  assert.deepEqual([again.code, again.stdout], [1, 'no such ban\n']);
+  assert.equal((await cli('unban')).code, 2, 'nothing named: a usage error');
+  assert.ok((await holder.open('u4', bob.name, bob.password, '127.0.0.6')).ok, 'bob is back in');
+  await holder.logout('u4');
+  await holder.logout('u2');
+});
+
 /** Connects to the socket as another user, with a system binary (the checkout may not be readable by that user). */
 function connectAs(uid: number, gid: number): { status: number | null; stdout: string; stderr: string } {
   const script = [
@@ -336,4 +388,61 @@ test('metrics scraped over HTTP agree with known traffic', async () => {
   const cert = new X509Certificate(readFileSync(gw.certFile));
   const expiry = [...after].find(([k]) => k.startsWith('mailgate_certificate_expiry_timestamp_seconds{name="mail.e2e.test"'));
   assert.equal(expiry?.[1], Math.floor(new Date(cert.validTo).getTime() / 1000));
+});
+
+test('a backend that answers but offers no AUTH for passthrough is MISCONFIGURED in status, metrics and the dashboard model, not DOWN', async () => {
+  // A real Postfix without SASL: a legacy relay, up and answering, with no AUTH to offer.
+  const sink = await startPostfix({ noAuth: true });
+  const port = await freePort();
+  const mis = await startGateway({
+    listeners: [{ name: 'smtps', protocol: 'smtp', tls: 'implicit', backend: `127.0.0.1:${sink.port}`, auth: 'required', authentication: 'passthrough' }],
+    extra: { metrics: { listen: `127.0.0.1:${port}` } },
+    logLevel: 'info',
+  });
+  try {
+    const r = await python<{ code: number; text: string }>(
+      `
+import smtplib
+s = smtplib.SMTP_SSL('127.0.0.1', int(sys.argv[1]), context=ctx(), timeout=10)
+try:
+    s.login('alice', 'secret')
+    out({'code': 235, 'text': ''})
+except smtplib.SMTPException as e:
+    out({'code': getattr(e, 'smtp_code', -1), 'text': str(e)})
+`,
+      [mis.ports.smtps!],
+    );
+    assert.notEqual(r.code, 235, 'no login without a backend that can check it');
+    const line = await mis.waitForLog((l) => l.msg === 'session end' && l.reason === 'backend-no-auth');
+    assert.equal(line.listener, 'smtps');
+
+    const status = await run(process.execPath, [CLI, 'status', '-s', join(mis.dir, 'control.sock')]);
+    assert.equal(status.code, 0, status.stderr);
+    const row = status.stdout.split('\n').find((l) => l.startsWith('smtps '));
+    assert.match(row ?? '', /MISCONFIGURED \(backend offers no AUTH; use authentication: local, or enable AUTH on the backend\)$/, status.stdout);
+    assert.doesNotMatch(row ?? '', /DOWN/, 'the listener is up and the backend answers: not an outage');
+    const json = JSON.parse((await run(process.execPath, [CLI, 'status', '-s', join(mis.dir, 'control.sock'), '--json'])).stdout) as { listeners: { backendHealth: { state: string; error: string; ok: boolean } }[] };
+    assert.deepEqual([json.listeners[0]?.backendHealth.state, json.listeners[0]?.backendHealth.error, json.listeners[0]?.backendHealth.ok], ['misconfigured', 'backend-no-auth', false]);
+
+    const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    assert.match(text, /^mailgate_backend_up\{listener="smtps"\} 1$/m, 'the backend is up');
+    assert.match(text, /^mailgate_backend_misconfigured\{listener="smtps"\} 1$/m);
+    assert.match(text, /^mailgate_sessions_closed_total\{listener="smtps",reason="backend-no-auth"\} 1$/m);
+
+    // The dashboard draws what the socket says.
+    const c = await ControlClient.connect(join(mis.dir, 'control.sock'));
+    try {
+      const snap: Snapshot = await c.subscribe();
+      const m = new DashboardModel();
+      m.applySnapshot(snap, Date.now());
+      const frame = renderFrame(m, 120, 40, Date.now(), { bottom: '', prompting: false, detail: null, unicode: true, configFile: null, socketPath: '' }).join('\n');
+      assert.match(frame, /backend MISCONFIGURED: smtps/);
+      assert.doesNotMatch(frame, /backend DOWN/);
+    } finally {
+      c.close();
+    }
+  } finally {
+    await mis.stop();
+    await sink.stop();
+  }
 });

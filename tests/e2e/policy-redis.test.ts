@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { python, run } from './harness/clients.ts';
+import { checksAt, storm, summary } from './policy-helpers.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { redisMissing, startRedis, type RedisServer } from '../helpers/redis.ts';
 import { startDovecot, startNginx, userByName, type Dovecot, type Nginx } from './harness/servers.ts';
@@ -25,7 +26,8 @@ const alice = userByName('alice');
 
 before(async () => {
   redis = await startRedis();
-  [dovecot, nginx] = await Promise.all([startDovecot(), startNginx()]);
+  // Dovecot delays its answer to a wrong password, as a real one does: parallel guesses stay in flight.
+  [dovecot, nginx] = await Promise.all([startDovecot({ authFailureDelay: '2 secs' }), startNginx()]);
   const hash = await run(process.execPath, [CLI, 'hash-password'], { input: `${alice.password}\n` });
   const extra = {
     users: { list: [{ name: alice.name, password_hash: hash.stdout.trim() }] },
@@ -36,6 +38,7 @@ before(async () => {
   const listeners = [
     { name: 'imaps', protocol: 'imap' as const, tls: 'implicit' as const, backend: `127.0.0.1:${dovecot.imapPort}`, authentication: 'local' },
     { name: 'https', protocol: 'http' as const, tls: 'implicit' as const, backend: `127.0.0.1:${nginx.port}` },
+    { name: 'imap-pass', protocol: 'imap' as const, tls: 'implicit' as const, backend: `127.0.0.1:${dovecot.imapPort}` },
   ];
   [one, two] = await Promise.all([startGateway({ listeners, extra }), startGateway({ listeners, extra })]);
 });
@@ -80,4 +83,14 @@ test('a connection limit counts connections to either gateway', async () => {
   assert.equal((await get(two)).stdout, '200');
   // Gateway two has seen one connection itself; the shared count (2) is at the limit.
   assert.equal((await get(two)).stdout, '429');
+});
+
+test('40 parallel wrong LOGINs spread over two gateways sharing Redis: no more reach Dovecot than the threshold', { timeout: 120_000 }, async () => {
+  const bob = userByName('bob');
+  const r = await storm([one.ports['imap-pass']!, two.ports['imap-pass']!], 40, 'bob', '127.0.0.91', { user: bob.name, password: bob.password, source: '127.0.0.92' });
+  const checked = await checksAt(dovecot, 'bob', '127.0.0.91');
+  assert.ok(checked >= 1, 'the first guesses did reach Dovecot');
+  assert.ok(checked <= 3, `Dovecot checked ${checked} passwords for bob (threshold 3): ${summary(r.answers)}`);
+  assert.ok(r.answers.every((a) => /AUTHENTICATIONFAILED|UNAVAILABLE/.test(a)), summary(r.answers));
+  assert.equal(r.victim.ok, true, r.victim.error);
 });

@@ -6,8 +6,10 @@
  * nginx), driven by Python's imaplib/poplib/smtplib, curl and a TLS line client.
  */
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { ControlClient } from '../../src/control/client.ts';
 import { LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, startNginx, startSmtpSink, userByName, type Dovecot, type Nginx, type SmtpServer } from './harness/servers.ts';
@@ -289,5 +291,110 @@ test('HTTP requests per address on one keep-alive connection: 429 past the limit
     assert.deepEqual(r.stdout.trim().split('\n'), ['200', '200', '200', '429']);
   } finally {
     await local.stop();
+  }
+});
+
+/** An IMAPS login from `source` through `port`: ok, or the server's words. */
+function imapLoginFrom(port: number, user: string, password: string, source: string): Promise<ImapResult> {
+  return python<ImapResult>(
+    `
+import imaplib
+class From(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(sys.argv[4], 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+try:
+    m = From('127.0.0.1', int(sys.argv[1]), ssl_context=ctx(), timeout=10)
+    m.login(sys.argv[2], sys.argv[3])
+    m.logout()
+    out({'ok': True})
+except (imaplib.IMAP4.error, OSError) as e:
+    out({'ok': False, 'error': str(e)})
+`,
+    [port, user, password, source],
+  );
+}
+
+test('a ban holds for every spelling Dovecot (%n) takes for the same account: brute-force pair and user bans, and one set by hand', async () => {
+  // Dovecot itself: "dave@anything.invalid" and "Dave@EXAMPLE.org" are dave (auth_username_format %Lu, passdb %n).
+  const direct = await python<{ a: string; b: string }>(
+    `
+import imaplib
+r = {}
+for k, u in (('a', sys.argv[2]), ('b', sys.argv[3])):
+    m = imaplib.IMAP4('127.0.0.1', int(sys.argv[1]), timeout=10)
+    r[k] = m.login(u, sys.argv[4])[0]
+    m.logout()
+out(r)
+`,
+    [dovecot.imapPort, 'dave@anything.invalid', 'Dave@EXAMPLE.org', dave.password],
+  );
+  assert.deepEqual(direct, { a: 'OK', b: 'OK' }, 'the backend maps both spellings to dave');
+
+  const pass = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    extra: {
+      brute_force: {
+        per_address: { failures: 100, window: '10m', ban: '10m' },
+        per_address_user: { failures: 3, window: '10m', ban: '10m' },
+        per_user: { failures: 4, window: '10m', ban: '10m' },
+      },
+    },
+  });
+  try {
+    const port = pass.ports.imaps!;
+    // Three wrong passwords for "dave" from one address: Dovecot refuses each, the gateway bans dave there.
+    for (let i = 0; i < 3; i++) assert.match((await imapLoginFrom(port, 'dave', `guess-${i}`, '127.0.0.60')).error ?? '', /AUTHENTICATIONFAILED/);
+    for (const spelling of ['dave', 'dave@anything.invalid', 'Dave@EXAMPLE.org']) {
+      const r = await imapLoginFrom(port, spelling, dave.password, '127.0.0.60');
+      assert.equal(r.ok, false, `${spelling} with the right password from the banned address`);
+      assert.match(r.error ?? '', /UNAVAILABLE.*Too many failed logins/, spelling);
+    }
+    assert.equal((await imapLoginFrom(port, 'dave@example.org', dave.password, '127.0.0.61')).ok, true, 'another address is not banned');
+
+    // A per-user ban: the fourth failure, from a second address and under another spelling, bans the account dave;
+    // it holds where failures came from, for every spelling, and not at a clean address.
+    assert.match((await imapLoginFrom(port, 'DAVE@guess.invalid', 'guess-4', '127.0.0.62')).error ?? '', /AUTHENTICATIONFAILED/);
+    await pass.waitForLog((l) => l.msg === 'banned after failed logins' && l.ban === 'user' && l.user === 'dave');
+    assert.match((await imapLoginFrom(port, 'dave@other.invalid', dave.password, '127.0.0.62')).error ?? '', /Too many failed logins/);
+    assert.equal((await imapLoginFrom(port, 'dave', dave.password, '127.0.0.63')).ok, true, 'the real dave at a clean address');
+
+    // By hand: ban the user alice everywhere from the control socket; no spelling passes, from any address.
+    const c = await ControlClient.connect(join(pass.dir, 'control.sock'));
+    try {
+      const r = await c.request('ban', { user: 'alice', seconds: 600, reason: 'Account locked, call the helpdesk' });
+      assert.deepEqual(r.bans.map((b) => b.id), ['user:alice']);
+    } finally {
+      c.close();
+    }
+    for (const spelling of ['alice', 'ALICE@anything.invalid', 'alice@example.org']) {
+      const r = await imapLoginFrom(port, spelling, alice.password, '127.0.0.64');
+      assert.equal(r.ok, false, spelling);
+      assert.match(r.error ?? '', /UNAVAILABLE.*Account locked, call the helpdesk/, spelling);
+    }
+    const logins = (await dovecot.logs()).split('\n').filter((l) => /imap-login: Login: user=<(dave|alice)>.*rip=127\.0\.0\.6[024]/.test(l));
+    assert.deepEqual(logins, [], 'no banned attempt reached Dovecot');
+  } finally {
+    await pass.stop();
+  }
+});
+
+test('rate_limits exempt: a monitoring address passes a connection limit that refuses everyone else (IMAPS logins to Dovecot)', async () => {
+  const limited = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: `127.0.0.1:${dovecot.imapPort}` }],
+    extra: { rate_limits: [{ limit: 'connections', per: 'address', max: 3, window: '1m', exempt: ['127.0.0.80/32'] }] },
+  });
+  try {
+    const port = limited.ports.imaps!;
+    for (let i = 0; i < 8; i++) {
+      const r = await imapLoginFrom(port, alice.name, alice.password, '127.0.0.80');
+      assert.equal(r.ok, true, `monitoring check ${i + 1}: ${r.error ?? ''}`);
+    }
+    for (let i = 0; i < 3; i++) assert.equal((await imapLoginFrom(port, alice.name, alice.password, '127.0.0.81')).ok, true, `other address, connection ${i + 1}`);
+    const c = await LineClient.connect(port, { tls: true, localAddress: '127.0.0.81' });
+    assert.equal(await c.readLine(), '* BYE [UNAVAILABLE] Too many connections, try again later', 'the fourth from another address is refused');
+    await c.closedPromise;
+  } finally {
+    await limited.stop();
   }
 });

@@ -24,6 +24,13 @@ interface Options {
   password: string;
   /** Source addresses to cycle through (127.0.0.x), so no single 4-tuple space runs out. */
   sources: string[];
+  /**
+   * Instead of `sources`: this many distinct source addresses, 127.10.0.1 and on
+   * (every session from a new address until they run out), starting at the
+   * `sourceStart`-th: a flood of client addresses, as a scan or a botnet makes.
+   */
+  sourceCount?: number;
+  sourceStart?: number;
   total?: number;
   concurrency?: number;
   tlsEvery?: number;
@@ -36,8 +43,15 @@ interface Options {
 }
 
 const opts = JSON.parse(process.argv[2] ?? '{}') as Options;
-let sourceIndex = 0;
-const nextSource = () => opts.sources[sourceIndex++ % opts.sources.length]!;
+let sourceIndex = opts.sourceStart ?? 0;
+const nextSource = (): string => {
+  const count = opts.sourceCount ?? 0;
+  if (count <= 0) return opts.sources[sourceIndex++ % opts.sources.length]!;
+  const i = sourceIndex++ % count;
+  // 127.10.0.1 upwards, skipping .0 and .255 of each /24 (253 per block).
+  const block = Math.floor(i / 253);
+  return `127.${10 + Math.floor(block / 256)}.${block % 256}.${(i % 253) + 1}`;
+};
 
 function emit(o: unknown): void {
   process.stdout.write(`${JSON.stringify(o)}\n`);

@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import cluster, { type Worker } from 'node:cluster';
 import { after, before, test } from 'node:test';
 import { LIMITER_CHANNEL, masterLimiter, WorkerLimiters } from '../../../src/cluster/limiters.ts';
+import { BoundedMemoryLimiter } from '../../../src/policy/counters.ts';
 
 const sent: unknown[] = [];
 const original = process.send;
@@ -54,4 +55,25 @@ test('many worker limiters hang off one process listener, the listener limit sta
   assert.equal(process.getMaxListeners(), max);
   workers.close();
   assert.equal(process.listenerCount('message'), before);
+});
+
+test('the primary\'s limiters are bounded (policy_store.max_keys), also the ones the library makes for a worker\'s init', async () => {
+  const full: string[] = [];
+  const shared = masterLimiter(3, (prefix) => full.push(prefix));
+  const workers = new WorkerLimiters(1_000);
+  try {
+    // A prefix the primary never asked for: the library's master makes its limiter when the worker's init arrives.
+    const opts = { keyPrefix: 'test:limiters:bounded', points: 1_000, duration: 60 };
+    const limiter = workers.make(opts);
+    for (let i = 0; i < 10; i++) await limiter.consume(`192.0.2.${i}`);
+    const kept = shared(opts);
+    assert.ok(kept instanceof BoundedMemoryLimiter, 'the master keeps a bounded limiter');
+    assert.equal(kept.size, 3);
+    assert.equal(await kept.get('192.0.2.0'), null, 'the oldest counts were forgotten');
+    assert.equal((await kept.get('192.0.2.9'))?.consumedPoints, 1);
+    assert.deepEqual([...new Set(full)], ['test:limiters:bounded']);
+  } finally {
+    workers.close();
+    masterLimiter();
+  }
 });

@@ -260,6 +260,22 @@ test('logins count per user across workers; a login moved or ended frees its slo
   assert.equal(c.authority.state.loggedIn('alice'), 1);
 });
 
+test('parallel guesses spread over workers count as in flight in the primary: no more reach the backend than the threshold', async (t) => {
+  const c = await fakeCluster(t);
+  const config = configFrom('brute_force: { per_address_user: { failures: 3, window: 10m, ban: 10m } }\n');
+  const [e1, e2] = [engineOn(config, c.w(1).policy.state), engineOn(config, c.w(2).policy.state)];
+  const cr = { user: 'dave', password: 'guess', mechanism: 'PLAIN' as const };
+  const tries = Array.from({ length: 10 }, (_, i) => {
+    const s = connect(config, 'imaps', '192.0.2.1', `p${i}`);
+    return (i % 2 ? e1 : e2).onAuth({ ...s, user: 'dave', mechanism: 'PLAIN' }, cr);
+  });
+  const verdicts = await Promise.all(tries);
+  const allowed = verdicts.filter((v) => v.action === 'allow').length;
+  assert.equal(allowed, 3, verdicts.map((v) => (v.action === 'allow' ? 'allow' : v.code)).join(','));
+  assert.ok(verdicts.every((v) => v.action === 'allow' || v.code === 'login-attempts'));
+  await c.quiet();
+});
+
 test('a concurrent-sessions limit holds across workers', async (t) => {
   const c = await fakeCluster(t);
   const config = configFrom('rate_limits:\n  - { limit: concurrent, per: address, max: 2 }');

@@ -3,6 +3,7 @@ import { request } from 'node:http';
 import { test } from 'node:test';
 import { GatewayMetrics, MetricsServer } from '../../../src/control/metrics.ts';
 import { GatewayStats } from '../../../src/control/stats.ts';
+import { backendState } from '../../../src/control/cli-verbs.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 import { generateSelfSigned } from '../../../src/tls/self-signed.ts';
 import { FakeBans, FakeSession, fakeTarget, silentLog } from './fake-gateway.ts';
@@ -97,6 +98,25 @@ test('metrics follow known traffic: sessions by state, accepts, auth results, re
   assert.equal(v('mailgate_control_clients'), 2);
   assert.equal(v('mailgate_listener_up{listener="pop3s"}'), 1);
   stats.close();
+});
+
+test('a backend without AUTH behind passthrough is misconfigured, not down: health, status line, metrics; an outage is down', async () => {
+  const t = fakeTarget();
+  const stats = new GatewayStats(t.registry);
+  const s = new FakeSession(t.registry, { listener: 'imaps' }).open();
+  t.registry.backendConnected(s.record, '127.0.0.1:25', 2);
+  s.end('backend-no-auth');
+  const h = stats.for('imaps').backendHealth!;
+  assert.deepEqual([h.ok, h.state, h.error, h.latencyMs], [false, 'misconfigured', 'backend-no-auth', 2]);
+  assert.equal(backendState(h), 'MISCONFIGURED (backend offers no AUTH; use authentication: local, or enable AUTH on the backend)');
+  const down = new FakeSession(t.registry, { listener: 'pop3s', protocol: 'pop3' }).open();
+  down.end('backend-unavailable');
+  assert.equal(backendState(stats.for('pop3s').backendHealth!), 'DOWN (backend-unavailable)');
+  const m = parseExposition(await new GatewayMetrics(t, stats, { controlClients: () => 0, controlDropped: () => 0 }).text());
+  assert.equal(m.get('mailgate_backend_up{listener="imaps"}'), 1, 'the backend answers');
+  assert.equal(m.get('mailgate_backend_misconfigured{listener="imaps"}'), 1);
+  assert.equal(m.get('mailgate_backend_up{listener="pop3s"}'), 0);
+  assert.equal(m.get('mailgate_backend_misconfigured{listener="pop3s"}'), 0);
 });
 
 test('label values are escaped', async () => {

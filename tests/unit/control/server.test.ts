@@ -9,7 +9,9 @@ import { ControlClient, ControlRequestError } from '../../../src/control/client.
 import { encode, MAX_REQUEST_LINE, type ControlEvent, type EventBatch } from '../../../src/control/protocol.ts';
 import { CommandError, ControlServer, type ControlServerOptions } from '../../../src/control/server.ts';
 import { GatewayStats } from '../../../src/control/stats.ts';
-import { FakeBans, FakeSession, fakeTarget, silentLog, tempDir, type FakeTarget } from './fake-gateway.ts';
+import { PolicyAdmin } from '../../../src/control/bans.ts';
+import { PolicyState } from '../../../src/policy/state.ts';
+import { FakeBans, FakeSession, fakeTarget, silentLog, tempDir, testConfig, type FakeTarget } from './fake-gateway.ts';
 import { waitFor } from '../../helpers/wait.ts';
 
 const tmp = tempDir();
@@ -208,6 +210,57 @@ test('ban goes to the ban admin and ends the live sessions of that address; unba
   await assert.rejects(c.request('ban', { ip: '192.0.2.1', seconds: -5 }), (e: ControlRequestError) => e.code === 'BAD_REQUEST');
   c.close();
   await server.close();
+});
+
+test('every ban kind through the socket (policy ban list): a user, a user from an address; listed with id and kind, lifted by target or id; the sessions they cover end', async () => {
+  const state = await PolicyState.create({ store: { type: 'memory', prefix: 'mailgate', timeout: 1000 }, log: silentLog });
+  const bans = new PolicyAdmin(state, testConfig().brute_force, silentLog).banList();
+  const t = fakeTarget({ bans });
+  const mallory = new FakeSession(t.registry, { clientIp: '192.0.2.70' }).open().login('Mallory@Example.org');
+  const other = new FakeSession(t.registry, { clientIp: '192.0.2.70' }).open().login('alice');
+  const bob = new FakeSession(t.registry, { clientIp: '192.0.2.71' }).open().login('bob');
+  const bobElsewhere = new FakeSession(t.registry, { clientIp: '192.0.2.72' }).open().login('bob@example.org');
+  const { server, socketPath } = await start(t);
+  const c = await ControlClient.connect(socketPath);
+  const got = collect(c);
+  await c.subscribe();
+
+  const r = await c.request('ban', { user: 'mallory', seconds: 600, reason: 'compromised' });
+  assert.equal(r.killed, 1, 'the session whose login maps to the banned key');
+  assert.equal(mallory.killedWith, 'killed');
+  assert.equal(other.killedWith, null, 'another user from the same address stays');
+  assert.deepEqual(r.bans.map((b) => [b.id, b.kind, b.ip, b.user]), [['user:mallory', 'user', null, 'mallory']]);
+
+  const p = await c.request('ban', { ip: '192.0.2.71', user: 'bob@example.org', seconds: 600 });
+  assert.equal(p.killed, 1);
+  assert.equal(bob.killedWith, 'killed', 'bob logged in as "bob" shares the key "bob" with bob@example.org');
+  assert.equal(bobElsewhere.killedWith, null, 'bob at another address stays');
+  assert.deepEqual(p.bans.map((b) => b.id), ['pair:192.0.2.71|bob@example.org', 'pair:192.0.2.71|bob']);
+  await c.request('ban', { ip: '192.0.2.0/28', seconds: 60, kill: false });
+
+  const listed = await c.request('bans', {});
+  assert.deepEqual(listed.map((b) => `${b.kind} ${b.id}`).sort(), [
+    'pair pair:192.0.2.71|bob',
+    'pair pair:192.0.2.71|bob@example.org',
+    'range range:192.0.2.0/28',
+    'user user:mallory',
+  ]);
+  assert.equal(listed.find((b) => b.kind === 'user')?.reason, 'compromised');
+  assert.equal((await c.request('status', {})).bans.count, 4, 'status counts every kind');
+
+  assert.deepEqual(await c.request('unban', { id: 'pair:192.0.2.71|bob' }), { removed: true });
+  assert.deepEqual(await c.request('unban', { ip: '192.0.2.71', user: 'bob@example.org' }), { removed: true });
+  assert.deepEqual(await c.request('unban', { user: 'Mallory' }), { removed: true });
+  assert.deepEqual(await c.request('unban', { user: 'Mallory' }), { removed: false });
+  await waitFor('the bans lifted', async () => ((await c.request('bans', {})).length === 1 ? true : undefined), { timeoutMs: 3000 });
+  await waitFor('an unbanned event for the user', () => got.events.find((e) => e.type === 'unbanned' && e.user === 'mallory'), { timeoutMs: 3000 });
+  await assert.rejects(c.request('ban', { ip: '192.0.2.0/28', user: 'bob', seconds: 60 }), (e: ControlRequestError) => e.code === 'BAD_REQUEST', 'a user from a range');
+  await assert.rejects(c.request('ban', { seconds: 60 }), (e: ControlRequestError) => e.code === 'BAD_REQUEST', 'nobody named');
+  await assert.rejects(c.request('unban', { id: 'address:1.2.3.4', ip: '1.2.3.4' }), (e: ControlRequestError) => e.code === 'BAD_REQUEST', 'an id or a target, not both');
+  await assert.rejects(c.request('ban', { user: 'evil\r\nname', seconds: 60 }), (e: ControlRequestError) => e.code === 'BAD_REQUEST');
+  c.close();
+  await server.close();
+  await state.close();
 });
 
 test('without a ban list, ban/unban/bans answer UNSUPPORTED and nothing is killed', async () => {

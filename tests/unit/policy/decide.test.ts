@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Ban } from '../../../src/policy/bans.ts';
 import type { Count } from '../../../src/policy/counters.ts';
-import { blockKey, isRuleReason, PolicyRules, type Snapshot } from '../../../src/policy/decide.ts';
+import { blockKey, isRuleReason, MAX_CLIENT_REASON, PolicyRules, type Snapshot } from '../../../src/policy/decide.ts';
 import { configFrom, listenerOf } from './helpers.ts';
 
 const NOW = 1_700_000_000_000;
@@ -42,12 +42,14 @@ const smtps = listenerOf(config, 'smtps');
 test('connect: a rule, a ban, a reached window limit and a concurrency limit each refuse with their code', () => {
   assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, snapshot()), { action: 'allow' });
   assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '203.0.113.5' }, snapshot()), { action: 'deny', code: 'access-denied', text: 'Your network is blocked' });
-  assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, snapshot({ ban })), {
+  assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, snapshot({ ban: { ...ban, source: 'brute-force' } })), {
     action: 'tempfail',
     code: 'banned',
     text: 'Too many failed logins, try again later',
     retryAfterMs: 60_000,
   });
+  // A ban set by hand tells the client the administrator's reason.
+  assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, snapshot({ ban })), { action: 'tempfail', code: 'banned', text: 'test', retryAfterMs: 60_000 });
   const connections = rules.limits.find((c) => c.spec.limit === 'connections')!;
   const blocked = snapshot({ blocked: { [blockKey(connections, '192.0.2.1')]: NOW + 30_000 } });
   assert.deepEqual(rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, blocked), {
@@ -99,4 +101,16 @@ test('request: a ban and a reached request limit', () => {
     retryAfterMs: 10_000,
   });
   assert.equal(r.decide({ stage: 'request', listener: https, clientIp: '192.0.2.1' }, snapshot({ ban })).action, 'tempfail');
+});
+
+test('a ban set by hand shows its reason as one short printable line; an empty one falls back to the fixed text', () => {
+  const said = (reason: string) => rules.decide({ stage: 'connect', listener: imaps, clientIp: '192.0.2.1' }, snapshot({ ban: { ...ban, reason } }));
+  assert.equal(said('Spam from your network, write to abuse@example.org').action, 'tempfail');
+  assert.equal((said('Spam from your network, write to abuse@example.org') as { text: string }).text, 'Spam from your network, write to abuse@example.org');
+  assert.equal((said('evil\r\n* OK [ALERT] injected\r\na1 OK done') as { text: string }).text, 'evil * OK [ALERT] injected a1 OK done', 'no line break reaches the client');
+  assert.equal((said('Gesperrt f\u00fcr Spam \u2013 bitte melden\u0007\u001b[31m') as { text: string }).text, 'Gesperrt fur Spam bitte melden [31m', 'accents dropped, other non-ASCII and control characters gone');
+  const long = (said('x'.repeat(500)) as { text: string }).text;
+  assert.equal(long.length, MAX_CLIENT_REASON);
+  assert.ok(long.endsWith('...'));
+  assert.equal((said('\u0000\u0001 \u200b') as { text: string }).text, 'Too many failed logins, try again later');
 });

@@ -79,19 +79,26 @@ test('concurrent sessions per address: the slot is freed when the session ends',
   assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
 });
 
-test('concurrent sessions per user: counted at login, released when the login fails or the session ends', async (t) => {
+test('concurrent sessions per user: a slot is taken when the login succeeds, not by an attempt; freed when the session ends', async (t) => {
   clock(t);
   const config = configFrom(`rate_limits:\n  - { limit: concurrent, per: user, max: 1 }\n${LOCAL}`);
   const { engine } = await engineFor(config);
   const s1 = connect(config, 'imap-pass', '192.0.2.1');
   const s2 = connect(config, 'imap-pass', '192.0.2.2');
+  const s3 = connect(config, 'imap-pass', '192.0.2.3');
   const c = creds('carol', 'x');
   assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow');
-  assert.deepEqual(await engine.onAuth(login(s2, c), c), { action: 'tempfail', code: 'concurrent-user', text: 'Too many sessions for this user' });
-  engine.onAuthResult(login(s1, c), false);
-  assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'a refused backend login frees the slot');
+  assert.equal((await engine.onAuth(login(s2, c), c)).action, 'allow', 'an attempt waiting for the backend takes no slot');
+  engine.onAuthResult(login(s1, c), true);
+  assert.deepEqual(await engine.onAuth(login(s3, c), c), { action: 'tempfail', code: 'concurrent-user', text: 'Too many sessions for this user' });
+  engine.onAuthResult(login(s2, c), false);
   engine.onDisconnect(s2);
-  assert.equal((await engine.onAuth(login(s1, c), c)).action, 'allow', 'the end of a session frees it');
+  engine.onDisconnect(s1);
+  assert.equal((await engine.onAuth(login(s3, c), c)).action, 'allow', 'the end of a session frees its slot');
+  // A session that ends before its verdict takes no slot when a good verdict comes late.
+  engine.onDisconnect(s3);
+  engine.onAuthResult(login(s3, c), true);
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.4'), c), c)).action, 'allow');
   await engine.settled();
 });
 
@@ -357,4 +364,160 @@ test('the control socket view (BanAdmin): ban, list, unban and change events for
   await engine.settled();
   assert.deepEqual(events, ['+192.0.2.9', '+10.0.0.0/8', '+192.0.2.30', '-192.0.2.9']);
   off?.();
+});
+
+// ---- username_format: one account, many spellings ---------------------------------------
+
+/** A passthrough login the backend refuses (the engine counts it as Dovecot answers). */
+async function backendRefuses(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string) {
+  const c = connect(config, 'imap-pass', ip);
+  const cr = creds(user, 'wrong');
+  const v = await engine.onAuth(login(c, cr), cr);
+  if (v.action === 'allow') engine.onAuthResult(login(c, cr), false);
+  await engine.settled();
+  return v;
+}
+
+async function passthrough(engine: PolicyEngine, config: ReturnType<typeof configFrom>, ip: string, user: string) {
+  const c = connect(config, 'imap-pass', ip);
+  const cr = creds(user, 'right');
+  return engine.onAuth(login(c, cr), cr);
+}
+
+test('a banned user is banned under every spelling: by default the local part counts as well as the whole name', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  // Three guesses, three spellings of one account, as Dovecot's %n sees it.
+  for (const u of ['user5', 'User5@a.example', 'user5@B.EXAMPLE']) assert.equal((await backendRefuses(engine, config, '192.0.2.1', u)).action, 'allow');
+  for (const u of ['user5', 'user5@anything.invalid', 'User5@EXAMPLE.org']) {
+    assert.deepEqual(await passthrough(engine, config, '192.0.2.1', u), { action: 'tempfail', code: 'banned', text: 'Too many failed logins, try again later', retryAfterMs: 15 * 60_000 }, u);
+  }
+  assert.equal((await passthrough(engine, config, '192.0.2.2', 'user5@example.org')).action, 'allow', 'from another address the pair ban does not apply');
+  assert.equal((await passthrough(engine, config, '192.0.2.1', 'user6@example.org')).action, 'allow', 'another account from the same address');
+});
+
+test('username_format "%n": the ban key is the local part only; "%u": other domains are other accounts', async (t) => {
+  clock(t);
+  const n = configFrom(`username_format: "%Ln"\n${BF}${LOCAL}`);
+  const a = await engineFor(n);
+  for (let i = 0; i < 3; i++) await backendRefuses(a.engine, n, '192.0.2.1', `user5@d${i}.example`);
+  assert.equal((await passthrough(a.engine, n, '192.0.2.1', 'USER5')).action, 'tempfail');
+  assert.deepEqual((await a.admin.inspect({ address: '192.0.2.1', user: 'user5@elsewhere' })).failures, { address: 3, pair: 3, user: 3 });
+
+  const u = configFrom(`username_format: "%u"\n${BF}${LOCAL}`);
+  const b = await engineFor(u);
+  for (let i = 0; i < 3; i++) await backendRefuses(b.engine, u, '192.0.2.1', 'user5@a.example');
+  assert.equal((await passthrough(b.engine, u, '192.0.2.1', 'User5@A.example')).action, 'tempfail', 'case never makes another account');
+  assert.equal((await passthrough(b.engine, u, '192.0.2.1', 'user5@b.example')).action, 'allow', 'with %u another domain is another account');
+});
+
+test('per-user bans follow the keys too; a brute-force one only where the address failed, an administrator\'s everywhere', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine, admin } = await engineFor(config);
+  for (let i = 1; i <= 5; i++) await backendRefuses(engine, config, `203.0.113.${i}`, i % 2 ? 'carol' : 'Carol@example.org');
+  assert.equal((await passthrough(engine, config, '203.0.113.2', 'carol@other.example')).action, 'tempfail', 'an address that failed for carol, another spelling');
+  assert.equal((await passthrough(engine, config, '192.0.2.50', 'carol@other.example')).action, 'allow', 'a clean address');
+
+  const made = await admin.addBan({ kind: 'user', user: 'Mallory@Example.org', durationMs: 60_000, reason: 'compromised' });
+  assert.deepEqual(made.map((b) => b.id), ['user:mallory@example.org', 'user:mallory']);
+  assert.deepEqual(await passthrough(engine, config, '192.0.2.51', 'mallory@anything.invalid'), { action: 'tempfail', code: 'banned', text: 'compromised', retryAfterMs: 60_000 });
+  const view = admin.banList();
+  assert.equal(view.unban({ user: 'MALLORY@example.org' }), true);
+  await engine.settled();
+  assert.equal((await passthrough(engine, config, '192.0.2.51', 'mallory@anything.invalid')).action, 'allow', 'unbanned by the name it was banned with');
+});
+
+// ---- attempts in flight ---------------------------------------------------------------
+
+test('parallel guesses: attempts in flight count against the thresholds until their verdict; a good one is refunded', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  // Five guesses for dave from one address at once, none answered yet (per address+user: 3).
+  const sessions = Array.from({ length: 5 }, () => connect(config, 'imap-pass', '192.0.2.1'));
+  const cr = creds('dave', 'guess');
+  const verdicts = await Promise.all(sessions.map((s) => engine.onAuth(login(s, cr), cr)));
+  assert.deepEqual(
+    verdicts.map((v) => (v.action === 'allow' ? 'allow' : v.code)),
+    ['allow', 'allow', 'allow', 'login-attempts', 'login-attempts'],
+  );
+  assert.deepEqual(verdicts[3], { action: 'tempfail', code: 'login-attempts', text: 'Too many login attempts at once, try again later' });
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), creds('erin', 'x')), creds('erin', 'x'))).action, 'allow', 'another user from the address');
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.2'), cr), cr)).action, 'allow', 'dave from another address');
+  // The first is good: it leaves the count, and so one more may try.
+  engine.onAuthResult(login(sessions[0]!, cr), true);
+  await engine.settled();
+  const next = connect(config, 'imap-pass', '192.0.2.1');
+  assert.equal((await engine.onAuth(login(next, cr), cr)).action, 'allow');
+  // Three fail: the pair ban follows, and nothing more gets through.
+  for (const s of [sessions[1]!, sessions[2]!, next]) engine.onAuthResult(login(s, cr), false);
+  await engine.settled();
+  const after = await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr);
+  assert.equal(after.action === 'tempfail' && after.code, 'banned');
+});
+
+test('parallel guesses at local users: no more password checks than the threshold allows', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine, admin } = await engineFor(config);
+  const cr = creds('alice', 'wrong');
+  const verdicts = await Promise.all(Array.from({ length: 12 }, () => engine.onAuth(login(connect(config, 'imaps', '192.0.2.9'), cr), cr)));
+  const codes = verdicts.map((v) => (v.action === 'allow' ? 'allow' : v.code));
+  assert.equal(codes.filter((c) => c === 'bad-login').length, 3, `checked: ${codes.join(',')}`);
+  assert.ok(codes.every((c) => c === 'bad-login' || c === 'login-attempts' || c === 'banned'), codes.join(','));
+  await engine.settled();
+  assert.equal((await admin.inspect({ address: '192.0.2.9', user: 'alice' })).failures?.pair, 3);
+});
+
+test('an attempt whose verdict never comes stops counting at its deadline; exempt addresses are never counted', async (t) => {
+  const tick = clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine } = await engineFor(config);
+  const cr = creds('dave', 'guess');
+  for (let i = 0; i < 3; i++) assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'allow');
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'tempfail');
+  // The sessions died without a verdict (an old driver, a killed worker): after connect + login_replay + 1 s they no longer count.
+  tick(5_000 + 20_000 + 1_000 + 1);
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.1'), cr), cr)).action, 'allow');
+  const exempt = await Promise.all(Array.from({ length: 8 }, () => engine.onAuth(login(connect(config, 'imap-pass', '198.51.100.7'), cr), cr)));
+  assert.ok(exempt.every((v) => v.action === 'allow'), 'the exempt network is never held back');
+  await engine.settled();
+});
+
+// ---- rate limits: exempt -----------------------------------------------------------------
+
+test('rate_limits[].exempt: the listed addresses are neither counted nor refused by that limit; others are', async (t) => {
+  clock(t);
+  const config = configFrom(`rate_limits:
+  - { limit: connections, per: address, max: 2, window: 1m, exempt: [192.0.2.50/32, "2001:db8::/32"] }
+  - { limit: concurrent, per: address, max: 1, protocols: [pop3], exempt: [192.0.2.50] }
+  - { limit: messages, per: user, max: 1, window: 1h, exempt: [192.0.2.50] }
+${LOCAL}`);
+  const { engine } = await engineFor(config);
+  for (let i = 0; i < 6; i++) {
+    assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.50')).action, 'allow', `monitoring connection ${i + 1}`);
+    assert.equal(engine.onConnect(connect(config, 'imaps', '::ffff:192.0.2.50')).action, 'allow');
+    assert.equal(engine.onConnect(connect(config, 'imaps', '2001:db8::7')).action, 'allow');
+    await engine.settled();
+  }
+  for (let i = 0; i < 2; i++) {
+    assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'allow');
+    await engine.settled();
+  }
+  assert.equal(engine.onConnect(connect(config, 'imaps', '192.0.2.1')).action, 'tempfail', 'another address is limited');
+  // concurrent per address: the exempt address opens many, another one
+  for (let i = 0; i < 3; i++) assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.50')).action, 'allow');
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.2')).action, 'allow');
+  assert.equal(engine.onConnect(connect(config, 'pop3s', '192.0.2.2')).action, 'tempfail');
+  // messages per user: not counted from the exempt address
+  const alice = creds('alice', 'right');
+  const fromExempt = login(connect(config, 'smtps', '192.0.2.50'), alice);
+  assert.equal(engine.onSmtpMessage(fromExempt), undefined, 'no limit counts here: nothing to wait for');
+  const fromElsewhere = login(connect(config, 'smtps', '192.0.2.3'), alice);
+  assert.equal((await engine.onSmtpMessage(fromElsewhere))?.action, 'tempfail', 'the one message reaches the limit');
+  assert.equal((await engine.onAuth(fromExempt, alice)).action, 'allow', 'the exempt address still logs in');
+  assert.equal((await engine.onAuth(fromElsewhere, alice)).action, 'tempfail');
+  assert.throws(() => configFrom(`rate_limits:\n  - { limit: connections, per: address, max: 2, window: 1m, exempt: [not-a-range] }\n`), /rate_limits\[0\]\.exempt\[0\]/);
 });

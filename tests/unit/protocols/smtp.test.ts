@@ -629,11 +629,11 @@ describe('SMTP login replay', () => {
     assert.deepEqual(r, { ok: false, reply: '454 4.7.0 Temporary authentication failure\r\n' });
   });
 
-  it('throws BACKEND_PROTOCOL when the backend offers no AUTH for passthrough credentials', async () => {
+  it('throws BACKEND_NO_AUTH (a configuration error, not a protocol one) when the backend offers no AUTH for passthrough credentials', async () => {
     const s = readyForAuth();
     s.send(`AUTH PLAIN ${plain('alice', 'secret')}`);
     const backend = new FakePostfix({ ehlo: ['PIPELINING', '8BITMIME'] });
-    await rejectsWithCode(s.adapter.login(backend, { user: 'alice', password: 'secret', mechanism: 'PLAIN' }, undefined), 'BACKEND_PROTOCOL');
+    await rejectsWithCode(s.adapter.login(backend, { user: 'alice', password: 'secret', mechanism: 'PLAIN' }, undefined), 'BACKEND_NO_AUTH');
   });
 
   it('throws BACKEND_PROTOCOL on a backend that does not greet with 220', async () => {

@@ -313,3 +313,45 @@ test('TLS reports: counted in the header from the snapshot and each event, logge
   const frame = renderFrame(m, 200, 30, T0 + 300, { bottom: '', prompting: false, detail: null, unicode: true, configFile: null, socketPath: '/s' });
   assert.match(frame[1]!, /tls-rpt 2 \(7 failed sessions\)/);
 });
+
+test('the bans view: every kind, soonest to end first, kept by id across events; the frame fits 80x24', () => {
+  const m = new DashboardModel();
+  const ban = (id: string, kind: 'address' | 'range' | 'user' | 'pair', ip: string | null, user: string | null, minutes: number, source: 'manual' | 'auto' = 'manual') => ({
+    id,
+    kind,
+    ip,
+    user,
+    reason: source === 'auto' ? `user ${user ?? ''}: 5 failed logins within 900s` : 'Compromised\u001b[2J',
+    createdAt: T0,
+    expiresAt: T0 + minutes * 60_000,
+    source,
+  });
+  m.applySnapshot({ ...snapshot([session(1)]), bans: [ban('address:203.0.113.9', 'address', '203.0.113.9', null, 60), ban('user:mallory', 'user', null, 'mallory', 30)] }, T0);
+  m.applyBatch(batch(T0 + 10, [{ type: 'banned', at: T0, ban: ban('pair:192.0.2.5|bob', 'pair', '192.0.2.5', 'bob', 10, 'auto'), killed: 0 }]), T0 + 10);
+  assert.deepEqual(m.banRows().map((b) => b.id), ['pair:192.0.2.5|bob', 'user:mallory', 'address:203.0.113.9']);
+  assert.equal(m.selectedBan()?.id, 'user:mallory', 'the selection stays on its ban when one is added before it');
+  m.moveBan(-1);
+  assert.equal(m.selectedBan()?.id, 'pair:192.0.2.5|bob');
+  m.moveBan(1);
+  assert.equal(m.selectedBan()?.id, 'user:mallory');
+  // A user ban lifted by id leaves the address bans of the same (absent) address alone.
+  m.applyBatch(batch(T0 + 20, [{ type: 'unbanned', at: T0, ip: null, id: 'user:mallory', user: 'mallory' }]), T0 + 20);
+  assert.deepEqual(m.banRows().map((b) => b.id), ['pair:192.0.2.5|bob', 'address:203.0.113.9']);
+  assert.equal(m.selectedBan()?.id, 'address:203.0.113.9', 'the selection moves to the ban now at its place');
+  assert.ok(m.log.some((l) => l.text.includes('banned user bob from 192.0.2.5')));
+  assert.ok(m.log.some((l) => l.text.includes('unbanned user mallory')));
+
+  const chrome: Chrome = { bottom: 'keys', prompting: false, detail: null, bans: true, unicode: true, configFile: null, socketPath: '/run/x' };
+  const lines = renderFrame(m, 80, 24, T0 + 1000, chrome);
+  assert.equal(lines.length, 24);
+  lines.forEach((l, i) => assert.equal(visibleLength(l), 80, `line ${i} is ${visibleLength(l)} wide: ${l}`));
+  const screen = lines.join('\n');
+  assert.match(screen, /KIND +ADDRESS +USER/);
+  assert.match(screen, /user\+addr 192\.0\.2\.5 +bob /);
+  assert.match(screen, /\{inverse\}address +203\.0\.113\.9 +- /, 'the selected ban is marked');
+  assert.ok(screen.includes('Compromised?[2J'), 'control characters in a reason are neutralised');
+  assert.match(screen, / 2 bans /);
+  const empty = new DashboardModel();
+  empty.applySnapshot(snapshot([]), T0);
+  assert.match(renderFrame(empty, 80, 24, T0, chrome).join('\n'), /no bans/);
+});
