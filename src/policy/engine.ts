@@ -61,6 +61,12 @@ export interface Policy {
   onAuth(facts: AuthFacts, credentials: Credentials | null): Promise<AuthDecision>;
   /** The backend's (or local) verdict on a login, for failure counting and bans. */
   onAuthResult(facts: AuthFacts, ok: boolean): void;
+  /**
+   * A login policy allowed got no verdict: the backend could not be reached or
+   * broke off the replay. Nothing was learnt about the password, so nothing is
+   * counted; the attempt stops counting as in flight.
+   */
+  onAuthUnanswered?(facts: AuthFacts): void;
   /** A session that passed onConnect has ended (concurrency accounting). */
   onDisconnect(facts: ConnectFacts): void;
   /** Per HTTP request (requests per window): `tempfail` is answered with 429 and Retry-After. */
@@ -249,6 +255,12 @@ export class PolicyEngine implements Policy {
     // The verdict is counted first, then the attempt leaves the in-flight count: a reader in between counts it twice, never not at all.
     const counted = ok ? this.state.loginSucceeded(facts.clientIp, keys, bf) : this.state.loginFailed(facts.clientIp, keys, bf);
     this.state.track(ok ? 'reset failures' : 'count failure', pending ? counted.finally(() => this.state.attemptEnded(pending.attempt)) : counted);
+  }
+
+  onAuthUnanswered(facts: AuthFacts): void {
+    if (facts.session === undefined) return;
+    const pending = this.state.takePending(facts.session);
+    if (pending) this.state.track('end an attempt', this.state.attemptEnded(pending.attempt));
   }
 
   // ---- SMTP recipients and messages ----------------------------------------------------

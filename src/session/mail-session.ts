@@ -394,6 +394,7 @@ export class MailSession implements SessionControl {
     // whose client hangs up before the answer (which the backend may delay) is counted all the same.
     const replayed = await this.replay(decision, facts);
     if (replayed.kind === 'unavailable') {
+      this.deps.policy.onAuthUnanswered?.(facts);
       if (this.phase.kind === 'login') this.close(replayed.reason, adapter.loginRefusal('backend-unavailable'));
       return;
     }

@@ -398,3 +398,23 @@ test('rate_limits exempt: a monitoring address passes a connection limit that re
     await limited.stop();
   }
 });
+
+test('a backend that is down: quick retries each hear "backend unavailable", never "too many login attempts" (no verdict holds no attempt in flight)', async () => {
+  const down = await startGateway({
+    listeners: [{ name: 'imaps', protocol: 'imap', tls: 'implicit', backend: '127.0.0.1:1' }],
+    extra: { brute_force: { per_address: { failures: 100, window: '1m', ban: '1m' }, per_address_user: { failures: 3, window: '1m', ban: '1m' }, per_user: { failures: 100, window: '1m', ban: '1m' } } },
+  });
+  try {
+    for (let i = 0; i < 6; i++) {
+      const c = await LineClient.connect(down.ports.imaps!, { tls: true });
+      assert.match(await c.readLine(), /^\* OK/);
+      c.write(`a${i} LOGIN dave guess${i}\r\n`);
+      const answer = [await c.readLine(), await c.readLine()].join('\n');
+      assert.match(answer, /BYE \[UNAVAILABLE\] Backend server unavailable/, `retry ${i + 1}: ${answer}`);
+      assert.doesNotMatch(answer, /Too many login attempts/);
+      c.close();
+    }
+  } finally {
+    await down.stop();
+  }
+});

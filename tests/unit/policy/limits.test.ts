@@ -458,6 +458,22 @@ test('parallel guesses: attempts in flight count against the thresholds until th
   assert.equal(after.action === 'tempfail' && after.code, 'banned');
 });
 
+test('a login that got no verdict (the backend was unreachable) leaves the in-flight count at once and counts as no failure', async (t) => {
+  clock(t);
+  const config = configFrom(BF + LOCAL);
+  const { engine, admin } = await engineFor(config);
+  const cr = creds('dave', 'guess');
+  const sessions = Array.from({ length: 3 }, () => connect(config, 'imap-pass', '192.0.2.3'));
+  for (const s of sessions) assert.equal((await engine.onAuth(login(s, cr), cr)).action, 'allow');
+  const fourth = await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.3'), cr), cr);
+  assert.equal(fourth.action === 'tempfail' && fourth.code, 'login-attempts', 'three in flight: the threshold');
+  // The backend was down for all three: no verdict, so they stop counting without a failure each.
+  for (const s of sessions) engine.onAuthUnanswered(login(s, cr));
+  await engine.settled();
+  assert.equal((await engine.onAuth(login(connect(config, 'imap-pass', '192.0.2.3'), cr), cr)).action, 'allow', 'a retry is not held back');
+  assert.equal((await admin.inspect({ address: '192.0.2.3', user: 'dave' })).failures?.pair ?? 0, 0);
+});
+
 test('parallel guesses at local users: no more password checks than the threshold allows', async (t) => {
   clock(t);
   const config = configFrom(BF + LOCAL);
