@@ -218,9 +218,11 @@ export class Pop3Adapter implements MailAdapter {
     const greeting = await backend.readLine();
     if (!greeting.startsWith('+OK')) throw new MailgateError('BACKEND_PROTOCOL', `unexpected POP3 greeting: ${sanitizeValue(greeting, 80)}`);
     const backendCaps = (caps?.capabilities ?? []).map((c) => c.toUpperCase());
-    if (backendCaps.some((c) => c === 'XCLIENT' || c.startsWith('XCLIENT '))) {
-      // Dovecot's pop3-login takes the real address from trusted networks this way.
+    // Dovecot's pop3-login offers XCLIENT to trusted networks in its greeting's response code
+    // (`+OK [XCLIENT] Dovecot ready.`), not in CAPA; other servers may list it in CAPA.
+    if (/^\+OK \[XCLIENT\]/i.test(greeting) || backendCaps.some((c) => c === 'XCLIENT' || c.startsWith('XCLIENT '))) {
       backend.write(`XCLIENT ADDR=${sanitizeValue(this.facts.clientIp)} PORT=${this.facts.clientPort}\r\n`);
+      // Refused (-ERR): carry on without it; the backend then sees the gateway as the client.
       await backend.readLine();
     }
     const sasl = backendCaps.find((c) => c.startsWith('SASL '))?.split(' ') ?? [];

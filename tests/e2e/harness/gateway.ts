@@ -18,6 +18,8 @@ export interface GatewayListenerSpec {
   protocol: 'imap' | 'pop3' | 'smtp' | 'http';
   tls: 'implicit' | 'starttls' | 'none';
   backend: string;
+  /** Addresses to listen on instead of 127.0.0.1 on a free port (then give the port in `ports` too). */
+  listen?: string | string[];
   [key: string]: unknown;
 }
 
@@ -70,7 +72,8 @@ export async function startGateway(opts: GatewayOptions): Promise<Gateway> {
   for (const l of opts.listeners) {
     const port = opts.ports?.[l.name] ?? (await freePort());
     ports[l.name] = port;
-    listeners.push({ ...l, listen: `127.0.0.1:${port}` });
+    // A spec may name its own addresses (an IPv6 test listens on [::1] too); by default 127.0.0.1 on the free port.
+    listeners.push({ ...l, listen: l.listen ?? `127.0.0.1:${port}` });
   }
   const envWorkers = process.env.MAILGATE_E2E_WORKERS;
   const config: Record<string, unknown> = {
