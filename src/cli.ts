@@ -3,7 +3,7 @@
  * Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
  */
 import cluster from 'node:cluster';
-import { parseArgs } from 'node:util';
+import { parseCommandArgs } from './core/cli-args.ts';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { formatDuration } from './core/duration.ts';
 import { ConfigError, errorMessage, MailgateError } from './core/errors.ts';
@@ -61,27 +61,10 @@ export async function main(argv: string[]): Promise<number> {
     const { bansVerb } = await import('./control/bans-verb.ts');
     return bansVerb(verb, rest);
   }
-  let values: { config?: string | undefined; help?: boolean | undefined; socket?: string | undefined; json?: boolean | undefined };
-  try {
-    ({ values } = parseArgs({
-      args: rest,
-      options: {
-        config: { type: 'string', short: 'c' },
-        help: { type: 'boolean', short: 'h' },
-        // control socket verbs (top, status, reload, certs)
-        socket: { type: 'string', short: 's' },
-        json: { type: 'boolean' },
-      },
-      allowPositionals: false,
-    }));
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n${USAGE}`);
-    return 2;
-  }
-  if (values.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
+  // check, run and the control socket verbs top, status, reload: -c, -s, --json.
+  const parsed = parseCommandArgs(verb, rest, { config: { type: 'string', short: 'c' }, socket: { type: 'string', short: 's' }, json: { type: 'boolean' } }, USAGE);
+  if (typeof parsed === 'number') return parsed;
+  const values = { config: parsed.string('config'), socket: parsed.string('socket'), json: parsed.values.json === true };
   const file = values.config ?? 'config/mailgate.yaml';
   switch (verb) {
     case 'check':

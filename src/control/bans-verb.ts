@@ -10,12 +10,9 @@
  * Exit codes as in cli.ts: 0 ok, 1 the daemon refused or cannot be reached
  * (or nothing was lifted), 2 a usage or configuration error.
  */
-import { parseArgs } from 'node:util';
 import { formatDuration, parseDuration } from '../core/duration.ts';
-import { errorMessage } from '../core/errors.ts';
 import { humanDuration } from '../core/human.ts';
-import { target } from './cli-verbs.ts';
-import { ControlClient } from './client.ts';
+import { parseVerbArgs, verbTarget, withClient } from './cli-verbs.ts';
 import type { Ban } from './protocol.ts';
 
 const USAGE = `usage: mailgate bans  [-c FILE | -s SOCKET] [--json]
@@ -30,33 +27,10 @@ const USAGE = `usage: mailgate bans  [-c FILE | -s SOCKET] [--json]
 type Verb = 'bans' | 'ban' | 'unban';
 
 export async function bansVerb(verb: Verb, argv: string[]): Promise<number> {
-  let values: Record<string, string | boolean | undefined>;
-  let positionals: string[];
-  try {
-    ({ values, positionals } = parseArgs({
-      args: argv,
-      options: {
-        config: { type: 'string', short: 'c' },
-        socket: { type: 'string', short: 's' },
-        json: { type: 'boolean' },
-        user: { type: 'string' },
-        ip: { type: 'string' },
-        id: { type: 'string' },
-        for: { type: 'string' },
-        reason: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-      allowPositionals: verb !== 'bans',
-    }));
-  } catch (err) {
-    process.stderr.write(`mailgate ${verb}: ${errorMessage(err)}\n${USAGE}`);
-    return 2;
-  }
-  if (values.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  const str = (k: string) => (typeof values[k] === 'string' ? (values[k] as string) : undefined);
+  const own = { user: { type: 'string' }, ip: { type: 'string' }, id: { type: 'string' }, for: { type: 'string' }, reason: { type: 'string' } } as const;
+  const parsed = parseVerbArgs(verb, argv, own, USAGE, verb !== 'bans');
+  if (typeof parsed === 'number') return parsed;
+  const { positionals, string: str } = parsed;
   const ip = positionals[0] ?? str('ip');
   const user = str('user');
   if (positionals.length > 1 || (positionals.length === 1 && str('ip') !== undefined)) return usage(verb, 'give one address');
@@ -71,18 +45,10 @@ export async function bansVerb(verb: Verb, argv: string[]): Promise<number> {
     if ((id === undefined) === (ip === undefined && user === undefined)) return usage(verb, 'name an address, --user, or --id');
     args = id !== undefined ? { id } : { ...(ip === undefined ? {} : { ip }), ...(user === undefined ? {} : { user }) };
   }
-  const t = target({ config: str('config') ?? 'config/mailgate.yaml', socket: str('socket') });
-  if (typeof t === 'number') return t;
-  let client: ControlClient;
-  try {
-    client = await ControlClient.connect(t.socket);
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  }
-  try {
+  const target = verbTarget(parsed);
+  return withClient(target, async (client) => {
     const result = await client.request(verb, args);
-    if (values.json) {
+    if (target.json) {
       process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
       return verb === 'unban' && !(result as { removed: boolean }).removed ? 1 : 0;
     }
@@ -107,12 +73,7 @@ export async function bansVerb(verb: Verb, argv: string[]): Promise<number> {
         throw new Error(`unknown verb ${String(never)}`);
       }
     }
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  } finally {
-    client.close();
-  }
+  });
 }
 
 function usage(verb: Verb, problem: string): number {

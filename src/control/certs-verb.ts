@@ -10,12 +10,10 @@
  *   certs renew    forces renewal now (all ACME names, or the ones given) and
  *                  waits for the outcome. Exit 1 when one failed.
  */
-import { parseArgs } from 'node:util';
 import type { CertStatus, RenewResult } from '../acme/manager.ts';
-import { errorMessage } from '../core/errors.ts';
 import { ACME_COMMANDS } from './acme.ts';
-import { target } from './cli-verbs.ts';
-import { ControlClient, ControlRequestError } from './client.ts';
+import { parseVerbArgs, verbTarget, withClient } from './cli-verbs.ts';
+import { ControlRequestError, type ControlClient } from './client.ts';
 import type { CertStatus as ServedCert } from './protocol.ts';
 
 /**
@@ -36,56 +34,24 @@ const USAGE = `usage: mailgate certs [renew [NAME...]] [-c FILE | -s SOCKET] [--
 const RENEW_WAIT_MS = 15 * 60_000;
 
 export async function certsVerb(argv: string[]): Promise<number> {
-  let values: { config?: string | undefined; socket?: string | undefined; json?: boolean | undefined; help?: boolean | undefined; 'warn-days'?: string | undefined };
-  let positionals: string[];
-  try {
-    ({ values, positionals } = parseArgs({
-      args: argv,
-      options: {
-        config: { type: 'string', short: 'c' },
-        socket: { type: 'string', short: 's' },
-        json: { type: 'boolean' },
-        'warn-days': { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-      allowPositionals: true,
-    }));
-  } catch (err) {
-    process.stderr.write(`mailgate certs: ${errorMessage(err)}\n${USAGE}`);
-    return 2;
-  }
-  if (values.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  const warnDays = values['warn-days'] === undefined ? DEFAULT_WARN_DAYS : Number(values['warn-days']);
+  const parsed = parseVerbArgs('certs', argv, { 'warn-days': { type: 'string' } }, USAGE, true);
+  if (typeof parsed === 'number') return parsed;
+  const warnText = parsed.string('warn-days');
+  const warnDays = warnText === undefined ? DEFAULT_WARN_DAYS : Number(warnText);
   if (!Number.isFinite(warnDays) || warnDays < 0) {
-    process.stderr.write(`mailgate certs: --warn-days takes a number of days, not "${values['warn-days']}"\n${USAGE}`);
+    process.stderr.write(`mailgate certs: --warn-days takes a number of days, not "${warnText}"\n${USAGE}`);
     return 2;
   }
-  const [sub, ...names] = positionals;
+  const [sub, ...names] = parsed.positionals;
   if (sub !== undefined && sub !== 'renew') {
     process.stderr.write(`mailgate certs: unknown subcommand "${sub}"\n${USAGE}`);
     return 2;
   }
-  const t = target({ config: values.config ?? 'config/mailgate.yaml', socket: values.socket });
-  if (typeof t === 'number') return t;
-  const socket = t.socket;
-  let client: ControlClient;
-  try {
-    client = await ControlClient.connect(socket, { requestTimeoutMs: sub === 'renew' ? RENEW_WAIT_MS : 30_000 });
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  }
-  try {
-    return sub === 'renew' ? await renew(client, names, values.json === true) : await show(client, values.json === true, warnDays);
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  } finally {
-    client.close();
-  }
+  const target = verbTarget(parsed);
+  const json = target.json === true;
+  return withClient(target, (client) => (sub === 'renew' ? renew(client, names, json) : show(client, json, warnDays)), {
+    requestTimeoutMs: sub === 'renew' ? RENEW_WAIT_MS : 30_000,
+  });
 }
 
 

@@ -4,6 +4,7 @@
  * daemon refused or cannot be reached, 2 usage or configuration error.
  */
 import { loadConfigFile } from '../config/load.ts';
+import { parseCommandArgs, type CommandArgs, type Options } from '../core/cli-args.ts';
 import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
 import { humanBytes, humanDuration } from '../core/human.ts';
 import { ControlClient, ControlRequestError } from './client.ts';
@@ -43,12 +44,17 @@ export function target(opts: VerbOptions): Target {
   }
 }
 
-async function withClient(opts: VerbOptions, body: (c: ControlClient) => Promise<number>): Promise<number> {
+/**
+ * Connects to the daemon `opts` names, runs `body`, closes. A connection or
+ * request that fails is reported and exits 1; `body` may catch the errors it
+ * has something better to say about.
+ */
+export async function withClient(opts: VerbOptions, body: (c: ControlClient) => Promise<number>, connect: { requestTimeoutMs?: number } = {}): Promise<number> {
   const t = target(opts);
   if (typeof t === 'number') return t;
   let client: ControlClient;
   try {
-    client = await ControlClient.connect(t.socket);
+    client = await ControlClient.connect(t.socket, connect);
   } catch (err) {
     process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
     return 1;
@@ -61,6 +67,23 @@ async function withClient(opts: VerbOptions, body: (c: ControlClient) => Promise
   } finally {
     client.close();
   }
+}
+
+/** The options every control verb takes: which daemon (-c, -s) and --json. */
+const CONTROL_OPTIONS: Options = {
+  config: { type: 'string', short: 'c' },
+  socket: { type: 'string', short: 's' },
+  json: { type: 'boolean' },
+};
+
+/** A control verb's arguments: the common options and its own (see parseCommandArgs). */
+export function parseVerbArgs(verb: string, argv: string[], own: Options, usage: string, allowPositionals: boolean): CommandArgs | number {
+  return parseCommandArgs(verb, argv, { ...CONTROL_OPTIONS, ...own }, usage, allowPositionals);
+}
+
+/** -c and -s of parsed verb arguments, with the default config file. */
+export function verbTarget(args: CommandArgs): VerbOptions {
+  return { config: args.string('config') ?? 'config/mailgate.yaml', socket: args.string('socket'), json: args.values.json === true };
 }
 
 export function statusVerb(opts: VerbOptions): Promise<number> {

@@ -12,12 +12,11 @@
  * reached, 2 usage or configuration error.
  */
 import { isIP } from 'node:net';
-import { parseArgs } from 'node:util';
 import { errorMessage } from '../core/errors.ts';
 import { checkRecords, newResolver, type CheckResult } from '../discovery/check.ts';
 import { recordData, zoneText } from '../discovery/records.ts';
-import { target } from './cli-verbs.ts';
-import { ControlClient, ControlRequestError } from './client.ts';
+import { parseVerbArgs, verbTarget, withClient } from './cli-verbs.ts';
+import { ControlRequestError } from './client.ts';
 import { DNS_COMMAND, type DnsAnswer } from './dns.ts';
 
 const USAGE = `usage: mailgate dns [--check] [--resolver ADDR] [-c FILE | -s SOCKET] [--json]
@@ -28,47 +27,26 @@ const USAGE = `usage: mailgate dns [--check] [--resolver ADDR] [-c FILE | -s SOC
 `;
 
 export async function dnsVerb(argv: string[]): Promise<number> {
-  let values: { config?: string | undefined; socket?: string | undefined; json?: boolean | undefined; help?: boolean | undefined; check?: boolean | undefined; resolver?: string | undefined };
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        config: { type: 'string', short: 'c' },
-        socket: { type: 'string', short: 's' },
-        json: { type: 'boolean' },
-        check: { type: 'boolean' },
-        resolver: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-      allowPositionals: false,
-    }));
-  } catch (err) {
-    process.stderr.write(`mailgate dns: ${errorMessage(err)}\n${USAGE}`);
+  const parsed = parseVerbArgs('dns', argv, { check: { type: 'boolean' }, resolver: { type: 'string' } }, USAGE, false);
+  if (typeof parsed === 'number') return parsed;
+  const resolver = parsed.string('resolver');
+  const values = { check: parsed.values.check === true, json: parsed.values.json === true, resolver };
+  if (resolver !== undefined && !validResolver(resolver)) {
+    process.stderr.write(`mailgate dns: --resolver takes an IP address, optionally with a port (127.0.0.1:5353, [::1]:53), not "${resolver}"\n`);
     return 2;
   }
-  if (values.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  if (values.resolver !== undefined && !validResolver(values.resolver)) {
-    process.stderr.write(`mailgate dns: --resolver takes an IP address, optionally with a port (127.0.0.1:5353, [::1]:53), not "${values.resolver}"\n`);
-    return 2;
-  }
-  const t = target({ config: values.config ?? 'config/mailgate.yaml', socket: values.socket });
-  if (typeof t === 'number') return t;
-  let answer: DnsAnswer;
-  try {
-    const client = await ControlClient.connect(t.socket);
+  let answer: DnsAnswer | undefined;
+  const asked = await withClient(verbTarget(parsed), async (client) => {
     try {
       answer = (await client.request(DNS_COMMAND, {})) as DnsAnswer;
-    } finally {
-      client.close();
+      return 0;
+    } catch (err) {
+      if (!(err instanceof ControlRequestError && err.code === 'UNKNOWN_COMMAND')) throw err;
+      process.stderr.write('mailgate: this daemon does not know `dns` (an older version?)\n');
+      return 1;
     }
-  } catch (err) {
-    if (err instanceof ControlRequestError && err.code === 'UNKNOWN_COMMAND') process.stderr.write('mailgate: this daemon does not know `dns` (an older version?)\n');
-    else process.stderr.write(`mailgate: ${errorMessage(err)}\n`);
-    return 1;
-  }
+  });
+  if (asked !== 0 || answer === undefined) return asked;
   if (!values.check) {
     process.stdout.write(values.json ? `${JSON.stringify(answer, null, 2)}\n` : zoneText(answer.groups, answer.intro));
     return 0;
