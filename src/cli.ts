@@ -22,7 +22,7 @@ commands:
   reload [-c FILE | -s SOCKET]  make the running gateway re-read its configuration
   certs [-c FILE | -s SOCKET]   certificate status of the running gateway
   certs renew [NAME...]         renew ACME certificates now through the running gateway
-  hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
+  hash-password [--bcrypt|--argon2id] print a password hash for users.list (asks twice, or reads stdin)
 
 options:
   -c, --config FILE  configuration file (default: config/mailgate.yaml)
