@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { parseDuration } from '../core/duration.ts';
 import { parseHostPort, type HostPort } from '../net/address.ts';
+import { parseCidr, type Cidr } from '../net/cidr.ts';
 
 /** A number of seconds, or a string with a unit ("500ms", "30s", "5m", "2h", "1d"), as milliseconds; `examples` go into the error. */
 export function duration(examples = '500ms, 30s, 5m, 2h') {
@@ -30,3 +31,13 @@ export const hostPort = z.string().transform((v, ctx): HostPort => {
 });
 
 export const positiveInt = z.number().int().positive();
+
+/** An address range ("10.0.0.0/8", "2001:db8::/32") or one address. */
+export const cidr = z.string().transform((v, ctx): Cidr => {
+  const r = parseCidr(v);
+  if (typeof r === 'string') {
+    ctx.addIssue({ code: 'custom', message: r });
+    return z.NEVER;
+  }
+  return r;
+});

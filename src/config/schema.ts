@@ -6,7 +6,7 @@
 import { z } from 'zod';
 import { acmeSchema } from './schema-acme.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
-import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf();
 
@@ -17,6 +17,7 @@ const timeoutsShape = {
   backend_connect: duration,
   login_replay: duration,
   postauth_idle: duration,
+  proxy_header: duration,
 };
 const limitsShape = {
   max_line: positiveInt.min(512).max(1_048_576),
@@ -34,6 +35,7 @@ export const DEFAULT_TIMEOUTS = {
   backend_connect: 5_000,
   login_replay: 20_000,
   postauth_idle: 1_800_000,
+  proxy_header: 5_000,
 };
 export const DEFAULT_LIMITS = {
   max_line: 8192,
@@ -55,6 +57,13 @@ const listenerBase = {
   listen,
   backend: hostPort,
   proxy_protocol: z.union([z.literal(false), z.literal('v1'), z.literal('v2')]).default(false),
+  /**
+   * Load balancers (HAProxy send-proxy / send-proxy-v2) allowed to connect:
+   * every connection must come from one of these and begin with a PROXY v1
+   * or v2 header naming the client. Absent or empty (the default): no PROXY
+   * header is read. Optional in the parsed type, so listeners built in code need not name it.
+   */
+  accept_proxy_from: z.array(cidr).max(1000).optional(),
   timeouts: timeouts.default({}),
   limits: limits.default({}),
 };
@@ -104,8 +113,27 @@ const httpListener = z.strictObject({
   redirect_https: z.boolean().default(false),
   /** Strict-Transport-Security max-age in seconds; 0 sends none. */
   hsts: z.number().int().min(0).max(63_072_000).default(0),
-  /** Keep the client's own X-Forwarded-For chain only from these proxies (none by default: the header is replaced). */
-  trust_forwarded: z.boolean().default(false),
+  /**
+   * Keep (and extend) the X-Forwarded-* headers only from clients at these
+   * addresses: the proxies in front of the gateway. Empty (the default) or
+   * false: they are replaced. `true`, which once trusted every client, is
+   * refused with a message saying what to write instead.
+   */
+  trust_forwarded: z
+    .preprocess((v, ctx) => {
+      if (v === false) return [];
+      if (v === true) {
+        ctx.addIssue({
+          code: 'custom',
+          message:
+            'true is no longer accepted: it let any client set the X-Forwarded-* headers the backend sees; ' +
+            'list the proxies in front of the gateway instead, e.g. trust_forwarded: [192.0.2.10/32] (false or [] trusts none)',
+        });
+        return [];
+      }
+      return v;
+    }, z.array(cidr).max(1000))
+    .default([]),
   /** Offer HTTP/2 (ALPN h2) to clients of a TLS listener; HTTP/1.1 stays the fallback. The backend is always HTTP/1.1. */
   http2: z.boolean().default(true),
   /** Concurrent HTTP/2 streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS). */

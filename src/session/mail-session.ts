@@ -15,7 +15,8 @@ import type { Logger } from '../core/log.ts';
 import { connectBackend } from '../backend/connector.ts';
 import type { CapabilityCache } from '../backend/capabilities.ts';
 import { SocketLink } from '../backend/link.ts';
-import { formatHostPort, normalizeIp } from '../net/address.ts';
+import { socketPeer, type Peer } from '../net/proxy-inbound.ts';
+import { formatHostPort } from '../net/address.ts';
 import { isRuleReason } from '../policy/decide.ts';
 import type { AuthDecision, AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
 import {
@@ -119,18 +120,22 @@ export class MailSession implements SessionControl {
   private readonly onTimeout = () => this.idle();
   private idleMs = 0;
 
-  constructor(raw: Socket, listener: Listener, deps: MailSessionDeps) {
+  /**
+   * `peer`: who the connection speaks for, the socket's own addresses or the
+   * client a trusted balancer's PROXY header named (src/listeners/proxied.ts).
+   */
+  constructor(raw: Socket, listener: Listener, deps: MailSessionDeps, peer: Peer = socketPeer(raw)) {
     this.raw = raw;
     this.client = raw;
     this.listener = listener;
     this.deps = deps;
     const now = Date.now();
-    const clientIp = normalizeIp(raw.remoteAddress);
+    const clientIp = peer.clientIp;
     this.record = newSessionRecord(
-      { id: deps.registry.nextId(), listener: listener.name, protocol: deps.module.protocol, clientIp, clientPort: raw.remotePort ?? 0, state: 'handshake' },
+      { id: deps.registry.nextId(), listener: listener.name, protocol: deps.module.protocol, clientIp, clientPort: peer.clientPort, state: 'handshake' },
       now,
     );
-    this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
+    this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp, ...(peer.via === undefined ? {} : { via: peer.via }) });
     const record = this.record;
     this.facts = {
       id: record.id,
@@ -138,8 +143,8 @@ export class MailSession implements SessionControl {
       hostname: deps.hostname,
       clientIp,
       clientPort: record.clientPort,
-      localIp: normalizeIp(raw.localAddress),
-      localPort: raw.localPort ?? 0,
+      localIp: peer.localIp,
+      localPort: peer.localPort,
       tls: () => record.tlsVersion !== null,
     };
     this.connectFacts = { listener, clientIp, tls: false, now, session: this.record.id };

@@ -133,3 +133,43 @@ listeners:
   assert.match(byPath['listeners[0].response_timeout']?.message ?? '', /at least 100ms/);
   assert.ok(problems(web.replace('protocol: http', 'protocol: imap') + '    response_timeout: 60s\n').some((x) => x.path === 'listeners[0].response_timeout'), 'an HTTP key on a mail listener is unknown');
 });
+
+test('trust_forwarded: a list of proxy ranges; false is none; true is refused with file, line and what to write instead', () => {
+  const http = (value: string) => `
+listeners:
+  - name: https
+    protocol: http
+    listen: 127.0.0.1:443
+    tls: implicit
+    backend: 127.0.0.1:80
+    trust_forwarded: ${value}
+`;
+  const list = parseConfig(http('[192.0.2.10/32, "2001:db8::/48"]'), '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.deepEqual(list.protocol === 'http' && list.trust_forwarded.map((c) => c.text), ['192.0.2.10/32', '2001:db8::/48']);
+  const none = parseConfig(http('false'), '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.deepEqual(none.protocol === 'http' && none.trust_forwarded, []);
+  const [p] = problems(http('true'));
+  assert.equal(p?.path, 'listeners[0].trust_forwarded');
+  assert.equal(p?.line, 8);
+  assert.match(p?.message ?? '', /no longer accepted.*any client.*trust_forwarded: \[192\.0\.2\.10\/32\]/);
+  assert.equal(problems(http('[10.0.0.300/8]'))[0]?.path, 'listeners[0].trust_forwarded[0]');
+});
+
+test('accept_proxy_from takes address ranges and timeouts.proxy_header a duration (5s by default); mistakes are named where they are', () => {
+  const base = `
+listeners:
+  - name: imaps
+    protocol: imap
+    listen: 127.0.0.1:993
+    tls: implicit
+    backend: 127.0.0.1:143
+`;
+  const c = parseConfig(`${base}    accept_proxy_from: [127.0.0.1, 10.0.0.0/8]\n    timeouts: { proxy_header: 2s }\n`, '/etc/mailgate/test.yaml');
+  const l = c.listeners[0]!;
+  assert.deepEqual(l.accept_proxy_from?.map((x) => x.text), ['127.0.0.1', '10.0.0.0/8']);
+  assert.equal(l.timeouts.proxy_header, 2000);
+  assert.equal(parseConfig(base, '/etc/mailgate/test.yaml').listeners[0]!.timeouts.proxy_header, 5000);
+  const [p] = problems(`${base}    accept_proxy_from: [10.0.0.0/33]\n`);
+  assert.equal(p?.path, 'listeners[0].accept_proxy_from[0]');
+  assert.equal(p?.line, 8);
+});
