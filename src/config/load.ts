@@ -187,6 +187,10 @@ function finish(
           'otherwise a backend that trusts the gateway would relay for anyone',
       );
     }
+    if ('authentication' in l && l.authentication === 'http') {
+      if (parsed.auth_http === undefined) problem(['listeners', i, 'authentication'], 'http needs an auth_http section (at least its url)');
+      if (l.protocol === 'smtp' && l.auth === 'none') problem(['listeners', i, 'authentication'], 'http asks the auth service about logins; a listener with auth: none has none');
+    }
     const { timeouts, limits, ...rest } = l;
     return {
       ...rest,

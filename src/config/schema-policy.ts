@@ -228,8 +228,8 @@ export const policySections = {
  * passthrough and replay), so listeners built in code need not name them.
  */
 export const mailListenerPolicy = {
-  /** passthrough: the backend checks passwords; local: mailgate does, from `users`. */
-  authentication: z.enum(['passthrough', 'local']).optional(),
+  /** passthrough: the backend checks passwords; local: mailgate does, from `users`; http: the `auth_http` service does (nginx's protocol). */
+  authentication: z.enum(['passthrough', 'local', 'http']).optional(),
   /** After a local login: replay the client's credentials (default), or log in as a configured (master) user. */
   backend_login: backendLoginNoNone.optional(),
 };

@@ -5,6 +5,7 @@
  */
 import { z } from 'zod';
 import { acmeSchema } from './schema-acme.ts';
+import { authHttpSchema } from './schema-auth-http.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
 import { cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
@@ -214,6 +215,8 @@ export const configSchema = z
     acme: acmeSchema.optional(),
     control: controlSection.default({ enabled: true, socket: '../run/mailgate.sock', mode: 0o660 }),
     metrics: metricsSection.default({}),
+    /** The nginx-style auth service for `authentication: http` listeners: see src/config/schema-auth-http.ts. */
+    auth_http: authHttpSchema.optional(),
     /** Access rules, local users, routes, rate limits, brute force, policy store: see src/config/schema-policy.ts. */
     ...policySections,
   });

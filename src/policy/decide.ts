@@ -31,7 +31,8 @@ export type RefusalCode =
   | 'message-rate'
   | 'recipient-rate'
   | 'request-rate'
-  | 'auth-busy';
+  | 'auth-busy'
+  | 'auth-unavailable';
 
 /** What the client is told for each code (an access rule may say its own `reason`). */
 export const REFUSAL_TEXT: Record<RefusalCode, string> = {
@@ -46,6 +47,7 @@ export const REFUSAL_TEXT: Record<RefusalCode, string> = {
   'recipient-rate': 'Too many recipients, try again later',
   'request-rate': 'Too many requests',
   'auth-busy': 'Authentication temporarily unavailable',
+  'auth-unavailable': 'Authentication temporarily unavailable',
 };
 
 export type Refusal =

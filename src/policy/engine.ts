@@ -26,6 +26,7 @@ import type { Credentials } from '../protocols/types.ts';
 import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
 import { ALLOW, blockKey, deny, limitKey, MAX_USER, PolicyRules, tempfail, type CompiledLimit, type Refusal, type Snapshot, type Verdict } from './decide.ts';
+import { AuthHttpClient } from './auth-http.ts';
 import type { PolicyFiles } from './files.ts';
 import { canonicalUser } from './names.ts';
 import { BackendSecrets, Router } from './routes.ts';
@@ -44,6 +45,8 @@ export interface ConnectFacts {
 export interface AuthFacts extends ConnectFacts {
   user: string | null;
   mechanism: Credentials['mechanism'] | null;
+  /** Which login on this connection this is (1, 2, …), when the caller counts them (auth_http's Auth-Login-Attempt). */
+  attempt?: number;
 }
 
 /** One HTTP request on a connection that passed onConnect. */
@@ -104,6 +107,8 @@ export class PolicyEngine implements Policy {
   private readonly users: UserDirectory;
   private readonly router: Router;
   private readonly secrets: BackendSecrets;
+  /** The auth_http service's client (authentication: http listeners), when configured. */
+  private readonly authHttp: AuthHttpClient | undefined;
 
   /** `files`: what the config's users and password files hold (src/policy/files.ts). Throws for a bad user entry. */
   constructor(config: Config, files: PolicyFiles, state: PolicyState, log: Logger) {
@@ -113,6 +118,7 @@ export class PolicyEngine implements Policy {
     this.users = UserDirectory.fromConfig(config.users, files);
     this.router = new Router(config.routes);
     this.secrets = new BackendSecrets(files, config.baseDir);
+    this.authHttp = config.auth_http && config.listeners.some(isHttpAuth) ? new AuthHttpClient(config.auth_http, log) : undefined;
     state.prepare(this.rules.limits.filter((c) => c.spec.window !== undefined).map(windowOf), this.rules.bruteForce);
     for (const l of config.listeners) {
       if (isLocal(l) && this.users.size === 0) {
@@ -177,6 +183,20 @@ export class PolicyEngine implements Policy {
       verified = checked;
       await this.state.loginSucceeded(address, userKey ?? '', bf);
     }
+    // …or where the auth_http service checks it (src/policy/auth-http.ts): it also names the backend.
+    let fromService: { backend: HostPort; credentials: Credentials } | undefined;
+    if (isHttpAuth(l) && credentials && l.protocol !== 'http') {
+      const answer = this.authHttp
+        ? await this.authHttp.check({ protocol: l.protocol, credentials, clientIp: address, attempt: facts.attempt ?? 1, tls: facts.tls })
+        : ({ kind: 'unavailable', why: 'no auth_http section' } as const);
+      if (answer.kind === 'unavailable') return tempfail('auth-unavailable', 5_000);
+      if (answer.kind === 'refused') {
+        if (answer.temporary) return tempfail('auth-unavailable', 5_000);
+        await this.state.loginFailed(address, userKey, bf);
+        return deny('bad-login');
+      }
+      fromService = answer;
+    }
 
     // 3. The login as it acts (a PLAIN authorization id, when the backend allows one): rules and limits.
     const identity = verified?.name ?? (credentials ? credentials.authzid || credentials.user : null);
@@ -188,7 +208,10 @@ export class PolicyEngine implements Policy {
     // 4. Where it goes, and what the backend is told.
     let backend = l.backend;
     let replay: Credentials | null = credentials;
-    if (identity !== null) {
+    if (fromService) {
+      backend = fromService.backend;
+      replay = fromService.credentials;
+    } else if (identity !== null) {
       const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, user: identity, groups });
       backend = target.backend;
       if (verified && credentials) replay = this.secrets.credentials(target.login ?? listenerLogin(l), credentials, verified.name);
@@ -301,6 +324,10 @@ const NO_COUNTS: ReadonlyMap<string, Count> = new Map();
 
 function isLocal(l: Listener): boolean {
   return 'authentication' in l && l.authentication === 'local';
+}
+
+function isHttpAuth(l: Listener): boolean {
+  return 'authentication' in l && l.authentication === 'http';
 }
 
 function listenerLogin(l: Listener): BackendLogin {

@@ -119,6 +119,8 @@ export class MailSession implements SessionControl {
   private readonly onClientData = (chunk: Buffer) => this.clientData(chunk);
   private readonly onTimeout = () => this.idle();
   private idleMs = 0;
+  /** Logins tried on this connection (auth_http's Auth-Login-Attempt). */
+  private attempts = 0;
 
   /**
    * `peer`: who the connection speaks for, the socket's own addresses or the
@@ -386,6 +388,7 @@ export class MailSession implements SessionControl {
       now: Date.now(),
       user: credentials?.user ?? null,
       mechanism: credentials?.mechanism ?? null,
+      attempt: ++this.attempts,
     };
     const decision = await this.deps.policy.onAuth(facts, credentials);
     if (decision.action !== 'allow') {
