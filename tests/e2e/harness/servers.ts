@@ -139,6 +139,12 @@ function makeStopper(
 export interface Dovecot {
   /** IMAP port; with preauth: true this port greets with "* PREAUTH" (user alice). */
   imapPort: number;
+  /** With haproxy: true, an IMAP port that expects a PROXY protocol header (v1 or v2). */
+  haproxyImapPort?: number;
+  /** Stops the server process (and its sessions) but keeps its folder and ports, for restart(). */
+  halt(): Promise<void>;
+  /** Starts the server again after halt(), on the same ports, and waits for its IMAP greeting. */
+  restart(): Promise<void>;
   pop3Port: number;
   host: '127.0.0.1';
   /** alice, bob, carol, dave (see TEST_USERS). */
@@ -213,6 +219,8 @@ interface DovecotConfOptions {
   pop3Port?: number;
   /** Dovecot's auth_failure_delay (default here: 0, no delay). */
   authFailureDelay?: string;
+  /** An extra IMAP listener that expects a PROXY protocol header (haproxy = yes). */
+  haproxyImapPort?: number;
 }
 
 function dovecotConf(o: DovecotConfOptions): string {
@@ -253,7 +261,8 @@ ${
   mail
     ? `
 login_greeting = Dovecot ready.
-login_trusted_networks = 127.0.0.0/8
+login_trusted_networks = 127.0.0.0/8${o.haproxyImapPort ? `
+haproxy_trusted_networks = 127.0.0.0/8` : ''}
 login_log_format_elements = user=<%u> method=%m rip=%r rport=%b lip=%l lport=%a real_rip=%{real_rip} mpid=%e %c session=<%{session}>
 imap_id_log = *
 mail_location = maildir:~/Maildir
@@ -271,6 +280,15 @@ service imap-login {
   }
   inet_listener imaps {
     port = 0
+  }${
+    o.haproxyImapPort
+      ? `
+  inet_listener imap_haproxy {
+    address = ${HOST}
+    port = ${o.haproxyImapPort}
+    haproxy = yes
+  }`
+      : ''
   }
 }
 service pop3-login {
@@ -295,6 +313,8 @@ service auth {
 
 export interface DovecotOptions {
   preauth?: boolean;
+  /** Also listen for IMAP behind a PROXY protocol header (haproxy = yes, haproxy_trusted_networks 127.0.0.0/8): `haproxyImapPort`. */
+  haproxy?: boolean;
   /** Delay every wrong-password answer this long (Dovecot's own default is 2s; the harness default 0). */
   authFailureDelay?: string;
 }
@@ -321,10 +341,11 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
     await writeMailboxes(homeRoot);
     await chownR(homeRoot, mailUser.uid, mailUser.gid);
 
-    const [imapPort, pop3Port, preauthPort] = await Promise.all([
+    const [imapPort, pop3Port, preauthPort, haproxyImapPort] = await Promise.all([
       freePort(),
       freePort(),
       opts.preauth ? freePort() : Promise.resolve(0),
+      opts.haproxy ? freePort() : Promise.resolve(0),
     ]);
     await fsp.writeFile(
       configFile,
@@ -337,16 +358,19 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
         imapPort,
         pop3Port,
         authFailureDelay: opts.authFailureDelay,
+        ...(opts.haproxy ? { haproxyImapPort } : {}),
       }),
     );
 
     const logFiles = [stderrFile, logFile, ...(opts.preauth ? [preauthLog] : [])];
     const describe = () => describeFiles(logFiles);
-    const dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
+    let dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
     procs.push(dovecot);
+    const imapReady = () =>
+      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, ports: [imapPort, pop3Port], expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS);
 
     const ready = [
-      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, ports: [imapPort, pop3Port], expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
+      imapReady(),
       waitUntilReady('startDovecot (pop3)', procs, { port: pop3Port, ports: [imapPort, pop3Port], expect: /^\+OK .*\r\n/m, bye: 'QUIT\r\n' }, describe, READY_TIMEOUT_MS),
     ];
     let preauthUser: string | undefined;
@@ -379,6 +403,16 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
     const result: Dovecot = {
       imapPort: opts.preauth ? preauthPort : imapPort,
       pop3Port,
+      ...(opts.haproxy ? { haproxyImapPort } : {}),
+      async halt() {
+        await dovecot.stop();
+        procs.splice(procs.indexOf(dovecot), 1);
+      },
+      async restart() {
+        dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
+        procs.push(dovecot);
+        await imapReady();
+      },
       host: HOST,
       users: users(),
       dir,
@@ -591,6 +625,8 @@ export interface Postfix extends SmtpServer {
   localDomain: string;
   /** The Dovecot auth-only instance Postfix uses for SASL (socket path). */
   saslSocket: string;
+  /** With upstreamProxy: true, an smtpd port that expects a PROXY protocol header. */
+  proxyPort?: number;
 }
 
 const POSTFIX_HOSTNAME = 'postfix.e2e.test';
@@ -681,10 +717,11 @@ function postfixKnows(parameter: string): boolean {
   }
 }
 
-function postfixMasterCf(o: { port: number; deliverScript: string; deliveredDir: string }): string {
+function postfixMasterCf(o: { port: number; proxyPort?: number; deliverScript: string; deliveredDir: string }): string {
+  const proxied = o.proxyPort ? `${HOST}:${o.proxyPort} inet n - n - - smtpd\n  -o smtpd_upstream_proxy_protocol=haproxy\n` : '';
   return `# generated by tests/e2e/harness/servers.ts
 ${HOST}:${o.port} inet n - n - - smtpd
-cleanup   unix  n       -       n       -       0       cleanup
+${proxied}cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
@@ -744,6 +781,8 @@ function groupId(name: string): number {
 export interface PostfixOptions {
   /** smtpd_forbid_bare_newline = no (see the header comment). */
   acceptBareNewline?: boolean;
+  /** Also an smtpd on `proxyPort` that expects a PROXY protocol header (smtpd_upstream_proxy_protocol = haproxy). */
+  upstreamProxy?: boolean;
 }
 
 export async function startPostfix(opts: PostfixOptions = {}): Promise<Postfix> {
@@ -780,6 +819,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
       dovecotConf({ dir: authDir, runDir: authRun, logFile: authLog, passwdFile: path.join(authDir, 'passwd'), instance: `mailgate-e2e-auth-${path.basename(dir)}` }),
     );
     const port = await freePort();
+    const proxyPort = opts.upstreamProxy ? await freePort() : undefined;
 
     // --- Postfix instance
     await fsp.mkdir(etc, { mode: 0o755 });
@@ -790,7 +830,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
     await fsp.writeFile(deliverScript, DELIVER_SH, { mode: 0o755 });
     await makePostfixQueue(queueDir, pf, groupId('postdrop'));
     await fsp.writeFile(path.join(etc, 'main.cf'), postfixMainCf({ dir, queueDir, dataDir, maillog, saslSocket, acceptBareNewline: opts.acceptBareNewline === true }));
-    await fsp.writeFile(path.join(etc, 'master.cf'), postfixMasterCf({ port, deliverScript, deliveredDir }));
+    await fsp.writeFile(path.join(etc, 'master.cf'), postfixMasterCf({ port, ...(proxyPort ? { proxyPort } : {}), deliverScript, deliveredDir }));
     // Postfix's load_file() re-reads (sleeping 300 ms each time) a config file whose
     // mtime is not yet in the past ("being edited"); backdate them to start at once.
     const past = Date.now() / 1000 - 60;
@@ -833,6 +873,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
     const logs = async () => (cache !== undefined ? cache : snapshot());
     return {
       port,
+      ...(proxyPort ? { proxyPort } : {}),
       host: HOST,
       dir,
       users: users(),
