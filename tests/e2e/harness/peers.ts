@@ -12,7 +12,7 @@
  */
 import * as fsp from 'node:fs/promises';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
 import * as path from 'node:path';
 import { describeFiles, freePort, HOST, makeTempDir, removeTempDir, retryOnAddrInUse, spawnServer, waitUntilReady, type ManagedProcess } from '../../helpers/proc.ts';
 
@@ -79,9 +79,8 @@ ${sections.join('\n')}
   const proc = spawnServer('haproxy', HAPROXY_BIN, ['-db', '-f', confFile], { cwd: dir, outputFile });
   const logs = () => fsp.readFile(outputFile, 'utf8').catch(() => '');
   try {
-    // The first frontend must lead to a server that speaks first (IMAP, SMTP): any byte back means HAProxy forwards.
-    const first = frontends[0]!;
-    await waitUntilReady('startHaproxy', [proc], { port: ports[first.name]!, expect: /[\s\S]/, ports: Object.values(ports) }, () => describeFiles([outputFile, confFile]), 10_000);
+    // Behind it, TLS listeners do not speak first: ready once every frontend accepts a connection.
+    for (const port of Object.values(ports)) await waitForAccept(port, proc, () => describeFiles([outputFile, confFile]));
   } catch (err) {
     await proc.stop();
     await removeTempDir(dir);
@@ -96,6 +95,25 @@ ${sections.join('\n')}
       await removeTempDir(dir);
     },
   };
+}
+
+/** Resolves once a TCP connect to `port` succeeds; rejects if `proc` exits or after 10 s. */
+async function waitForAccept(port: number, proc: ManagedProcess, describe: () => Promise<string>): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (proc.exitInfo()) throw new Error(`haproxy exited before port ${port} accepted\n${await describe()}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = connect(port, HOST);
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`haproxy: port ${port} does not accept after 10 s\n${await describe()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 // ===========================================================================
