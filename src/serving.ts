@@ -7,6 +7,7 @@
  * and ACME answers are handed in by whoever owns them.
  */
 import { CapabilityCache } from './backend/capabilities.ts';
+import { BackendPools, type HealthView } from './backend/pools.ts';
 import type { Config, Listener } from './config/load.ts';
 import { errorMessage } from './core/errors.ts';
 import type { Logger } from './core/log.ts';
@@ -41,6 +42,10 @@ export interface ServingParts {
   /** A worker binds with SO_REUSEPORT beside the other workers. */
   sharedPorts: boolean;
   log: Logger;
+  /** The runtime's active checks of pool members (its HealthChecker, or a worker's copy of its results). */
+  backendHealth?: HealthView;
+  /** A session could not connect to a pool member (the runtime checks it again at once). */
+  backendFailed?: (key: string) => void;
 }
 
 interface Running {
@@ -53,6 +58,7 @@ export class Serving {
   private policy: Policy;
   private readonly parts: ServingParts;
   private readonly capabilities: CapabilityCache;
+  private readonly pools: BackendPools;
   private readonly running = new Map<string, Running>();
   private stopping: Promise<void> | undefined;
 
@@ -61,6 +67,7 @@ export class Serving {
     this.policy = policy;
     this.parts = parts;
     this.capabilities = new CapabilityCache(config.hostname, parts.log);
+    this.pools = new BackendPools(parts.backendHealth ?? { get: () => undefined }, parts.backendFailed);
   }
 
   /** Builds the policy and starts every listener; a partial start is undone before the error goes up. */
@@ -160,6 +167,7 @@ export class Serving {
       log,
       minVersion: this.config.tls.min_version,
       sharedPorts,
+      pools: this.pools,
     };
   }
 

@@ -16,6 +16,7 @@
  *   them all at stop.
  */
 import cluster, { type Worker } from 'node:cluster';
+import type { HealthChecker } from '../backend/health.ts';
 import type { Config } from '../config/load.ts';
 import type { WorkerStatus } from '../control/protocol.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
@@ -75,6 +76,8 @@ export interface PoolParts {
   ticketKeys: TicketKeys;
   http01: ChallengeAnswers;
   log: Logger;
+  /** The runtime's checks of pool members: their results go to every worker, their passive failures come back. */
+  health: HealthChecker;
 }
 
 export class WorkerPool {
@@ -129,6 +132,7 @@ export class WorkerPool {
         if (c.kind !== 'ticket-keys') this.queueCerts();
       }),
       http01.onChange((tokens) => this.broadcast({ t: 'tokens', tokens })),
+      this.parts.health.onChange((health) => this.broadcast({ t: 'health', health })),
     );
     this.ports = await planPorts(this.config.listeners);
     const onMessage = (worker: Worker, raw: unknown) => this.onMessage(worker, raw);
@@ -244,6 +248,7 @@ export class WorkerPool {
         tokens: http01.pending(),
         policy: this.authority.syncFor(slot),
         store: this.store,
+        health: this.parts.health.snapshot(),
       });
     });
     return slot.ready;
@@ -314,6 +319,8 @@ export class WorkerPool {
       slot.waiters.delete(msg.id);
     } else if (msg.t === 'pong') {
       slot.lastPong = Date.now();
+    } else if (msg.t === 'backend-failed') {
+      this.parts.health.recheck(msg.key);
     }
     // ready / start-failed are awaited in spawn(); stopped is followed by the exit.
   }

@@ -7,7 +7,7 @@
 import { z } from 'zod';
 import { parseHash } from '../core/password-hash.ts';
 import { parseCidr, type Cidr } from '../net/cidr.ts';
-import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { backendOrPool, duration as durationOf, positiveInt } from './schema-values.ts';
 
 const duration = durationOf('30s, 15m, 1h');
 
@@ -133,8 +133,8 @@ export const routeSchema = z
     protocols: z.array(protocol.exclude(['http'])).min(1).optional(),
     /** The backend host; each listener keeps its backend port. */
     host: hostName.optional(),
-    /** An exact backend host:port (usually with `listeners` or `protocols`). */
-    backend: hostPort.optional(),
+    /** An exact backend host:port, or a pool of them (usually with `listeners` or `protocols`). */
+    backend: backendOrPool.optional(),
     backend_login: backendLoginSchema.optional(),
   })
   .superRefine((r, ctx) => {

@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { acmeSchema } from './schema-acme.ts';
 import { authHttpSchema } from './schema-auth-http.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
-import { cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { backendOrPool, cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf();
 
@@ -48,6 +48,21 @@ export const DEFAULT_LIMITS = {
 };
 
 const timeouts = z.strictObject(timeoutsShape).partial();
+
+/** Default interval of a pool's active checks. */
+export const DEFAULT_HEALTH_INTERVAL = 10_000;
+
+/**
+ * Active checks of a pool's members (mail listeners whose backend is a
+ * list, and routes with a list). Optional in the parsed type (absent: the
+ * default interval), so listeners built in code need not name it.
+ */
+const healthCheck = z
+  .strictObject({
+    /** How often each member is checked: connect, then the protocol's greeting (within backend_connect). */
+    interval: duration.refine((ms) => ms >= 500 && ms <= 3_600_000, 'between 500ms and 1h').default(DEFAULT_HEALTH_INTERVAL),
+  })
+  .optional();
 const limits = z.strictObject(limitsShape).partial();
 
 /** One address or a list; written as one string in the common case. */
@@ -69,8 +84,15 @@ const listenerBase = {
   limits: limits.default({}),
 };
 
-const imapListener = z.strictObject({
+/** Mail listeners may name a pool of backends. */
+const mailBase = {
   ...listenerBase,
+  backend: backendOrPool,
+  health_check: healthCheck,
+};
+
+const imapListener = z.strictObject({
+  ...mailBase,
   protocol: z.literal('imap'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...mailListenerPolicy,
@@ -81,7 +103,7 @@ const imapListener = z.strictObject({
 });
 
 const pop3Listener = z.strictObject({
-  ...listenerBase,
+  ...mailBase,
   protocol: z.literal('pop3'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...mailListenerPolicy,
@@ -89,7 +111,7 @@ const pop3Listener = z.strictObject({
 });
 
 const smtpListener = z.strictObject({
-  ...listenerBase,
+  ...mailBase,
   protocol: z.literal('smtp'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...smtpListenerPolicy,

@@ -46,6 +46,7 @@ import {
 } from './protocol.ts';
 import { bindSocketFile, removeSocketFile } from './socket-file.ts';
 import type { GatewayStats } from './stats.ts';
+import { poolStatus } from './pools.ts';
 import type { ControlTarget } from './target.ts';
 import { VERSION } from './version.ts';
 
@@ -461,9 +462,12 @@ export class ControlServer {
     const config = this.target.currentConfig;
     const bound = this.target.addresses();
     const names = config.listeners.map((l) => l.name);
+    const pools = poolStatus(config, this.target.health, this.target.registry.list());
     const listeners: ListenerStatus[] = config.listeners.map((l) => {
       const addresses = [...(bound[l.name] ?? [])];
+      const pool = pools.get(l.name);
       return {
+        ...(pool ? { pool } : {}),
         name: l.name,
         protocol: l.protocol,
         tls: l.tls,

@@ -41,6 +41,7 @@ export async function startMailListener(
           log: deps.log,
           capabilities: deps.capabilities,
           module,
+          ...(deps.pools ? { pools: deps.pools } : {}),
         },
         peer,
       );

@@ -57,8 +57,12 @@ export interface HttpRequestFacts extends ConnectFacts {
 
 export type { RefusalCode, Verdict } from './decide.ts';
 
-/** A login's verdict: allowed with the backend to use and the credentials to replay there, or refused. */
-export type AuthDecision = { action: 'allow'; backend: HostPort; credentials: Credentials | null } | Refusal;
+/**
+ * A login's verdict: allowed with the backend to use (and, for a pool, every
+ * member: the driver picks one, src/backend/pools.ts) and the credentials to
+ * replay there, or refused.
+ */
+export type AuthDecision = { action: 'allow'; backend: HostPort; pool?: readonly HostPort[] | undefined; credentials: Credentials | null } | Refusal;
 
 export interface Policy {
   onConnect(facts: ConnectFacts): Verdict;
@@ -90,7 +94,8 @@ export class PassthroughPolicy implements Policy {
   }
 
   async onAuth(facts: AuthFacts, credentials: Credentials | null): Promise<AuthDecision> {
-    return { action: 'allow', backend: facts.listener.backend, credentials };
+    const pool = facts.listener.pool;
+    return { action: 'allow', backend: facts.listener.backend, ...(pool ? { pool } : {}), credentials };
   }
 
   onAuthResult(): void {}
@@ -207,20 +212,23 @@ export class PolicyEngine implements Policy {
 
     // 4. Where it goes, and what the backend is told.
     let backend = l.backend;
+    let pool = l.pool;
     let replay: Credentials | null = credentials;
     if (fromService) {
       backend = fromService.backend;
+      pool = undefined;
       replay = fromService.credentials;
     } else if (identity !== null) {
-      const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, user: identity, groups });
+      const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, defaultPool: l.pool, user: identity, groups });
       backend = target.backend;
+      pool = target.pool;
       if (verified && credentials) replay = this.secrets.credentials(target.login ?? listenerLogin(l), credentials, verified.name);
     } else if (isLocal(l)) {
       // SMTP without AUTH on a local listener: nothing to replay.
       replay = null;
     }
     if (facts.session !== undefined && identity !== null) this.state.loginStarted(facts.session, l.name, canonicalUser(identity));
-    return { action: 'allow', backend, credentials: replay };
+    return { action: 'allow', backend, ...(pool ? { pool } : {}), credentials: replay };
   }
 
   onAuthResult(facts: AuthFacts, ok: boolean): void {

@@ -17,7 +17,7 @@ export interface GatewayListenerSpec {
   name: string;
   protocol: 'imap' | 'pop3' | 'smtp' | 'http';
   tls: 'implicit' | 'starttls' | 'none';
-  backend: string;
+  backend: string | string[];
   [key: string]: unknown;
 }
 

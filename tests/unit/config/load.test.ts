@@ -173,3 +173,22 @@ listeners:
   assert.equal(p?.path, 'listeners[0].accept_proxy_from[0]');
   assert.equal(p?.line, 8);
 });
+
+test('a mail listener\'s backend may be a pool (a list): the first is its backend; each bad member is named; HTTP listeners take one', () => {
+  const base = (backend: string, protocol = 'imap') => `
+listeners:
+  - name: l
+    protocol: ${protocol}
+    listen: 127.0.0.1:993
+    tls: implicit
+    backend: ${backend}
+    health_check: { interval: 2s }
+`;
+  const l = parseConfig(base('["127.0.0.1:1143", "127.0.0.2:1143"]'), '/x.yaml').listeners[0]!;
+  assert.deepEqual([l.backend, l.pool?.length, l.protocol !== 'http' && l.health_check?.interval], [{ host: '127.0.0.1', port: 1143 }, 2, 2000]);
+  const [p] = problems(base('["127.0.0.1:1143", "127.0.0.2:99999"]'));
+  assert.deepEqual([p?.path, p?.line], ['listeners[0].backend[1]', 7]);
+  assert.match(p?.message ?? '', /out of range/);
+  assert.match(problems(base('[]'))[0]?.message ?? '', /1 to 32 backends/);
+  assert.ok(problems(base('["127.0.0.1:80", "127.0.0.2:80"]', 'http')).some((x) => x.path.startsWith('listeners[0].backend')));
+});
