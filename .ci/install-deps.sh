@@ -14,6 +14,8 @@ PACKAGES=(
   dovecot-core dovecot-imapd dovecot-pop3d   # IMAP/POP3 backend + SASL auth for Postfix
   postfix                                    # smtpd backend and /usr/sbin/smtp-sink
   nginx                                      # HTTP backend
+  libnginx-mod-mail                          # nginx's mail proxy: the auth_http comparison (tests/e2e/auth-http.test.ts)
+  haproxy                                    # L4 balancer with PROXY v2 in front of two gateways (tests/e2e/scale.test.ts)
   swaks                                      # SMTP client used by the tests
   libnet-ssleay-perl libio-socket-ssl-perl   # swaks's TLS (Recommends of swaks, left out by --no-install-recommends)
   pebble                                     # ACME test CA
@@ -107,13 +109,16 @@ check() {
   fi
 }
 for bin in /usr/sbin/dovecot /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/lib/postfix/sbin/master /usr/lib/postfix/sbin/smtpd \
-           /usr/sbin/smtp-sink /usr/sbin/nginx /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/redis-server /usr/sbin/dnsmasq; do
+           /usr/sbin/smtp-sink /usr/sbin/nginx /usr/bin/pebble /usr/bin/pebble-challtestsrv /usr/bin/redis-server /usr/sbin/dnsmasq /usr/sbin/haproxy; do
   check "$bin" test -x "$bin"
 done
 check dovecot /usr/sbin/dovecot --version
 check postfix /usr/sbin/postconf -d mail_version
 check nginx /usr/sbin/nginx -v
 check redis-server /usr/bin/redis-server --version
+check haproxy sh -c '/usr/sbin/haproxy -v | grep -q "HAProxy version"'
+# shellcheck disable=SC2016 # the script is for sh -c, which expands it
+check "nginx's mail module" sh -c 'd=$(mktemp -d) && printf "load_module /usr/lib/nginx/modules/ngx_mail_module.so;\nevents {}\nmail { server { listen 127.0.0.1:1; protocol imap; auth_http 127.0.0.1:1/a; } }\n" > "$d/n.conf" && /usr/sbin/nginx -t -q -p "$d" -c "$d/n.conf" -g "pid $d/n.pid; error_log $d/e.log;"; r=$?; rm -rf "$d"; exit $r'
 check pebble sh -c '/usr/bin/pebble -h 2>&1 | grep -q -- -config'
 check dnsmasq sh -c '/usr/sbin/dnsmasq --version | grep -q "^Dnsmasq version"'
 check 'swaks with TLS' sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"'

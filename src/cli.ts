@@ -27,7 +27,7 @@ commands:
   bans [-c FILE | -s SOCKET]    every ban of the running gateway (addresses, ranges, users, users from an address)
   ban (IP | --user NAME [--ip IP]) [--for 1h] [--reason TEXT]   ban through the running gateway
   unban (IP | --user NAME [--ip IP] | --id ID)                   lift bans through the running gateway
-  hash-password [--bcrypt]      print a password hash for users.list (asks twice, or reads stdin)
+  hash-password [--bcrypt|--argon2id] print a password hash for users.list (asks twice, or reads stdin)
 
 options:
   -c, --config FILE  configuration file (default: config/mailgate.yaml)
@@ -113,12 +113,15 @@ function check(file: string): number {
   for (const l of config.listeners) {
     const extras: string[] = [];
     if (l.proxy_protocol) extras.push(`proxy-protocol ${l.proxy_protocol}`);
+    if (l.accept_proxy_from?.length) extras.push(`accepts PROXY from ${l.accept_proxy_from.map((c) => c.text).join(',')}`);
+    if ('authentication' in l && l.authentication === 'http') extras.push('auth_http');
+    if (l.protocol === 'http' && l.trust_forwarded.length > 0) extras.push(`trusts X-Forwarded-* from ${l.trust_forwarded.map((c) => c.text).join(',')}`);
     if (l.protocol === 'smtp') extras.push(`auth ${l.auth}`, l.xclient ? 'xclient' : 'no-xclient');
     if (l.protocol === 'imap' && l.imap_id) extras.push('imap-id');
     if (l.protocol === 'http' && l.redirect_https) extras.push('redirect-https');
     if (l.protocol === 'http' && l.hsts > 0) extras.push(`hsts ${l.hsts}`);
     out.push(
-      `  ${l.name.padEnd(12)} ${l.protocol.padEnd(5)} tls=${l.tls.padEnd(8)} ${l.listen.map(formatHostPort).join(',')} -> ${formatHostPort(l.backend)}` +
+      `  ${l.name.padEnd(12)} ${l.protocol.padEnd(5)} tls=${l.tls.padEnd(8)} ${l.listen.map(formatHostPort).join(',')} -> ${(l.pool ?? [l.backend]).map(formatHostPort).join(' | ')}` +
         (extras.length ? `  (${extras.join(', ')})` : ''),
     );
     const t = l.timeouts;

@@ -11,6 +11,7 @@
  * last word on an uncaught exception.
  */
 import { Http01Answers } from './acme/http01.ts';
+import { HealthChecker, healthTargets } from './backend/health.ts';
 import { AcmeManager } from './acme/manager.ts';
 import { loadStoredAcmeCertificates } from './acme/stored.ts';
 import { workerCount } from './cluster/count.ts';
@@ -54,6 +55,7 @@ interface ServingSide {
 interface RuntimeParts {
   registry: SessionRegistry;
   tlsReports: TlsReportLog;
+  health: HealthChecker;
   certs: CertStore;
   ticketKeys: TicketKeys;
   http01: Http01Answers;
@@ -73,6 +75,8 @@ export class Runtime {
   private readonly ticketKeys: TicketKeys;
   private readonly http01: Http01Answers;
   private readonly side: ServingSide;
+  /** Active checks of every pool member: once per gateway, whatever the number of workers (src/backend/health.ts). */
+  readonly health: HealthChecker;
   /** The policy store and worker count as started: a reload that changes them takes effect at the next restart. */
   private readonly started: Pick<Config, 'policy_store' | 'workers'>;
   /** The control socket's view of bans (an adapter over the policy state, control/bans.ts). */
@@ -92,6 +96,7 @@ export class Runtime {
     this.ticketKeys = parts.ticketKeys;
     this.http01 = parts.http01;
     this.side = parts.side;
+    this.health = parts.health;
     this.log = log;
     this.started = { policy_store: config.policy_store, workers: config.workers };
     this.refresh = this.side.refresh?.bind(this.side);
@@ -114,19 +119,31 @@ export class Runtime {
     const onTlsReport = tlsReports.record.bind(tlsReports);
     const http01 = new Http01Answers();
     const ticketKeys = new TicketKeys();
+    const health = new HealthChecker(log);
     let certs: CertStore;
     let side: ServingSide;
     try {
       certs = await loadCertificates(config, log, ticketKeys.current);
+      health.setTargets(healthTargets(config));
       side =
         count > 1
-          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, onTlsReport, log })
-          : await InProcess.create(config, files, { registry, certs, http01: http01.answer, sharedPorts: false, onTlsReport, log });
+          ? await WorkerPool.create(config, files, { count, registry, certs, ticketKeys, http01, onTlsReport, log, health })
+          : await InProcess.create(config, files, {
+              registry,
+              certs,
+              http01: http01.answer,
+              sharedPorts: false,
+              onTlsReport,
+              log,
+              backendHealth: health,
+              backendFailed: (key) => health.recheck(key),
+            });
     } catch (err) {
       ticketKeys.stop();
+      health.stop();
       throw err;
     }
-    const rt = new Runtime(config, { registry, tlsReports, certs, ticketKeys, http01, side }, log);
+    const rt = new Runtime(config, { registry, tlsReports, health, certs, ticketKeys, http01, side }, log);
     try {
       ticketKeys.onRotate((keys) => certs.setTicketKeys(keys));
       rt.controlPlane = await startControlPlane(rt, log);
@@ -221,6 +238,7 @@ export class Runtime {
     }
     if (next.workers !== this.started.workers) this.log.warn({ running: workerCount(this.started), configured: next.workers }, 'workers changes take effect at the next restart');
     this.certs.replaceWith(certs);
+    this.health.setTargets(healthTargets(next));
     const previous = this.config;
     this.config = next;
     const { workers, ...result } = await this.side.reload(next, files);
@@ -260,6 +278,7 @@ export class Runtime {
     this.log.info({ sessions: this.registry.size, drainMs, ...(workers === undefined ? {} : { workers }) }, 'shutting down');
     await this.acme?.stop();
     await this.side.stop(drainMs);
+    this.health.stop();
     this.http01.close();
     this.ticketKeys.stop();
     await this.controlPlane?.close();

@@ -7,6 +7,7 @@
  * and ACME answers are handed in by whoever owns them.
  */
 import { CapabilityCache } from './backend/capabilities.ts';
+import { BackendPools, type HealthView } from './backend/pools.ts';
 import type { Config, Listener } from './config/load.ts';
 import { errorMessage } from './core/errors.ts';
 import type { Logger } from './core/log.ts';
@@ -46,6 +47,10 @@ export interface ServingParts {
   /** A TLS report posted to the gateway (discovery.tls_rpt): the runtime counts it, here or through the primary. */
   onTlsReport: (r: TlsReportOutcome) => void;
   log: Logger;
+  /** The runtime's active checks of pool members (its HealthChecker, or a worker's copy of its results). */
+  backendHealth?: HealthView;
+  /** A session could not connect to a pool member (the runtime checks it again at once). */
+  backendFailed?: (key: string) => void;
 }
 
 interface Running {
@@ -60,6 +65,7 @@ export class Serving {
   private readonly capabilities: CapabilityCache;
   /** The endpoints the https listeners answer themselves (discovery: autoconfig, MTA-STS, ...), rebuilt at each reload. */
   private readonly wellKnown = new WellKnownRegistry();
+  private readonly pools: BackendPools;
   private readonly running = new Map<string, Running>();
   private stopping: Promise<void> | undefined;
 
@@ -68,6 +74,7 @@ export class Serving {
     this.policy = policy;
     this.parts = parts;
     this.capabilities = new CapabilityCache(config.hostname, parts.log);
+    this.pools = new BackendPools(parts.backendHealth ?? { get: () => undefined }, parts.backendFailed);
     this.wellKnown.replaceWith(this.endpoints(config));
   }
 
@@ -174,6 +181,7 @@ export class Serving {
       log,
       minVersion: this.config.tls.min_version,
       sharedPorts,
+      pools: this.pools,
     };
   }
 

@@ -13,6 +13,7 @@
  * to one worker drains it alone; the primary starts another.
  */
 import { Buffer } from 'node:buffer';
+import type { HealthSnapshot } from './backend/health.ts';
 import { freezeConfig, type Config } from './config/load.ts';
 import { envelope, unwrap, type Message, type PrimaryLink } from './cluster/link.ts';
 import { isToWorker, type FromWorker, type ToWorker, type WorkerSettings } from './cluster/messages.ts';
@@ -77,6 +78,8 @@ class WorkerProcess {
   private readonly certs: CertStore;
   /** Pending HTTP-01 answers (token → key authorization), as the primary sends them. */
   private readonly tokens: Map<string, string>;
+  /** The primary's health checks of pool members, as last sent. */
+  private health: HealthSnapshot;
   private config: Config;
   private policy: WorkerPolicy | undefined;
   private forwarder: RegistryForwarder | undefined;
@@ -93,6 +96,7 @@ class WorkerProcess {
     this.log = log;
     this.send = send;
     this.tokens = new Map(start.tokens);
+    this.health = start.health;
     this.certs = new CertStore(config.tls.min_version);
     this.serving = new Promise((resolve) => (this.servingStarted = resolve));
     this.done = new Promise((resolve) => (this.stopped = resolve));
@@ -152,6 +156,8 @@ class WorkerProcess {
       sharedPorts: true,
       onTlsReport: (report) => this.send({ t: 'tlsrpt', report }),
       log,
+      backendHealth: { get: (key) => this.health[key] },
+      backendFailed: (key) => this.send({ t: 'backend-failed', key }),
     });
   }
 
@@ -176,6 +182,9 @@ class WorkerProcess {
           return;
         case 'ping':
           this.send({ t: 'pong', seq: msg.seq });
+          return;
+        case 'health':
+          this.health = msg.health;
           return;
         case 'start':
           this.log.warn('a second start message; ignored');

@@ -32,7 +32,7 @@ export function connectBackend(addr: HostPort, opts: ConnectOptions): Promise<So
       }
     };
     const onConnect = () => {
-      if (opts.proxyProtocol) socket.write(proxyHeader(opts.proxyProtocol, opts.endpoints));
+      if (opts.proxyProtocol) socket.write(proxyHeader(opts.proxyProtocol, opts.endpoints ?? ownEndpoints(opts.proxyProtocol, socket)));
       settle();
     };
     const onError = (err: Error) =>
@@ -44,4 +44,15 @@ export function connectBackend(addr: HostPort, opts: ConnectOptions): Promise<So
     socket.once('connect', onConnect);
     socket.once('error', onError);
   });
+}
+
+/**
+ * A connection of the gateway's own (a capability probe, a health check):
+ * v2 says LOCAL; v1 names this connection's own two ends, because v1's
+ * "PROXY UNKNOWN" is refused by some receivers (Postfix 3.7: "bad or missing
+ * protocol type") although the spec allows it.
+ */
+function ownEndpoints(version: 'v1' | 'v2', socket: Socket): ProxyEndpoints | undefined {
+  if (version === 'v2') return undefined;
+  return { clientIp: socket.localAddress ?? '', clientPort: socket.localPort ?? 0, localIp: socket.remoteAddress ?? '', localPort: socket.remotePort ?? 0 };
 }

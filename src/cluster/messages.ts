@@ -3,6 +3,7 @@
  * without a part prefix; see link.ts). Policy and registry messages are
  * defined by their parts (policy-link.ts, registry-link.ts).
  */
+import type { HealthSnapshot } from '../backend/health.ts';
 import type { Config } from '../config/load.ts';
 import type { TlsReportOutcome } from '../discovery/tlsrpt.ts';
 import type { ReloadResult } from '../listeners/types.ts';
@@ -44,7 +45,11 @@ export type ToWorker =
       policy: PolicySync;
       /** The policy store the primary started with: a reload changes it only at the next restart, for every process alike. */
       store: StoreConfig;
+      /** The primary's health checks of pool members, as they stand. */
+      health: HealthSnapshot;
     }
+  /** The primary's health checks of pool members, after each check. */
+  | { t: 'health'; health: HealthSnapshot }
   | { t: 'certs'; certs: CertSnapshot }
   | { t: 'ticket-keys'; ticketKeys: string }
   | { t: 'tokens'; tokens: [string, string][] }
@@ -60,10 +65,12 @@ export type FromWorker =
   | { t: 'stopped' }
   | { t: 'pong'; seq: number }
   /** A TLS report a worker took (discovery.tls_rpt): the primary counts it. */
-  | { t: 'tlsrpt'; report: TlsReportOutcome };
+  | { t: 'tlsrpt'; report: TlsReportOutcome }
+  /** A session of this worker could not connect to a pool member (targetKey): the primary checks it at once. */
+  | { t: 'backend-failed'; key: string };
 
-const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop', 'ping']);
-const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped', 'pong', 'tlsrpt']);
+const TO_WORKER = new Set(['start', 'certs', 'ticket-keys', 'tokens', 'reload', 'stop', 'ping', 'health']);
+const FROM_WORKER = new Set(['ready', 'start-failed', 'reloaded', 'stopped', 'pong', 'tlsrpt', 'backend-failed']);
 
 export function isToWorker(m: { t: string }): m is ToWorker {
   return TO_WORKER.has(m.t);

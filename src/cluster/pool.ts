@@ -16,6 +16,7 @@
  *   them all at stop.
  */
 import cluster, { type Worker } from 'node:cluster';
+import type { HealthChecker } from '../backend/health.ts';
 import type { Config } from '../config/load.ts';
 import type { WorkerStatus } from '../control/protocol.ts';
 import { errorMessage, MailgateError } from '../core/errors.ts';
@@ -78,6 +79,8 @@ export interface PoolParts {
   /** A TLS report one of the workers took. */
   onTlsReport: (r: TlsReportOutcome) => void;
   log: Logger;
+  /** The runtime's checks of pool members: their results go to every worker, their passive failures come back. */
+  health: HealthChecker;
 }
 
 export class WorkerPool {
@@ -132,6 +135,7 @@ export class WorkerPool {
         if (c.kind !== 'ticket-keys') this.queueCerts();
       }),
       http01.onChange((tokens) => this.broadcast({ t: 'tokens', tokens })),
+      this.parts.health.onChange((health) => this.broadcast({ t: 'health', health })),
     );
     this.ports = await planPorts(this.config.listeners);
     const onMessage = (worker: Worker, raw: unknown) => this.onMessage(worker, raw);
@@ -247,6 +251,7 @@ export class WorkerPool {
         tokens: http01.pending(),
         policy: this.authority.syncFor(slot),
         store: this.store,
+        health: this.parts.health.snapshot(),
       });
     });
     return slot.ready;
@@ -319,6 +324,8 @@ export class WorkerPool {
       slot.lastPong = Date.now();
     } else if (msg.t === 'tlsrpt') {
       this.parts.onTlsReport(msg.report);
+    } else if (msg.t === 'backend-failed') {
+      this.parts.health.recheck(msg.key);
     }
     // ready / start-failed are awaited in spawn(); stopped is followed by the exit.
   }

@@ -24,7 +24,14 @@ import {
 /** A listener with the global timeouts and limits merged in (distributive, so `protocol` still narrows). */
 export type Listener = ListenerConfig extends infer L
   ? L extends ListenerConfig
-    ? Omit<L, 'timeouts' | 'limits'> & { timeouts: Timeouts; limits: Limits }
+    ? Omit<L, 'timeouts' | 'limits' | 'backend'> & {
+        timeouts: Timeouts;
+        limits: Limits;
+        /** The backend, or the first of the pool. */
+        backend: HostPort;
+        /** Every backend when the config names a pool (a list); absent for one backend. */
+        pool?: readonly HostPort[];
+      }
     : never
   : never;
 
@@ -188,9 +195,16 @@ function finish(
           'otherwise a backend that trusts the gateway would relay for anyone',
       );
     }
-    const { timeouts, limits, ...rest } = l;
+    if ('authentication' in l && l.authentication === 'http') {
+      if (parsed.auth_http === undefined) problem(['listeners', i, 'authentication'], 'http needs an auth_http section (at least its url)');
+      if (l.protocol === 'smtp' && l.auth === 'none') problem(['listeners', i, 'authentication'], 'http asks the auth service about logins; a listener with auth: none has none');
+    }
+    const { timeouts, limits, backend, ...rest } = l;
+    const list = Array.isArray(backend) ? backend : [backend];
     return {
       ...rest,
+      backend: list[0],
+      ...(list.length > 1 ? { pool: list } : {}),
       timeouts: { ...globalTimeouts, ...stripUndefined(timeouts) },
       limits: { ...globalLimits, ...stripUndefined(limits) },
     } as Listener;

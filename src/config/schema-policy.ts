@@ -8,7 +8,7 @@ import { z } from 'zod';
 import { parseHash } from '../core/password-hash.ts';
 import { parseCidr, type Cidr } from '../net/cidr.ts';
 import { DEFAULT_USERNAME_FORMAT, MAX_USERNAME_FORMAT_LENGTH, MAX_USERNAME_FORMATS, parseUsernameFormat } from '../core/username-format.ts';
-import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { backendOrPool, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf('30s, 15m, 1h');
 
@@ -134,8 +134,8 @@ export const routeSchema = z
     protocols: z.array(protocol.exclude(['http'])).min(1).optional(),
     /** The backend host; each listener keeps its backend port. */
     host: hostName.optional(),
-    /** An exact backend host:port (usually with `listeners` or `protocols`). */
-    backend: hostPort.optional(),
+    /** An exact backend host:port, or a pool of them (usually with `listeners` or `protocols`). */
+    backend: backendOrPool.optional(),
     backend_login: backendLoginSchema.optional(),
   })
   .superRefine((r, ctx) => {
@@ -258,8 +258,8 @@ export const policySections = {
  * passthrough and replay), so listeners built in code need not name them.
  */
 export const mailListenerPolicy = {
-  /** passthrough: the backend checks passwords; local: mailgate does, from `users`. */
-  authentication: z.enum(['passthrough', 'local']).optional(),
+  /** passthrough: the backend checks passwords; local: mailgate does, from `users`; http: the `auth_http` service does (nginx's protocol). */
+  authentication: z.enum(['passthrough', 'local', 'http']).optional(),
   /** After a local login: replay the client's credentials (default), or log in as a configured (master) user. */
   backend_login: backendLoginNoNone.optional(),
 };

@@ -6,8 +6,9 @@
 import { z } from 'zod';
 import { acmeSchema } from './schema-acme.ts';
 import { discoverySchema } from './schema-discovery.ts';
+import { authHttpSchema } from './schema-auth-http.ts';
 import { mailListenerPolicy, policySections, smtpListenerPolicy } from './schema-policy.ts';
-import { duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { backendOrPool, cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf();
 
@@ -18,6 +19,7 @@ const timeoutsShape = {
   backend_connect: duration,
   login_replay: duration,
   postauth_idle: duration,
+  proxy_header: duration,
 };
 const limitsShape = {
   max_line: positiveInt.min(512).max(1_048_576),
@@ -35,6 +37,7 @@ export const DEFAULT_TIMEOUTS = {
   backend_connect: 5_000,
   login_replay: 20_000,
   postauth_idle: 1_800_000,
+  proxy_header: 5_000,
 };
 export const DEFAULT_LIMITS = {
   max_line: 8192,
@@ -46,6 +49,21 @@ export const DEFAULT_LIMITS = {
 };
 
 const timeouts = z.strictObject(timeoutsShape).partial();
+
+/** Default interval of a pool's active checks. */
+export const DEFAULT_HEALTH_INTERVAL = 10_000;
+
+/**
+ * Active checks of a pool's members (mail listeners whose backend is a
+ * list, and routes with a list). Optional in the parsed type (absent: the
+ * default interval), so listeners built in code need not name it.
+ */
+const healthCheck = z
+  .strictObject({
+    /** How often each member is checked: connect, then the protocol's greeting (within backend_connect). */
+    interval: duration.refine((ms) => ms >= 500 && ms <= 3_600_000, 'between 500ms and 1h').default(DEFAULT_HEALTH_INTERVAL),
+  })
+  .optional();
 const limits = z.strictObject(limitsShape).partial();
 
 /** One address or a list; written as one string in the common case. */
@@ -56,12 +74,26 @@ const listenerBase = {
   listen,
   backend: hostPort,
   proxy_protocol: z.union([z.literal(false), z.literal('v1'), z.literal('v2')]).default(false),
+  /**
+   * Load balancers (HAProxy send-proxy / send-proxy-v2) allowed to connect:
+   * every connection must come from one of these and begin with a PROXY v1
+   * or v2 header naming the client. Absent or empty (the default): no PROXY
+   * header is read. Optional in the parsed type, so listeners built in code need not name it.
+   */
+  accept_proxy_from: z.array(cidr).max(1000).optional(),
   timeouts: timeouts.default({}),
   limits: limits.default({}),
 };
 
-const imapListener = z.strictObject({
+/** Mail listeners may name a pool of backends. */
+const mailBase = {
   ...listenerBase,
+  backend: backendOrPool,
+  health_check: healthCheck,
+};
+
+const imapListener = z.strictObject({
+  ...mailBase,
   protocol: z.literal('imap'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...mailListenerPolicy,
@@ -72,7 +104,7 @@ const imapListener = z.strictObject({
 });
 
 const pop3Listener = z.strictObject({
-  ...listenerBase,
+  ...mailBase,
   protocol: z.literal('pop3'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...mailListenerPolicy,
@@ -80,7 +112,7 @@ const pop3Listener = z.strictObject({
 });
 
 const smtpListener = z.strictObject({
-  ...listenerBase,
+  ...mailBase,
   protocol: z.literal('smtp'),
   tls: z.enum(['implicit', 'starttls', 'none']),
   ...smtpListenerPolicy,
@@ -105,8 +137,27 @@ const httpListener = z.strictObject({
   redirect_https: z.boolean().default(false),
   /** Strict-Transport-Security max-age in seconds; 0 sends none. */
   hsts: z.number().int().min(0).max(63_072_000).default(0),
-  /** Keep the client's own X-Forwarded-For chain only from these proxies (none by default: the header is replaced). */
-  trust_forwarded: z.boolean().default(false),
+  /**
+   * Keep (and extend) the X-Forwarded-* headers only from clients at these
+   * addresses: the proxies in front of the gateway. Empty (the default) or
+   * false: they are replaced. `true`, which once trusted every client, is
+   * refused with a message saying what to write instead.
+   */
+  trust_forwarded: z
+    .preprocess((v, ctx) => {
+      if (v === false) return [];
+      if (v === true) {
+        ctx.addIssue({
+          code: 'custom',
+          message:
+            'true is no longer accepted: it let any client set the X-Forwarded-* headers the backend sees; ' +
+            'list the proxies in front of the gateway instead, e.g. trust_forwarded: [192.0.2.10/32] (false or [] trusts none)',
+        });
+        return [];
+      }
+      return v;
+    }, z.array(cidr).max(1000))
+    .default([]),
   /** Offer HTTP/2 (ALPN h2) to clients of a TLS listener; HTTP/1.1 stays the fallback. The backend is always HTTP/1.1. */
   http2: z.boolean().default(true),
   /** Concurrent HTTP/2 streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS). */
@@ -189,6 +240,8 @@ export const configSchema = z
     discovery: discoverySchema.optional(),
     control: controlSection.default({ enabled: true, socket: '../run/mailgate.sock', mode: 0o660 }),
     metrics: metricsSection.default({}),
+    /** The nginx-style auth service for `authentication: http` listeners: see src/config/schema-auth-http.ts. */
+    auth_http: authHttpSchema.optional(),
     /** Access rules, local users, routes, rate limits, brute force, policy store: see src/config/schema-policy.ts. */
     ...policySections,
   });

@@ -176,6 +176,17 @@ export function formatStatus(s: StatusInfo): string {
     ]);
   }
   out.push('', table(rows).trimEnd(), '');
+  const pools = s.listeners.filter((l) => l.pool && l.pool.length > 0);
+  if (pools.length > 0) {
+    const prow = [['POOL', 'MEMBER', 'STATE', 'SESSIONS', 'CHECKED', 'LAST CHECK']];
+    for (const l of pools) {
+      for (const m of l.pool ?? []) {
+        const checked = m.checkedAt === null ? 'not yet' : `${humanDuration(Math.max(0, s.now - m.checkedAt))} ago`;
+        prow.push([l.name, m.backend, m.up ? 'up' : 'DOWN', String(m.sessions), checked, m.up ? (m.latencyMs === null ? '-' : `${m.latencyMs}ms`) : (m.error ?? 'error')]);
+      }
+    }
+    out.push(table(prow).trimEnd(), '');
+  }
   out.push(formatCerts(s.certs).trimEnd());
   out.push('', `sessions ${s.sessions}  bans ${s.bans.supported ? s.bans.count : 'n/a'}  control clients ${s.control.clients}`);
   if (s.lastReload) out.push(`last reload ${new Date(s.lastReload.at).toISOString()}: ${s.lastReload.ok ? 'ok' : `refused: ${s.lastReload.error ?? ''}`}`);

@@ -13,6 +13,7 @@
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import { isIP } from 'node:net';
 import { Counter, Gauge, Registry } from 'prom-client';
+import { poolStatus } from './pools.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { HostPort } from '../net/address.ts';
@@ -105,6 +106,13 @@ export class GatewayMetrics {
         }
       },
     );
+    const pools = () => poolStatus(target.currentConfig, target.health, target.registry.list());
+    this.gauge('mailgate_pool_member_up', 'Backend pool members by the last active check (1 up, 0 down).', ['listener', 'backend'], (set) => {
+      for (const [listener, members] of pools()) for (const m of members) set({ listener, backend: m.backend }, m.up ? 1 : 0);
+    });
+    this.gauge('mailgate_pool_member_sessions', "Live sessions on each backend pool member, per listener.", ['listener', 'backend'], (set) => {
+      for (const [listener, members] of pools()) for (const m of members) set({ listener, backend: m.backend }, m.sessions);
+    });
     this.gauge('mailgate_certificate_expiry_timestamp_seconds', 'notAfter of each served certificate (Unix time).', ['name', 'names', 'source'], (set) => {
       for (const c of target.certificates.list()) set({ name: c.names[0] ?? '', names: c.names.join(','), source: c.source }, Math.floor(c.notAfter.getTime() / 1000));
     });

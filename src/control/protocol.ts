@@ -45,6 +45,20 @@ export interface BackendHealth {
   detail?: string | null;
 }
 
+/** One member of a listener's backend pool (its own, or a list route's that applies to it). */
+export interface PoolMemberStatus {
+  backend: string;
+  /** From the last active check (up until the first one). */
+  up: boolean;
+  checkedAt: number | null;
+  /** Since when `up` has held. */
+  since: number | null;
+  latencyMs: number | null;
+  error: string | null;
+  /** Live sessions of this listener on this member. */
+  sessions: number;
+}
+
 export interface ListenerStatus {
   name: string;
   protocol: 'imap' | 'pop3' | 'smtp' | 'http';
@@ -56,6 +70,8 @@ export interface ListenerStatus {
   up: boolean;
   backend: string;
   backendHealth: BackendHealth | null;
+  /** The backend pool's members and their health, when the listener (or a route for it) names a pool. */
+  pool?: PoolMemberStatus[];
 }
 
 /** Absolute counters since the daemon started, per listener. */

@@ -48,6 +48,7 @@ import {
 import type { TlsReportLog } from '../discovery/tlsrpt.ts';
 import { bindSocketFile, removeSocketFile } from './socket-file.ts';
 import type { GatewayStats } from './stats.ts';
+import { poolStatus } from './pools.ts';
 import type { BanTarget, ControlTarget } from './target.ts';
 import { VERSION } from './version.ts';
 
@@ -474,9 +475,12 @@ export class ControlServer {
     const config = this.target.currentConfig;
     const bound = this.target.addresses();
     const names = config.listeners.map((l) => l.name);
+    const pools = poolStatus(config, this.target.health, this.target.registry.list());
     const listeners: ListenerStatus[] = config.listeners.map((l) => {
       const addresses = [...(bound[l.name] ?? [])];
+      const pool = pools.get(l.name);
       return {
+        ...(pool ? { pool } : {}),
         name: l.name,
         protocol: l.protocol,
         tls: l.tls,

@@ -2,6 +2,7 @@
  * What the control socket and the metrics endpoint need from the running
  * gateway. The runtime (src/main.ts) implements it; unit tests use a small fake.
  */
+import type { HealthView } from '../backend/pools.ts';
 import type { Config } from '../config/load.ts';
 import type { TlsReportLog } from '../discovery/tlsrpt.ts';
 import type { SessionRegistry } from '../session/registry.ts';
@@ -57,4 +58,6 @@ export interface ControlTarget {
   readonly tlsReports?: TlsReportLog;
   /** The ACME part's renewal state of a certificate, when it manages it. */
   certRenewal?(info: CertInfo): CertRenewal | null;
+  /** The active checks of backend pool members (src/backend/health.ts). */
+  readonly health?: HealthView;
 }

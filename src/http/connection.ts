@@ -14,7 +14,8 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { Listener } from '../config/load.ts';
 import type { Logger } from '../core/log.ts';
-import { normalizeIp } from '../net/address.ts';
+import { socketPeer, type Peer } from '../net/proxy-inbound.ts';
+import { trustsForwarded } from './forwarded-trust.ts';
 import type { ConnectFacts, Policy, Verdict } from '../policy/engine.ts';
 import type { CloseReason } from '../protocols/types.ts';
 import { newSessionRecord, type SessionRecord } from '../session/record.ts';
@@ -53,7 +54,11 @@ export class HttpConnection implements SessionControl {
   client: Socket;
   readonly settings: HttpListener;
   readonly tls: boolean;
+  /** The gateway address and port the client connected to (a balancer's, when its PROXY header named them). */
+  readonly localIp: string;
   readonly localPort: number;
+  /** The client is one of `trust_forwarded`'s proxies: its X-Forwarded-* chain is kept and extended. */
+  readonly trustForwarded: boolean;
   readonly connectFacts: ConnectFacts;
   verdict: Verdict = { action: 'allow' };
   requests = 0;
@@ -65,20 +70,23 @@ export class HttpConnection implements SessionControl {
   private pendingReason: CloseReason | null = null;
   private graceTimer: NodeJS.Timeout | undefined;
 
-  constructor(tcp: Socket, settings: HttpListener, id: string, deps: HttpConnectionDeps) {
+  /** `peer`: the socket's addresses, or the client a trusted balancer's PROXY header named (src/listeners/proxied.ts). */
+  constructor(tcp: Socket, settings: HttpListener, id: string, deps: HttpConnectionDeps, peer: Peer = socketPeer(tcp)) {
     const now = Date.now();
-    const clientIp = normalizeIp(tcp.remoteAddress);
+    const clientIp = peer.clientIp;
     this.tcp = tcp;
     this.client = tcp;
     this.deps = deps;
     this.settings = settings;
     this.tls = settings.tls === 'implicit';
-    this.localPort = tcp.localPort ?? 0;
+    this.localIp = peer.localIp;
+    this.localPort = peer.localPort;
+    this.trustForwarded = trustsForwarded(settings, clientIp);
     this.record = newSessionRecord(
-      { id, listener: settings.name, protocol: 'http', clientIp, clientPort: tcp.remotePort ?? 0, state: this.tls ? 'handshake' : 'relaying' },
+      { id, listener: settings.name, protocol: 'http', clientIp, clientPort: peer.clientPort, state: this.tls ? 'handshake' : 'relaying' },
       now,
     );
-    this.log = deps.log.child({ conn: id, client: clientIp });
+    this.log = deps.log.child({ conn: id, client: clientIp, ...(peer.via === undefined ? {} : { via: peer.via }) });
     this.connectFacts = { listener: settings, clientIp, tls: this.tls, now };
     tcp.on('close', () => this.finalize());
   }

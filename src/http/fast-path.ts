@@ -295,7 +295,7 @@ export class FastPath implements ConnectionHandler {
       clientIp: c.record.clientIp,
       proto: c.tls ? 'https' : 'http',
       localPort: c.localPort,
-      trust: s.trust_forwarded,
+      trust: c.trustForwarded,
       fallbackHost: this.deps.hostname,
     });
     const reused = this.backend !== undefined && this.backendUsed;
@@ -409,7 +409,7 @@ export class FastPath implements ConnectionHandler {
         : proxyHeader(s.proxy_protocol, {
             clientIp: this.conn.record.clientIp,
             clientPort: this.conn.record.clientPort,
-            localIp: normalizeIp(this.conn.tcp.localAddress),
+            localIp: this.conn.localIp,
             localPort: this.conn.localPort,
           });
     const b = connectBackend(s.backend, s.timeouts.backend_connect, prelude);

@@ -127,7 +127,7 @@ export class LibraryPath {
     const authority = (headers as Record<string, string | string[] | undefined>)[':authority'];
     if (h.host === undefined) h.host = typeof authority === 'string' ? authority : this.deps.hostname;
     stripHopByHop(h, upgrade);
-    applyForwardedHeaders(h, { clientIp: conn.record.clientIp, proto: conn.tls ? 'https' : 'http', localPort: conn.localPort, trust: conn.settings.trust_forwarded });
+    applyForwardedHeaders(h, { clientIp: conn.record.clientIp, proto: conn.tls ? 'https' : 'http', localPort: conn.localPort, trust: conn.trustForwarded });
   }
 
   /**
@@ -146,7 +146,7 @@ export class LibraryPath {
           prelude: proxyHeader(s.proxy_protocol, {
             clientIp: conn.record.clientIp,
             clientPort: conn.record.clientPort,
-            localIp: normalizeIp(conn.tcp.localAddress),
+            localIp: conn.localIp,
             localPort: conn.localPort,
           }),
         });

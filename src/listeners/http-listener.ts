@@ -28,6 +28,7 @@ import { closeServer, listenOn } from '../net/bind.ts';
 import { formatHostPort, normalizeIp } from '../net/address.ts';
 import { ACME_TLS_ALPN } from '../tls/acme-alpn.ts';
 import { ALPN_IDS, alpnSelector } from '../tls/options.ts';
+import { acceptPeer, type Peer } from './proxied.ts';
 import type { ListenerDeps, ListenerHandle } from './types.ts';
 
 export type { HttpListener } from '../http/connection.ts';
@@ -84,16 +85,30 @@ export async function startHttpListener(listener: HttpListener, deps: HttpListen
       return;
     }
     tcp.setNoDelay(true);
-    const conn = new HttpConnection(tcp, settings, deps.registry.nextId(), {
-      registry: deps.registry,
-      policy: deps.policy(),
-      log,
-      listenerClosing: () => closing,
-      onClosed: (c) => {
-        conns.delete(c);
-        if (closing && conns.size === 0) library.close();
+    acceptPeer(tcp, settings, deps, (peer) => serve(tcp, settings, peer));
+  };
+
+  const serve = (tcp: Socket, settings: HttpListener, peer: Peer) => {
+    if (closing) {
+      tcp.destroy();
+      return;
+    }
+    const conn = new HttpConnection(
+      tcp,
+      settings,
+      deps.registry.nextId(),
+      {
+        registry: deps.registry,
+        policy: deps.policy(),
+        log,
+        listenerClosing: () => closing,
+        onClosed: (c) => {
+          conns.delete(c);
+          if (closing && conns.size === 0) library.close();
+        },
       },
-    });
+      peer,
+    );
     tcp.on('error', (err) => conn.log.debug({ err: errorMessage(err), code: errorCode(err) }, 'client socket error'));
     conns.add(conn);
     conn.start();

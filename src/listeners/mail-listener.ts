@@ -9,6 +9,7 @@ import { closeServer, listenOn } from '../net/bind.ts';
 import { normalizeIp } from '../net/address.ts';
 import type { ProtocolModule } from '../protocols/types.ts';
 import { MailSession } from '../session/mail-session.ts';
+import { acceptPeer } from './proxied.ts';
 import type { ListenerDeps, ListenerHandle } from './types.ts';
 
 export async function startMailListener(
@@ -27,16 +28,25 @@ export async function startMailListener(
       socket.destroy();
       return;
     }
-    const session = new MailSession(socket, current, {
-      hostname: deps.hostname,
-      certs: deps.certs,
-      registry: deps.registry,
-      policy: deps.policy(),
-      log: deps.log,
-      capabilities: deps.capabilities,
-      module,
+    const settings = current;
+    acceptPeer(socket, settings, deps, (peer) => {
+      const session = new MailSession(
+        socket,
+        settings,
+        {
+          hostname: deps.hostname,
+          certs: deps.certs,
+          registry: deps.registry,
+          policy: deps.policy(),
+          log: deps.log,
+          capabilities: deps.capabilities,
+          module,
+          ...(deps.pools ? { pools: deps.pools } : {}),
+        },
+        peer,
+      );
+      session.start();
     });
-    session.start();
   };
 
   try {

@@ -1,3 +1,4 @@
+import type { BackendPools } from '../backend/pools.ts';
 import type { Logger } from '../core/log.ts';
 import type { Listener } from '../config/load.ts';
 import type { Policy } from '../policy/engine.ts';
@@ -15,6 +16,8 @@ export interface ListenerDeps {
   minVersion: 'TLSv1.2' | 'TLSv1.3';
   /** A worker process: bind with SO_REUSEPORT beside the other workers (src/cluster). */
   sharedPorts?: boolean;
+  /** Backend pools: which member a new mail session goes to (src/backend/pools.ts). */
+  pools?: BackendPools;
 }
 
 /** What a reload did to the listeners: started, stopped, updated in place; `error` when it failed. */

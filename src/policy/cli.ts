@@ -10,20 +10,23 @@ import { hashPassword } from './passwords.ts';
 import { readPolicyFiles } from './files.ts';
 import { UserDirectory } from './users.ts';
 
-const USAGE = `usage: mailgate hash-password [--bcrypt]
+const USAGE = `usage: mailgate hash-password [--bcrypt | --argon2id]
 
 Reads a password (asked twice without echo on a terminal, or the first line
 of standard input) and prints a hash for users.list[].password_hash.
-  --bcrypt   a bcrypt hash (cost 12) instead of scrypt (N=2^15, r=8, p=3)
+Without an option: scrypt (N=2^15, r=8, p=3).
+  --bcrypt     a bcrypt hash (cost 12)
+  --argon2id   an argon2id hash (m=19 MiB, t=2, p=1)
 `;
 
 /** Longest password accepted, in characters (the same bound as a SASL exchange). */
 const MAX_PASSWORD = 1024;
 
 export async function hashPasswordVerb(args: string[]): Promise<number> {
-  let values: { bcrypt?: boolean | undefined; help?: boolean | undefined };
+  let values: { bcrypt?: boolean | undefined; argon2id?: boolean | undefined; help?: boolean | undefined };
   try {
-    ({ values } = parseArgs({ args, options: { bcrypt: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, allowPositionals: false }));
+    ({ values } = parseArgs({ args, options: { bcrypt: { type: 'boolean' }, argon2id: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, allowPositionals: false }));
+    if (values.bcrypt && values.argon2id) throw new Error('choose one of --bcrypt and --argon2id');
   } catch (err) {
     process.stderr.write(`mailgate: ${errorMessage(err)}\n${USAGE}`);
     return 2;
@@ -54,7 +57,7 @@ export async function hashPasswordVerb(args: string[]): Promise<number> {
     process.stderr.write(`mailgate: a password is at most ${MAX_PASSWORD} characters\n`);
     return 2;
   }
-  process.stdout.write(`${await hashPassword(password, values.bcrypt ? 'bcrypt' : 'scrypt')}\n`);
+  process.stdout.write(`${await hashPassword(password, values.bcrypt ? 'bcrypt' : values.argon2id ? 'argon2id' : 'scrypt')}\n`);
   return 0;
 }
 

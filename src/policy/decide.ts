@@ -32,7 +32,8 @@ export type RefusalCode =
   | 'recipient-rate'
   | 'request-rate'
   | 'auth-busy'
-  | 'login-attempts';
+  | 'login-attempts'
+  | 'auth-unavailable';
 
 /** What the client is told for each code (an access rule may say its own `reason`). */
 export const REFUSAL_TEXT: Record<RefusalCode, string> = {
@@ -48,6 +49,7 @@ export const REFUSAL_TEXT: Record<RefusalCode, string> = {
   'request-rate': 'Too many requests',
   'auth-busy': 'Authentication temporarily unavailable',
   'login-attempts': 'Too many login attempts at once, try again later',
+  'auth-unavailable': 'Authentication temporarily unavailable',
 };
 
 export type Refusal =

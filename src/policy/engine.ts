@@ -26,6 +26,7 @@ import type { Credentials } from '../protocols/types.ts';
 import type { Ban } from './bans.ts';
 import type { Count } from './counters.ts';
 import { ALLOW, blockKey, deny, limitKey, MAX_USER, PolicyRules, tempfail, type CompiledLimit, type Refusal, type Snapshot, type Verdict } from './decide.ts';
+import { AuthHttpClient } from './auth-http.ts';
 import type { PolicyFiles } from './files.ts';
 import { BackendSecrets, Router } from './routes.ts';
 import type { Attempt, AttemptLoads, PolicyState, WindowLimit } from './state.ts';
@@ -43,6 +44,8 @@ export interface ConnectFacts {
 export interface AuthFacts extends ConnectFacts {
   user: string | null;
   mechanism: Credentials['mechanism'] | null;
+  /** Which login on this connection this is (1, 2, …), when the caller counts them (auth_http's Auth-Login-Attempt). */
+  attempt?: number;
 }
 
 /** One HTTP request on a connection that passed onConnect. */
@@ -53,8 +56,12 @@ export interface HttpRequestFacts extends ConnectFacts {
 
 export type { RefusalCode, Verdict } from './decide.ts';
 
-/** A login's verdict: allowed with the backend to use and the credentials to replay there, or refused. */
-export type AuthDecision = { action: 'allow'; backend: HostPort; credentials: Credentials | null } | Refusal;
+/**
+ * A login's verdict: allowed with the backend to use (and, for a pool, every
+ * member: the driver picks one, src/backend/pools.ts) and the credentials to
+ * replay there, or refused.
+ */
+export type AuthDecision = { action: 'allow'; backend: HostPort; pool?: readonly HostPort[] | undefined; credentials: Credentials | null } | Refusal;
 
 export interface Policy {
   onConnect(facts: ConnectFacts): Verdict;
@@ -92,7 +99,8 @@ export class PassthroughPolicy implements Policy {
   }
 
   async onAuth(facts: AuthFacts, credentials: Credentials | null): Promise<AuthDecision> {
-    return { action: 'allow', backend: facts.listener.backend, credentials };
+    const pool = facts.listener.pool;
+    return { action: 'allow', backend: facts.listener.backend, ...(pool ? { pool } : {}), credentials };
   }
 
   onAuthResult(): void {}
@@ -109,6 +117,8 @@ export class PolicyEngine implements Policy {
   private readonly users: UserDirectory;
   private readonly router: Router;
   private readonly secrets: BackendSecrets;
+  /** The auth_http service's client (authentication: http listeners), when configured. */
+  private readonly authHttp: AuthHttpClient | undefined;
 
   /** `files`: what the config's users and password files hold (src/policy/files.ts). Throws for a bad user entry. */
   constructor(config: Config, files: PolicyFiles, state: PolicyState, log: Logger) {
@@ -118,6 +128,7 @@ export class PolicyEngine implements Policy {
     this.users = UserDirectory.fromConfig(config.users, files);
     this.router = new Router(config.routes);
     this.secrets = new BackendSecrets(files, config.baseDir);
+    this.authHttp = config.auth_http && config.listeners.some(isHttpAuth) ? new AuthHttpClient(config.auth_http, log) : undefined;
     state.prepare(this.rules.limits.filter((c) => c.spec.window !== undefined).map(windowOf), this.rules.bruteForce);
     for (const l of config.listeners) {
       if (isLocal(l) && this.users.size === 0) {
@@ -205,6 +216,20 @@ export class PolicyEngine implements Policy {
       verified = checked;
       await this.state.loginSucceeded(address, keys, bf);
     }
+    // …or where the auth_http service checks it (src/policy/auth-http.ts): it also names the backend.
+    let fromService: { backend: HostPort; credentials: Credentials } | undefined;
+    if (isHttpAuth(l) && credentials && l.protocol !== 'http') {
+      const answer = this.authHttp
+        ? await this.authHttp.check({ protocol: l.protocol, credentials, clientIp: address, attempt: facts.attempt ?? 1, tls: facts.tls })
+        : ({ kind: 'unavailable', why: 'no auth_http section' } as const);
+      if (answer.kind === 'unavailable') return tempfail('auth-unavailable', 5_000);
+      if (answer.kind === 'refused') {
+        if (answer.temporary) return tempfail('auth-unavailable', 5_000);
+        await this.state.loginFailed(address, userKey, bf);
+        return deny('bad-login');
+      }
+      fromService = answer;
+    }
 
     // 3. The login as it acts (a PLAIN authorization id, when the backend allows one): rules and limits.
     const identity = verified?.name ?? (credentials ? credentials.authzid || credentials.user : null);
@@ -215,10 +240,16 @@ export class PolicyEngine implements Policy {
 
     // 4. Where it goes, and what the backend is told.
     let backend = l.backend;
+    let pool = l.pool;
     let replay: Credentials | null = credentials;
-    if (identity !== null) {
-      const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, user: identity, groups });
+    if (fromService) {
+      backend = fromService.backend;
+      pool = undefined;
+      replay = fromService.credentials;
+    } else if (identity !== null) {
+      const target = this.router.route({ listener: l.name, protocol: l.protocol, defaultBackend: l.backend, defaultPool: l.pool, user: identity, groups });
       backend = target.backend;
+      pool = target.pool;
       if (verified && credentials) replay = this.secrets.credentials(target.login ?? listenerLogin(l), credentials, verified.name);
     } else if (isLocal(l)) {
       // SMTP without AUTH on a local listener: nothing to replay.
@@ -228,7 +259,7 @@ export class PolicyEngine implements Policy {
     if (facts.session !== undefined && identity !== null && attempt) {
       this.state.loginPending(facts.session, { attempt, account: this.rules.names.account(identity), listener: l.name });
     }
-    return { action: 'allow', backend, credentials: replay };
+    return { action: 'allow', backend, ...(pool ? { pool } : {}), credentials: replay };
   }
 
   /** Whether an allowed login's attempt stays in flight until the backend's verdict (passthrough, with a session to match it). */
@@ -351,6 +382,10 @@ const NO_COUNTS: ReadonlyMap<string, Count> = new Map();
 
 function isLocal(l: Listener): boolean {
   return 'authentication' in l && l.authentication === 'local';
+}
+
+function isHttpAuth(l: Listener): boolean {
+  return 'authentication' in l && l.authentication === 'http';
 }
 
 function listenerLogin(l: Listener): BackendLogin {

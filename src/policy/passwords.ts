@@ -3,16 +3,18 @@
  * verification; the formats are src/core/password-hash.ts.
  *
  * Verification never runs on the event loop: scrypt runs in libuv's thread
- * pool (node:crypto), bcrypt (the pure-JS `bcryptjs`) in a small pool of
- * worker threads. Both are bounded: past MAX_PENDING waiting verifications the
+ * pool (node:crypto), argon2id too (`@node-rs/argon2`, a native addon whose
+ * work is an async task on that pool), bcrypt (the pure-JS `bcryptjs`) in a
+ * small pool of worker threads. Both are bounded: past MAX_PENDING waiting verifications the
  * caller gets AUTH_BUSY instead of a longer queue.
  */
 import { randomBytes, scrypt, timingSafeEqual, type ScryptOptions } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import { hash as argon2Hash, verify as argon2Verify, type Algorithm } from '@node-rs/argon2';
 import bcrypt from 'bcryptjs';
 import { MailgateError } from '../core/errors.ts';
-import { BCRYPT_DEFAULT_COST, formatScrypt, SCRYPT_DEFAULTS, SCRYPT_MAX_MEMORY, type PasswordHash } from '../core/password-hash.ts';
+import { ARGON2ID_DEFAULTS, BCRYPT_DEFAULT_COST, formatScrypt, SCRYPT_DEFAULTS, SCRYPT_MAX_MEMORY, type PasswordHash } from '../core/password-hash.ts';
 
 const MAX_PENDING = 256;
 const VERIFY_DEADLINE_MS = 30_000;
@@ -40,9 +42,18 @@ function isUtf8(b: Buffer): boolean {
   }
 }
 
-export async function hashPassword(password: string, scheme: 'scrypt' | 'bcrypt' = 'scrypt'): Promise<string> {
+/** The library's Algorithm.Argon2id (a const enum, which type stripping cannot read). */
+export const ARGON2ID_ALGORITHM = 2 as Algorithm;
+
+export type HashScheme = 'scrypt' | 'bcrypt' | 'argon2id';
+
+export async function hashPassword(password: string, scheme: HashScheme = 'scrypt'): Promise<string> {
   const bytes = passwordBytes(password);
   if (scheme === 'bcrypt') return bcrypt.hash(bytes.toString('utf8'), BCRYPT_DEFAULT_COST);
+  if (scheme === 'argon2id') {
+    const { m, t, p } = ARGON2ID_DEFAULTS;
+    return argon2Hash(bytes, { algorithm: ARGON2ID_ALGORITHM, memoryCost: m, timeCost: t, parallelism: p, outputLen: 32 });
+  }
   const { ln, r, p } = SCRYPT_DEFAULTS;
   const salt = randomBytes(16);
   const hash = await scryptAsync(bytes, salt, 32, { N: 2 ** ln, r, p });
@@ -59,7 +70,12 @@ export function dummyHashLike(like: PasswordHash | undefined): PasswordHash {
     const chars = [...randomBytes(53)].map((b) => alphabet[b % 64]).join('');
     return { kind: 'bcrypt', cost: like.cost, text: `$2b$${String(like.cost).padStart(2, '0')}$${chars}` };
   }
-  const { ln, r, p } = like ?? SCRYPT_DEFAULTS;
+  if (like?.kind === 'argon2id') {
+    const b64 = (n: number) => randomBytes(n).toString('base64').replace(/=+$/, '');
+    const text = `$argon2id$v=19$m=${like.m},t=${like.t},p=${like.p}$${b64(like.saltLength)}$${b64(like.hashLength)}`;
+    return { ...like, text };
+  }
+  const { ln, r, p } = like?.kind === 'scrypt' ? like : SCRYPT_DEFAULTS;
   return { kind: 'scrypt', ln, r, p, salt: randomBytes(16), hash: randomBytes(like?.kind === 'scrypt' ? like.hash.length : 32) };
 }
 
@@ -77,9 +93,19 @@ export async function verifyPassword(password: string, hash: PasswordHash): Prom
       const got = await scryptAsync(bytes, hash.salt, hash.hash.length, { N: 2 ** hash.ln, r: hash.r, p: hash.p });
       return timingSafeEqual(got, hash.hash);
     }
+    if (hash.kind === 'argon2id') return await verifyArgon2id(hash.text, bytes);
     return await bcryptPool().verify(bytes.toString('utf8'), hash.text);
   } finally {
     pending--;
+  }
+}
+
+/** The library compares in constant time; a hash it cannot read is the config's fault, with its code. */
+async function verifyArgon2id(text: string, password: Buffer): Promise<boolean> {
+  try {
+    return await argon2Verify(text, password);
+  } catch (err) {
+    throw new MailgateError('HASH_INVALID', `argon2id hash could not be verified: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
 }
 

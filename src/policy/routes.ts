@@ -16,12 +16,16 @@ export interface RouteFacts {
   protocol: string;
   /** The listener's own backend: its port is kept when a route names only a host. */
   defaultBackend: HostPort;
+  /** The listener's pool, when it names one. */
+  defaultPool?: readonly HostPort[] | undefined;
   user: string;
   groups: ReadonlySet<string>;
 }
 
 export interface RouteTarget {
   backend: HostPort;
+  /** When the route names a pool (a list of backends): all of them; `backend` is the first. */
+  pool: readonly HostPort[] | undefined;
   /** undefined: the listener's backend_login applies. */
   login: BackendLogin | undefined;
   /** Index into `routes`, or null when the listener's default was used. */
@@ -31,6 +35,7 @@ export interface RouteTarget {
 interface CompiledRoute {
   matches(f: RouteFacts): boolean;
   target(f: RouteFacts): HostPort;
+  pool: readonly HostPort[] | undefined;
   login: BackendLogin | undefined;
 }
 
@@ -48,9 +53,9 @@ export class Router {
   route(f: RouteFacts): RouteTarget {
     for (let i = 0; i < this.routes.length; i++) {
       const r = this.routes[i] as CompiledRoute;
-      if (r.matches(f)) return { backend: r.target(f), login: r.login, route: i };
+      if (r.matches(f)) return { backend: r.target(f), pool: r.pool, login: r.login, route: i };
     }
-    return { backend: f.defaultBackend, login: undefined, route: null };
+    return { backend: f.defaultBackend, pool: f.defaultPool, login: undefined, route: null };
   }
 }
 
@@ -60,7 +65,10 @@ function compile(route: Route): CompiledRoute {
   const users = route.users && nameMatcher(route.users);
   const groups = route.groups;
   const domains = route.domains && new Set(route.domains.map((d) => d.toLowerCase()));
+  const list = route.backend === undefined ? undefined : Array.isArray(route.backend) ? route.backend : [route.backend];
+  const first = list?.[0];
   return {
+    pool: list && list.length > 1 ? list : undefined,
     matches(f) {
       if (listeners && !listeners.has(f.listener)) return false;
       if (protocols && !protocols.has(f.protocol)) return false;
@@ -71,7 +79,7 @@ function compile(route: Route): CompiledRoute {
       return false;
     },
     target(f) {
-      return route.backend ?? { host: route.host ?? f.defaultBackend.host, port: f.defaultBackend.port };
+      return first ?? { host: route.host ?? f.defaultBackend.host, port: f.defaultBackend.port };
     },
     login: route.backend_login,
   };

@@ -89,7 +89,8 @@ const EMPTY: ReadonlySet<string> = new Set();
 export function mostCommonHash(hashes: readonly PasswordHash[]): PasswordHash | undefined {
   const counts = new Map<string, { n: number; h: PasswordHash }>();
   for (const h of hashes) {
-    const key = h.kind === 'bcrypt' ? `bcrypt:${h.cost}` : `scrypt:${h.ln}:${h.r}:${h.p}:${h.hash.length}`;
+    const key =
+      h.kind === 'bcrypt' ? `bcrypt:${h.cost}` : h.kind === 'argon2id' ? `argon2id:${h.m}:${h.t}:${h.p}:${h.hashLength}` : `scrypt:${h.ln}:${h.r}:${h.p}:${h.hash.length}`;
     const c = counts.get(key);
     if (c) c.n++;
     else counts.set(key, { n: 1, h });

@@ -14,8 +14,10 @@ import { errorCode, errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { connectBackend } from '../backend/connector.ts';
 import type { CapabilityCache } from '../backend/capabilities.ts';
+import type { BackendPools } from '../backend/pools.ts';
 import { SocketLink } from '../backend/link.ts';
-import { formatHostPort, normalizeIp } from '../net/address.ts';
+import { socketPeer, type Peer } from '../net/proxy-inbound.ts';
+import { formatHostPort } from '../net/address.ts';
 import { isRuleReason } from '../policy/decide.ts';
 import type { AuthDecision, AuthFacts, ConnectFacts, Policy } from '../policy/engine.ts';
 import {
@@ -46,6 +48,8 @@ export interface MailSessionDeps {
   log: Logger;
   capabilities: CapabilityCache;
   module: ProtocolModule;
+  /** Pool choice and session counts (src/backend/pools.ts); without it a pool's first member is used. */
+  pools?: BackendPools;
 }
 
 /** After close() ends both sockets politely, how long they get to flush before being destroyed. */
@@ -118,19 +122,27 @@ export class MailSession implements SessionControl {
   private readonly onClientData = (chunk: Buffer) => this.clientData(chunk);
   private readonly onTimeout = () => this.idle();
   private idleMs = 0;
+  /** Logins tried on this connection (auth_http's Auth-Login-Attempt). */
+  private attempts = 0;
+  /** Gives back the pool's count of this session's backend (set once spliced to a pool member). */
+  private releaseBackend: (() => void) | undefined;
 
-  constructor(raw: Socket, listener: Listener, deps: MailSessionDeps) {
+  /**
+   * `peer`: who the connection speaks for, the socket's own addresses or the
+   * client a trusted balancer's PROXY header named (src/listeners/proxied.ts).
+   */
+  constructor(raw: Socket, listener: Listener, deps: MailSessionDeps, peer: Peer = socketPeer(raw)) {
     this.raw = raw;
     this.client = raw;
     this.listener = listener;
     this.deps = deps;
     const now = Date.now();
-    const clientIp = normalizeIp(raw.remoteAddress);
+    const clientIp = peer.clientIp;
     this.record = newSessionRecord(
-      { id: deps.registry.nextId(), listener: listener.name, protocol: deps.module.protocol, clientIp, clientPort: raw.remotePort ?? 0, state: 'handshake' },
+      { id: deps.registry.nextId(), listener: listener.name, protocol: deps.module.protocol, clientIp, clientPort: peer.clientPort, state: 'handshake' },
       now,
     );
-    this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp });
+    this.log = deps.log.child({ conn: this.record.id, listener: listener.name, client: clientIp, ...(peer.via === undefined ? {} : { via: peer.via }) });
     const record = this.record;
     this.facts = {
       id: record.id,
@@ -138,8 +150,8 @@ export class MailSession implements SessionControl {
       hostname: deps.hostname,
       clientIp,
       clientPort: record.clientPort,
-      localIp: normalizeIp(raw.localAddress),
-      localPort: raw.localPort ?? 0,
+      localIp: peer.localIp,
+      localPort: peer.localPort,
       tls: () => record.tlsVersion !== null,
     };
     this.connectFacts = { listener, clientIp, tls: false, now, session: this.record.id };
@@ -323,9 +335,11 @@ export class MailSession implements SessionControl {
     this.client.on('data', this.onClientData);
     this.setIdle(this.listener.timeouts.preauth_idle);
     const l = this.listener;
+    // A pool's capabilities are those of the member new sessions would go to now.
+    const probed = l.pool && this.deps.pools ? (this.deps.pools.peek(this.poolMember(), l.pool) ?? l.backend) : l.backend;
     const target = {
       module: this.deps.module,
-      backend: l.backend,
+      backend: probed,
       proxyProtocol: l.proxy_protocol,
       connectTimeoutMs: l.timeouts.backend_connect,
       replayTimeoutMs: l.timeouts.login_replay,
@@ -381,6 +395,7 @@ export class MailSession implements SessionControl {
       now: Date.now(),
       user: credentials?.user ?? null,
       mechanism: credentials?.mechanism ?? null,
+      attempt: ++this.attempts,
     };
     const decision = await this.deps.policy.onAuth(facts, credentials);
     if (decision.action !== 'allow') {
@@ -403,6 +418,7 @@ export class MailSession implements SessionControl {
     this.deps.policy.onAuthResult(facts, result.ok);
     if (!result.ok) {
       this.deps.registry.authFailed(this.record, facts.user); // control socket + metrics: failed login
+      this.releasePool();
       link.destroy();
       this.record.backend = null;
       this.log.info({ user: facts.user, backend, clientGone: here ? undefined : true }, 'login failed');
@@ -410,6 +426,7 @@ export class MailSession implements SessionControl {
       return;
     }
     if (this.phase.kind !== 'login') {
+      this.releasePool();
       link.destroy();
       this.log.info({ user: facts.user, backend }, 'login ok, but the client had gone');
       return;
@@ -425,18 +442,33 @@ export class MailSession implements SessionControl {
   /** Connects to the backend policy named and replays the login there, within backend_connect and login_replay. */
   private async replay(decision: Extract<AuthDecision, { action: 'allow' }>, facts: AuthFacts): Promise<Replayed> {
     const l = this.listener;
-    const backend = formatHostPort(decision.backend);
-    let socket: Socket;
+    // A pool: its members in the order to try (healthy, fewest sessions first); a failed connect fails over to the next.
+    const pools = decision.pool && decision.pool.length > 1 ? this.deps.pools : undefined;
+    const candidates = pools && decision.pool ? pools.order(this.poolMember(), decision.pool) : [decision.backend];
+    let socket: Socket | undefined;
+    let chosen = decision.backend;
+    let failure: CloseReason = 'backend-unavailable';
     const connectStartedAt = performance.now(); // metrics: backend connect latency (control/stats.ts)
-    try {
-      socket = await connectBackend(decision.backend, {
-        timeoutMs: l.timeouts.backend_connect,
-        proxyProtocol: l.proxy_protocol,
-        endpoints: { clientIp: this.record.clientIp, clientPort: this.record.clientPort, localIp: this.facts.localIp, localPort: this.facts.localPort },
-      });
-    } catch (err) {
-      this.log.warn({ backend, err: errorMessage(err) }, 'backend unavailable');
-      return { kind: 'unavailable', reason: errorCode(err) === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-unavailable' };
+    for (const candidate of candidates) {
+      try {
+        socket = await connectBackend(candidate, {
+          timeoutMs: l.timeouts.backend_connect,
+          proxyProtocol: l.proxy_protocol,
+          endpoints: { clientIp: this.record.clientIp, clientPort: this.record.clientPort, localIp: this.facts.localIp, localPort: this.facts.localPort },
+        });
+        chosen = candidate;
+        break;
+      } catch (err) {
+        this.log.warn({ backend: formatHostPort(candidate), err: errorMessage(err), ...(pools ? { pool: true } : {}) }, 'backend unavailable');
+        failure = errorCode(err) === 'BACKEND_TIMEOUT' ? 'backend-timeout' : 'backend-unavailable';
+        pools?.failed(this.poolMember(), candidate);
+      }
+    }
+    if (!socket) return { kind: 'unavailable', reason: failure === 'backend-timeout' ? 'backend-timeout' : 'backend-unavailable' };
+    const backend = formatHostPort(chosen);
+    if (pools) {
+      this.releaseBackend?.();
+      this.releaseBackend = pools.acquire(this.poolMember(), chosen);
     }
     this.deps.registry.backendConnected(this.record, backend, performance.now() - connectStartedAt);
     this.record.backend = backend;
@@ -444,6 +476,7 @@ export class MailSession implements SessionControl {
     try {
       return { kind: 'answered', result: await this.loop.adapter.login(link, decision.credentials, this.caps), link, backend };
     } catch (err) {
+      this.releasePool();
       link.destroy();
       this.record.backend = null;
       const code = errorCode(err);
@@ -451,6 +484,17 @@ export class MailSession implements SessionControl {
       // A backend without AUTH behind a passthrough listener is a configuration error, told apart from an outage (issue 17).
       return { kind: 'unavailable', reason: code === 'BACKEND_TIMEOUT' ? 'backend-timeout' : code === 'BACKEND_NO_AUTH' ? 'backend-no-auth' : 'backend-error' };
     }
+  }
+
+  /** Which pool key space this session's backends are in: its protocol and PROXY version. */
+  private poolMember(): { protocol: string; proxyProtocol: false | 'v1' | 'v2' } {
+    return { protocol: this.deps.module.protocol, proxyProtocol: this.listener.proxy_protocol };
+  }
+
+  private releasePool(): void {
+    const release = this.releaseBackend;
+    this.releaseBackend = undefined;
+    release?.();
   }
 
   private loginFailed(reply: string): void {
@@ -676,6 +720,7 @@ export class MailSession implements SessionControl {
     this.raw.destroy();
     backend?.destroy();
     this.deps.registry.remove(this.record.id);
+    this.releasePool();
     const release = this.release;
     this.release = undefined;
     // What policy counted for this connection is given back once a login in flight has its verdict.

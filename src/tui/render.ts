@@ -310,6 +310,9 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
   const total = st ? st.listeners.length : 0;
   const down = st ? st.listeners.filter((l) => l.backendHealth && !l.backendHealth.ok && l.backendHealth.state !== 'misconfigured').map((l) => l.name) : [];
   const misconfigured = st ? st.listeners.filter((l) => l.backendHealth?.state === 'misconfigured').map((l) => l.name) : [];
+  // Pool members the runtime's checks find down: named with their listener.
+  const members = st ? st.listeners.flatMap((l) => (l.pool ?? []).map((m) => ({ listener: l.name, ...m }))) : [];
+  const membersDown = members.filter((m) => !m.up);
   // Totals, most important kept when the line is narrow; shown in this order.
   const parts: { text: string; color?: string; priority: number }[] = [
     { text: `listeners ${up}/${total} up`, priority: 5, ...(up < total ? { color: 'red' } : {}) },
@@ -317,6 +320,15 @@ function header(model: DashboardModel, w: number, now: number, chrome: Chrome): 
     ...(down.length ? [{ text: `backend DOWN: ${down.join(',')}`, priority: 8, color: 'red' }] : []),
     ...(misconfigured.length ? [{ text: `backend MISCONFIGURED: ${misconfigured.join(',')}`, priority: 8, color: 'red' }] : []),
     ...(down.length || misconfigured.length ? [] : [{ text: 'backends ok', priority: 8 }]),
+    ...(members.length > 0
+      ? [
+          {
+            text: `pool ${members.length - membersDown.length}/${members.length} up${membersDown.length ? `: ${membersDown.map((m) => `${m.listener} ${m.backend} DOWN`).join(', ')}` : ''}`,
+            priority: 8,
+            ...(membersDown.length ? { color: 'red' } : {}),
+          },
+        ]
+      : []),
     { text: `sessions ${t.sessions} (${t.authenticated} auth)`, priority: 9 },
     { text: `accepted ${t.accepted}`, priority: 3 },
     { text: `auth ok ${t.authOk} fail ${t.authFail}`, priority: 7 },

@@ -21,7 +21,7 @@ export function listener<P extends Listener['protocol']>(protocol: P, extra: Rec
     greet_delay: 0,
     redirect_https: false,
     hsts: 0,
-    trust_forwarded: false,
+    trust_forwarded: [],
   };
   return { ...base, ...extra } as unknown as Extract<Listener, { protocol: P }>;
 }

@@ -17,7 +17,7 @@ export interface GatewayListenerSpec {
   name: string;
   protocol: 'imap' | 'pop3' | 'smtp' | 'http';
   tls: 'implicit' | 'starttls' | 'none';
-  backend: string;
+  backend: string | string[];
   /** Addresses to listen on instead of 127.0.0.1 on a free port (then give the port in `ports` too). */
   listen?: string | string[];
   [key: string]: unknown;

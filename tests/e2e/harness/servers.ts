@@ -141,6 +141,12 @@ function makeStopper(
 export interface Dovecot {
   /** IMAP port; with preauth: true this port greets with "* PREAUTH" (user alice). */
   imapPort: number;
+  /** With haproxy: true, an IMAP port that expects a PROXY protocol header (v1 or v2). */
+  haproxyImapPort?: number;
+  /** Stops the server process (and its sessions) but keeps its folder and ports, for restart(). */
+  halt(): Promise<void>;
+  /** Starts the server again after halt(), on the same ports, and waits for its IMAP greeting. */
+  restart(): Promise<void>;
   pop3Port: number;
   host: '127.0.0.1';
   /** alice, bob, carol, dave (see TEST_USERS). */
@@ -215,12 +221,16 @@ interface DovecotConfOptions {
   pop3Port?: number;
   /** Dovecot's auth_failure_delay (its default is 2 secs); 0 unless a test asks. */
   authFailureDelay?: string;
+  /** An extra IMAP listener that expects a PROXY protocol header (haproxy = yes). */
+  haproxyImapPort?: number;
 }
 
 /** startDovecot's options. */
 export interface DovecotOptions {
   /** A second IMAP port that greets with "* PREAUTH" (user alice). */
   preauth?: boolean;
+  /** Also listen for IMAP behind a PROXY protocol header (haproxy = yes, haproxy_trusted_networks 127.0.0.0/8): `haproxyImapPort`. */
+  haproxy?: boolean;
   /** Dovecot's auth_failure_delay, e.g. "2 secs" (as a real one answers wrong passwords); default 0. */
   authFailureDelay?: string;
 }
@@ -263,7 +273,8 @@ ${
   mail
     ? `
 login_greeting = Dovecot ready.
-login_trusted_networks = 127.0.0.0/8
+login_trusted_networks = 127.0.0.0/8${o.haproxyImapPort ? `
+haproxy_trusted_networks = 127.0.0.0/8` : ''}
 login_log_format_elements = user=<%u> method=%m rip=%r rport=%b lip=%l lport=%a real_rip=%{real_rip} mpid=%e %c session=<%{session}>
 imap_id_log = *
 mail_location = maildir:~/Maildir
@@ -281,6 +292,15 @@ service imap-login {
   }
   inet_listener imaps {
     port = 0
+  }${
+    o.haproxyImapPort
+      ? `
+  inet_listener imap_haproxy {
+    address = ${HOST}
+    port = ${o.haproxyImapPort}
+    haproxy = yes
+  }`
+      : ''
   }
 }
 service pop3-login {
@@ -325,10 +345,11 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
     await writeMailboxes(homeRoot);
     await chownR(homeRoot, mailUser.uid, mailUser.gid);
 
-    const [imapPort, pop3Port, preauthPort] = await Promise.all([
+    const [imapPort, pop3Port, preauthPort, haproxyImapPort] = await Promise.all([
       freePort(),
       freePort(),
       opts.preauth ? freePort() : Promise.resolve(0),
+      opts.haproxy ? freePort() : Promise.resolve(0),
     ]);
     await fsp.writeFile(
       configFile,
@@ -341,16 +362,19 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
         imapPort,
         pop3Port,
         ...(opts.authFailureDelay === undefined ? {} : { authFailureDelay: opts.authFailureDelay }),
+        ...(opts.haproxy ? { haproxyImapPort } : {}),
       }),
     );
 
     const logFiles = [stderrFile, logFile, ...(opts.preauth ? [preauthLog] : [])];
     const describe = () => describeFiles(logFiles);
-    const dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
+    let dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
     procs.push(dovecot);
+    const imapReady = () =>
+      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, ports: [imapPort, pop3Port], expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS);
 
     const ready = [
-      waitUntilReady('startDovecot (imap)', procs, { port: imapPort, ports: [imapPort, pop3Port], expect: /^\* OK .*\r\n/m, bye: 'h1 LOGOUT\r\n' }, describe, READY_TIMEOUT_MS),
+      imapReady(),
       waitUntilReady('startDovecot (pop3)', procs, { port: pop3Port, ports: [imapPort, pop3Port], expect: /^\+OK .*\r\n/m, bye: 'QUIT\r\n' }, describe, READY_TIMEOUT_MS),
     ];
     let preauthUser: string | undefined;
@@ -383,6 +407,16 @@ async function startDovecotOnce(opts: DovecotOptions): Promise<Dovecot> {
     const result: Dovecot = {
       imapPort: opts.preauth ? preauthPort : imapPort,
       pop3Port,
+      ...(opts.haproxy ? { haproxyImapPort } : {}),
+      async halt() {
+        await dovecot.stop();
+        procs.splice(procs.indexOf(dovecot), 1);
+      },
+      async restart() {
+        dovecot = spawnServer('dovecot', DOVECOT_BIN, ['-F', '-c', configFile], { cwd: dir, outputFile: stderrFile });
+        procs.push(dovecot);
+        await imapReady();
+      },
       host: HOST,
       users: users(),
       dir,
@@ -595,6 +629,8 @@ export interface Postfix extends SmtpServer {
   localDomain: string;
   /** The Dovecot auth-only instance Postfix uses for SASL (socket path). */
   saslSocket: string;
+  /** With upstreamProxy: true, an smtpd port that expects a PROXY protocol header. */
+  proxyPort?: number;
 }
 
 const POSTFIX_HOSTNAME = 'postfix.e2e.test';
@@ -685,10 +721,11 @@ function postfixKnows(parameter: string): boolean {
   }
 }
 
-function postfixMasterCf(o: { port: number; deliverScript: string; deliveredDir: string }): string {
+function postfixMasterCf(o: { port: number; proxyPort?: number; deliverScript: string; deliveredDir: string }): string {
+  const proxied = o.proxyPort ? `${HOST}:${o.proxyPort} inet n - n - - smtpd\n  -o smtpd_upstream_proxy_protocol=haproxy\n` : '';
   return `# generated by tests/e2e/harness/servers.ts
 ${HOST}:${o.port} inet n - n - - smtpd
-cleanup   unix  n       -       n       -       0       cleanup
+${proxied}cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
@@ -750,6 +787,8 @@ export interface PostfixOptions {
   acceptBareNewline?: boolean;
   /** smtpd_sasl_auth_enable = no: a legacy relay that offers no AUTH. */
   noAuth?: boolean;
+  /** Also an smtpd on `proxyPort` that expects a PROXY protocol header (smtpd_upstream_proxy_protocol = haproxy). */
+  upstreamProxy?: boolean;
 }
 
 export async function startPostfix(opts: PostfixOptions = {}): Promise<Postfix> {
@@ -786,6 +825,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
       dovecotConf({ dir: authDir, runDir: authRun, logFile: authLog, passwdFile: path.join(authDir, 'passwd'), instance: `mailgate-e2e-auth-${path.basename(dir)}` }),
     );
     const port = await freePort();
+    const proxyPort = opts.upstreamProxy ? await freePort() : undefined;
 
     // --- Postfix instance
     await fsp.mkdir(etc, { mode: 0o755 });
@@ -796,7 +836,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
     await fsp.writeFile(deliverScript, DELIVER_SH, { mode: 0o755 });
     await makePostfixQueue(queueDir, pf, groupId('postdrop'));
     await fsp.writeFile(path.join(etc, 'main.cf'), postfixMainCf({ dir, queueDir, dataDir, maillog, saslSocket, acceptBareNewline: opts.acceptBareNewline === true, noAuth: opts.noAuth === true }));
-    await fsp.writeFile(path.join(etc, 'master.cf'), postfixMasterCf({ port, deliverScript, deliveredDir }));
+    await fsp.writeFile(path.join(etc, 'master.cf'), postfixMasterCf({ port, ...(proxyPort ? { proxyPort } : {}), deliverScript, deliveredDir }));
     // Postfix's load_file() re-reads (sleeping 300 ms each time) a config file whose
     // mtime is not yet in the past ("being edited"); backdate them to start at once.
     const past = Date.now() / 1000 - 60;
@@ -839,6 +879,7 @@ async function startPostfixOnce(opts: PostfixOptions): Promise<Postfix> {
     const logs = async () => (cache !== undefined ? cache : snapshot());
     return {
       port,
+      ...(proxyPort ? { proxyPort } : {}),
       host: HOST,
       dir,
       users: users(),

@@ -152,3 +152,62 @@ test('the commented examples in config/mailgate.yaml (the MX listener, discovery
   assert.equal(c.acme?.reuse_key, true);
   assert.equal(c.acme?.key_rollover, 365 * 86_400_000);
 });
+
+test('trust_forwarded: a list of proxy ranges; false is none; true is refused with file, line and what to write instead', () => {
+  const http = (value: string) => `
+listeners:
+  - name: https
+    protocol: http
+    listen: 127.0.0.1:443
+    tls: implicit
+    backend: 127.0.0.1:80
+    trust_forwarded: ${value}
+`;
+  const list = parseConfig(http('[192.0.2.10/32, "2001:db8::/48"]'), '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.deepEqual(list.protocol === 'http' && list.trust_forwarded.map((c) => c.text), ['192.0.2.10/32', '2001:db8::/48']);
+  const none = parseConfig(http('false'), '/etc/mailgate/test.yaml').listeners[0]!;
+  assert.deepEqual(none.protocol === 'http' && none.trust_forwarded, []);
+  const [p] = problems(http('true'));
+  assert.equal(p?.path, 'listeners[0].trust_forwarded');
+  assert.equal(p?.line, 8);
+  assert.match(p?.message ?? '', /no longer accepted.*any client.*trust_forwarded: \[192\.0\.2\.10\/32\]/);
+  assert.equal(problems(http('[10.0.0.300/8]'))[0]?.path, 'listeners[0].trust_forwarded[0]');
+});
+
+test('accept_proxy_from takes address ranges and timeouts.proxy_header a duration (5s by default); mistakes are named where they are', () => {
+  const base = `
+listeners:
+  - name: imaps
+    protocol: imap
+    listen: 127.0.0.1:993
+    tls: implicit
+    backend: 127.0.0.1:143
+`;
+  const c = parseConfig(`${base}    accept_proxy_from: [127.0.0.1, 10.0.0.0/8]\n    timeouts: { proxy_header: 2s }\n`, '/etc/mailgate/test.yaml');
+  const l = c.listeners[0]!;
+  assert.deepEqual(l.accept_proxy_from?.map((x) => x.text), ['127.0.0.1', '10.0.0.0/8']);
+  assert.equal(l.timeouts.proxy_header, 2000);
+  assert.equal(parseConfig(base, '/etc/mailgate/test.yaml').listeners[0]!.timeouts.proxy_header, 5000);
+  const [p] = problems(`${base}    accept_proxy_from: [10.0.0.0/33]\n`);
+  assert.equal(p?.path, 'listeners[0].accept_proxy_from[0]');
+  assert.equal(p?.line, 8);
+});
+
+test('a mail listener\'s backend may be a pool (a list): the first is its backend; each bad member is named; HTTP listeners take one', () => {
+  const base = (backend: string, protocol = 'imap') => `
+listeners:
+  - name: l
+    protocol: ${protocol}
+    listen: 127.0.0.1:993
+    tls: implicit
+    backend: ${backend}
+    health_check: { interval: 2s }
+`;
+  const l = parseConfig(base('["127.0.0.1:1143", "127.0.0.2:1143"]'), '/x.yaml').listeners[0]!;
+  assert.deepEqual([l.backend, l.pool?.length, l.protocol !== 'http' && l.health_check?.interval], [{ host: '127.0.0.1', port: 1143 }, 2, 2000]);
+  const [p] = problems(base('["127.0.0.1:1143", "127.0.0.2:99999"]'));
+  assert.deepEqual([p?.path, p?.line], ['listeners[0].backend[1]', 7]);
+  assert.match(p?.message ?? '', /out of range/);
+  assert.match(problems(base('[]'))[0]?.message ?? '', /1 to 32 backends/);
+  assert.ok(problems(base('["127.0.0.1:80", "127.0.0.2:80"]', 'http')).some((x) => x.path.startsWith('listeners[0].backend')));
+});

@@ -47,7 +47,7 @@ before(async () => {
     tls: 'none',
     redirect_https: false,
     hsts: 0,
-    trust_forwarded: false,
+    trust_forwarded: [],
     http2: true,
     http2_max_streams: 100,
     response_timeout: 60_000,

@@ -21,7 +21,7 @@ function settings(overrides: Partial<HttpListener> = {}): HttpListener {
     tls: 'none',
     redirect_https: false,
     hsts: 0,
-    trust_forwarded: false,
+    trust_forwarded: [],
     http2: true,
     http2_max_streams: 100,
     response_timeout: 60_000,

@@ -5,6 +5,7 @@
  */
 import { after, before, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { parseCidr, type Cidr } from '../../../src/net/cidr.ts';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -177,7 +178,7 @@ function httpListener(backendPort: number, overrides: Partial<HttpListener> = {}
     tls: 'implicit',
     redirect_https: false,
     hsts: 0,
-    trust_forwarded: false,
+    trust_forwarded: [],
     http2: true,
     http2_max_streams: 100,
     response_timeout: 60_000,
@@ -259,14 +260,18 @@ test('GET over https reaches the backend with the Host kept and X-Forwarded-* se
   assert.equal(r.headers['strict-transport-security'], undefined, 'no HSTS unless configured');
 });
 
-test('with trust_forwarded the client is appended to the X-Forwarded-For chain', async (t) => {
+test('with trust_forwarded listing the client, it is appended to the X-Forwarded-For chain; a client outside the list cannot set it', async (t) => {
   const backend = await startBackend(t);
-  const gw = await startGateway(t, httpListener(backend.port, { trust_forwarded: true }));
+  const gw = await startGateway(t, httpListener(backend.port, { trust_forwarded: [parseCidr('127.0.0.0/8') as Cidr] }));
   const r = await curl(['-k', ...gw.resolve, '-H', 'X-Forwarded-For: 10.0.0.1', '-H', 'X-Forwarded-Proto: https', gw.url('/')]);
   assert.equal(r.status, 200);
   const seen = json(r.body);
   assert.equal(seen.headers['x-forwarded-for'], '10.0.0.1, 127.0.0.1');
   assert.equal(seen.headers['x-real-ip'], '127.0.0.1');
+  const other = await startGateway(t, httpListener(backend.port, { trust_forwarded: [parseCidr('192.0.2.10/32') as Cidr] }));
+  const r2 = await curl(['-k', ...other.resolve, '-H', 'X-Forwarded-For: 10.0.0.1', '-H', 'X-Real-IP: 10.0.0.1', other.url('/')]);
+  assert.equal(json(r2.body).headers['x-forwarded-for'], '127.0.0.1');
+  assert.equal(json(r2.body).headers['x-real-ip'], '127.0.0.1');
 });
 
 test('HSTS is added to responses when configured', async (t) => {

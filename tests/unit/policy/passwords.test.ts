@@ -3,10 +3,11 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import * as argon2 from '@node-rs/argon2';
 import bcrypt from 'bcryptjs';
 import { ConfigError } from '../../../src/core/errors.ts';
 import { parseHash, type PasswordHash } from '../../../src/core/password-hash.ts';
-import { dummyHashLike, hashPassword, verifyPassword } from '../../../src/policy/passwords.ts';
+import { ARGON2ID_ALGORITHM, dummyHashLike, hashPassword, verifyPassword } from '../../../src/policy/passwords.ts';
 import { readPolicyFiles, readUsersFile } from '../../../src/policy/files.ts';
 import { mostCommonHash, UserDirectory } from '../../../src/policy/users.ts';
 import { cheapScrypt, configFrom } from './helpers.ts';
@@ -55,13 +56,42 @@ test('a non-ASCII password verifies whether the client sent it as UTF-8 (SASL) o
   assert.equal(await verifyPassword('passwort', h), false);
 });
 
+test('argon2id: hash-password --argon2id output verifies the right password (also as raw bytes) and refuses a wrong one', async () => {
+  const text = await hashPassword('pässwörd', 'argon2id');
+  assert.match(text, /^\$argon2id\$v=19\$m=19456,t=2,p=1\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$/);
+  const h = parsed(text);
+  assert.deepEqual(h.kind === 'argon2id' && [h.m, h.t, h.p, h.hashLength], [19456, 2, 1, 32]);
+  assert.equal(await verifyPassword('pässwörd', h), true);
+  assert.equal(await verifyPassword(Buffer.from('pässwörd', 'utf8').toString('latin1'), h), true);
+  assert.equal(await verifyPassword('passwort', h), false);
+  // A hash made elsewhere (the reference encoding, another library's parameters) verifies too.
+  const other = parsed(await argon2.hash('from-elsewhere', { algorithm: ARGON2ID_ALGORITHM, memoryCost: 4096, timeCost: 3, parallelism: 2 }));
+  assert.equal(await verifyPassword('from-elsewhere', other), true);
+  assert.equal(await verifyPassword('from-elsewhere!', other), false);
+});
+
+test('argon2id: unknown users are checked against a dummy argon2id hash of the same cost, which nothing matches', async () => {
+  const real = parsed(await argon2.hash('pw', { algorithm: ARGON2ID_ALGORITHM, memoryCost: 1024, timeCost: 1, parallelism: 1 }));
+  const d = dummyHashLike(mostCommonHash([real, real, parsed(cheapScrypt('z'))]));
+  assert.deepEqual(d.kind === 'argon2id' && [d.m, d.t, d.p, d.hashLength], [1024, 1, 1, 32]);
+  assert.equal(typeof parseHash(d.kind === 'argon2id' ? d.text : ''), 'object', 'the dummy hash is a well-formed argon2id hash');
+  assert.equal(await verifyPassword('pw', d), false);
+  const dir = new UserDirectory([{ name: 'alice', password_hash: real.kind === 'argon2id' ? real.text : '', groups: [] }]);
+  assert.equal((await dir.verify('alice', 'pw'))?.name, 'alice');
+  assert.equal(await dir.verify('mallory', 'pw'), undefined);
+});
+
 test('parseHash refuses plaintext, argon2, malformed and too-expensive hashes without echoing them', () => {
   const secret = 'hunter2';
   const r = parseHash(secret);
   assert.equal(typeof r, 'string');
   assert.ok(!(r as string).includes(secret));
   assert.match(r as string, /plaintext passwords are not accepted/);
-  assert.match(parseHash('$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA') as string, /argon2/);
+  assert.match(parseHash('$argon2i$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA') as string, /only argon2id/);
+  assert.match(parseHash('$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA') as string, /salt must be at least 8 bytes/);
+  assert.match(parseHash('$argon2id$v=19$m=1048576,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA') as string, /256 MiB/);
+  assert.match(parseHash('$argon2id$v=16$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA') as string, /malformed argon2id/);
+  assert.match(parseHash('$argon2id$v=19$m=65536,t=99,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA') as string, /t must be/);
   assert.match(parseHash('$2b$12$short') as string, /malformed bcrypt/);
   assert.match(parseHash('$2b$31$' + 'a'.repeat(53)) as string, /cost/);
   assert.match(parseHash('$scrypt$ln=24,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA') as string, /ln/);
