@@ -23,27 +23,18 @@ export function proxyHeader(version: 'v1' | 'v2', ep: ProxyEndpoints | undefined
     return Buffer.from(`PROXY TCP${fam} ${src} ${dst} ${ep.clientPort} ${ep.localPort}\r\n`, 'latin1');
   }
   if (!ep || fam === 0) return Buffer.concat([V2_SIGNATURE, Buffer.from([0x20, 0x00, 0x00, 0x00])]);
-  if (fam === 4) {
-    const b = Buffer.alloc(16 + 12);
-    V2_SIGNATURE.copy(b, 0);
-    b[12] = 0x21; // version 2, PROXY command
-    b[13] = 0x11; // AF_INET, STREAM
-    b.writeUInt16BE(12, 14);
-    v4Bytes(v4(ep.clientIp)).copy(b, 16);
-    v4Bytes(v4(ep.localIp)).copy(b, 20);
-    b.writeUInt16BE(ep.clientPort, 24);
-    b.writeUInt16BE(ep.localPort, 26);
-    return b;
-  }
-  const b = Buffer.alloc(16 + 36);
+  // v2: signature, version 2 + PROXY, family + STREAM, the address block's length, then source and
+  // destination addresses (4 or 16 bytes each) and ports.
+  const [src, dst, family, size] = fam === 4 ? [v4Bytes(v4(ep.clientIp)), v4Bytes(v4(ep.localIp)), 0x11, 4] : [v6Bytes(v6(ep.clientIp)), v6Bytes(v6(ep.localIp)), 0x21, 16];
+  const b = Buffer.alloc(16 + 2 * size + 4);
   V2_SIGNATURE.copy(b, 0);
   b[12] = 0x21;
-  b[13] = 0x21; // AF_INET6, STREAM
-  b.writeUInt16BE(36, 14);
-  v6Bytes(v6(ep.clientIp)).copy(b, 16);
-  v6Bytes(v6(ep.localIp)).copy(b, 32);
-  b.writeUInt16BE(ep.clientPort, 48);
-  b.writeUInt16BE(ep.localPort, 50);
+  b[13] = family;
+  b.writeUInt16BE(2 * size + 4, 14);
+  src.copy(b, 16);
+  dst.copy(b, 16 + size);
+  b.writeUInt16BE(ep.clientPort, 16 + 2 * size);
+  b.writeUInt16BE(ep.localPort, 18 + 2 * size);
   return b;
 }
 

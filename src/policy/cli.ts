@@ -2,10 +2,9 @@
  * Policy's command-line pieces: `mailgate hash-password` (a hash for
  * `users.list[].password_hash`) and the policy lines of `mailgate check`.
  */
-import { parseArgs } from 'node:util';
 import type { Config } from '../config/load.ts';
+import { parseCommandArgs } from '../core/cli-args.ts';
 import { formatDuration } from '../core/duration.ts';
-import { errorMessage } from '../core/errors.ts';
 import { hashPassword } from './passwords.ts';
 import { readPolicyFiles } from './files.ts';
 import { UserDirectory } from './users.ts';
@@ -23,17 +22,12 @@ Without an option: scrypt (N=2^15, r=8, p=3).
 const MAX_PASSWORD = 1024;
 
 export async function hashPasswordVerb(args: string[]): Promise<number> {
-  let values: { bcrypt?: boolean | undefined; argon2id?: boolean | undefined; help?: boolean | undefined };
-  try {
-    ({ values } = parseArgs({ args, options: { bcrypt: { type: 'boolean' }, argon2id: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, allowPositionals: false }));
-    if (values.bcrypt && values.argon2id) throw new Error('choose one of --bcrypt and --argon2id');
-  } catch (err) {
-    process.stderr.write(`mailgate: ${errorMessage(err)}\n${USAGE}`);
+  const parsed = parseCommandArgs('hash-password', args, { bcrypt: { type: 'boolean' }, argon2id: { type: 'boolean' } }, USAGE);
+  if (typeof parsed === 'number') return parsed;
+  const values = { bcrypt: parsed.values.bcrypt === true, argon2id: parsed.values.argon2id === true };
+  if (values.bcrypt && values.argon2id) {
+    process.stderr.write(`mailgate hash-password: choose one of --bcrypt and --argon2id\n${USAGE}`);
     return 2;
-  }
-  if (values.help) {
-    process.stdout.write(USAGE);
-    return 0;
   }
   let password: string;
   if (process.stdin.isTTY) {

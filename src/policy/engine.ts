@@ -225,7 +225,7 @@ export class PolicyEngine implements Policy {
       if (answer.kind === 'unavailable') return tempfail('auth-unavailable', 5_000);
       if (answer.kind === 'refused') {
         if (answer.temporary) return tempfail('auth-unavailable', 5_000);
-        await this.state.loginFailed(address, userKey, bf);
+        await this.state.loginFailed(address, keys, bf);
         return deny('bad-login');
       }
       fromService = answer;

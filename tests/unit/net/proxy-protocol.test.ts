@@ -32,6 +32,9 @@ test('v2 header: signature, PROXY command, family, length and addresses', () => 
   assert.equal(six[13], 0x21);
   assert.equal(six.readUInt16BE(14), 36);
   assert.equal(six.subarray(16, 32).toString('hex'), '20010db8000000000000000000000001');
+  assert.equal(six.subarray(32, 48).toString('hex'), '00000000000000000000000000000001');
+  assert.deepEqual([six.readUInt16BE(48), six.readUInt16BE(50), six.length], [7, 8, 52]);
+  assert.equal(h.length, 28);
 });
 
 test('property: IPv6 text forms all encode to the same 16 bytes', () => {
