@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import * as net from 'node:net';
 import { LineClient } from './harness/clients.ts';
+import { waitFor } from '../helpers/wait.ts';
 import { startGateway } from './harness/gateway.ts';
 import { freePort, startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 
@@ -71,8 +72,13 @@ test('SIGTERM: new connections refused, pre-login clients get BYE, a logged-in s
     gw.signal('SIGTERM');
     assert.equal(await idle.readLine(), '* BYE [UNAVAILABLE] Server shutting down');
     assert.ok(await idle.waitClosed());
-    // The listener is closed: a new TCP connection is refused.
-    await gw.waitForLog((l) => l.msg === 'shutting down');
+    // The listener is closed: a new TCP connection is refused. With workers each closes its own listening
+    // socket when the primary's stop reaches it, so every one of them must have begun shutting down.
+    const primary = await gw.waitForLog((l) => l.msg === 'shutting down' && l.worker === undefined);
+    const workers = typeof primary.workers === 'number' ? primary.workers : 0;
+    await waitFor(`${workers} workers to begin shutting down`, async () => (await gw.logs()).filter((l) => l.msg === 'shutting down' && l.worker !== undefined).length >= workers, {
+      timeoutMs: 10_000,
+    });
     await assert.rejects(
       new Promise((resolve, reject) => {
         const s = net.connect(gw.ports.imaps!, '127.0.0.1', () => {
