@@ -26,6 +26,27 @@ export function listener<P extends Listener['protocol']>(protocol: P, extra: Rec
   return { ...base, ...extra } as unknown as Extract<Listener, { protocol: P }>;
 }
 
+/** An HTTP listener as the schema's defaults make it (plain, backend 127.0.0.1:8080), with `overrides`. */
+export function httpListener(overrides: Partial<Extract<Listener, { protocol: 'http' }>> = {}): Extract<Listener, { protocol: 'http' }> {
+  return {
+    name: 'web',
+    protocol: 'http',
+    listen: [{ host: '127.0.0.1', port: 0 }],
+    backend: { host: '127.0.0.1', port: 8080 },
+    proxy_protocol: false,
+    tls: 'none',
+    redirect_https: false,
+    hsts: 0,
+    trust_forwarded: [],
+    http2: true,
+    http2_max_streams: 100,
+    response_timeout: 60_000,
+    timeouts: { ...DEFAULT_TIMEOUTS },
+    limits: { ...DEFAULT_LIMITS },
+    ...overrides,
+  };
+}
+
 export function facts(l: Listener, tls = true): SessionFacts & { setTls(v: boolean): void } {
   let on = tls;
   return {

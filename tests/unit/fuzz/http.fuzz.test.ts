@@ -13,7 +13,7 @@ import { connect, type AddressInfo } from 'node:net';
 import { parse as parseUrl } from 'node:url';
 import { after, before, test } from 'node:test';
 import fc from 'fast-check';
-import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
+import { DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import { createLogger } from '../../../src/core/log.ts';
 import { isPlainOriginForm } from '../../../src/http/headers.ts';
 import { WellKnownRegistry } from '../../../src/http/well-known.ts';
@@ -22,6 +22,7 @@ import { PassthroughPolicy } from '../../../src/policy/engine.ts';
 import { SessionRegistry } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
 import { count, cutsArb, nastyText, params, split } from './helpers.ts';
+import { httpListener } from '../../helpers/adapters.ts';
 import { waitFor } from '../../helpers/wait.ts';
 
 const logs: string[] = [];
@@ -38,22 +39,10 @@ before(async () => {
     req.on('end', () => res.end(`ok ${req.method} ${req.url}\n`));
   });
   await new Promise<void>((r) => backend.listen(0, '127.0.0.1', () => r()));
-  const listener: HttpListener = {
-    name: 'web',
-    protocol: 'http',
-    listen: [{ host: '127.0.0.1', port: 0 }],
+  const listener: HttpListener = httpListener({
     backend: { host: '127.0.0.1', port: (backend.address() as AddressInfo).port },
-    proxy_protocol: false,
-    tls: 'none',
-    redirect_https: false,
-    hsts: 0,
-    trust_forwarded: [],
-    http2: true,
-    http2_max_streams: 100,
-    response_timeout: 60_000,
     timeouts: { ...DEFAULT_TIMEOUTS, preauth_idle: 2000, postauth_idle: 3000, backend_connect: 2000 },
-    limits: { ...DEFAULT_LIMITS },
-  };
+  });
   const log = createLogger('debug', { write: (l: string) => void logs.push(l) });
   // An endpoint of the gateway's own that reads the body (as autodiscover and the TLS-RPT intake do), bounded at 8 bytes.
   const wellKnown = new WellKnownRegistry();

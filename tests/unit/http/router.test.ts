@@ -5,30 +5,14 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
+import { httpListener } from '../../helpers/adapters.ts';
 import type { HttpConnection, HttpListener } from '../../../src/http/connection.ts';
 import { Router, type LocalAnswer, type Route } from '../../../src/http/router.ts';
 import { hostName, WellKnownRegistry } from '../../../src/http/well-known.ts';
 import type { Verdict } from '../../../src/policy/engine.ts';
 
 function settings(overrides: Partial<HttpListener> = {}): HttpListener {
-  return {
-    name: 'web',
-    protocol: 'http',
-    listen: [{ host: '127.0.0.1', port: 0 }],
-    backend: { host: '127.0.0.1', port: 8080 },
-    proxy_protocol: false,
-    tls: 'none',
-    redirect_https: false,
-    hsts: 0,
-    trust_forwarded: [],
-    http2: true,
-    http2_max_streams: 100,
-    response_timeout: 60_000,
-    timeouts: { ...DEFAULT_TIMEOUTS },
-    limits: { ...DEFAULT_LIMITS },
-    ...overrides,
-  };
+  return httpListener(overrides);
 }
 
 /** The part of HttpConnection the router reads: settings, tls, the connection verdict and the per-request one. */

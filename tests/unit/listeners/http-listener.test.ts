@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import type { Listener } from '../../../src/config/load.ts';
-import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
+import { DEFAULT_TIMEOUTS } from '../../../src/config/schema.ts';
 import { createLogger } from '../../../src/core/log.ts';
 import { hostWithoutPort, httpsRedirectLocation, isPlainOriginForm, isWebSocketUpgrade, logPath, stripHopByHop } from '../../../src/http/headers.ts';
 import { WellKnownRegistry } from '../../../src/http/well-known.ts';
@@ -25,6 +25,7 @@ import { PassthroughPolicy, type Policy, type Verdict } from '../../../src/polic
 import type { SessionRecord } from '../../../src/session/record.ts';
 import { SessionRegistry } from '../../../src/session/registry.ts';
 import { CertStore } from '../../../src/tls/cert-store.ts';
+import { httpListener as defaultHttpListener } from '../../helpers/adapters.ts';
 import { waitFor } from '../../helpers/wait.ts';
 
 const HOST = 'gw.test';
@@ -169,23 +170,7 @@ interface Gateway {
 }
 
 function httpListener(backendPort: number, overrides: Partial<HttpListener> = {}): HttpListener {
-  return {
-    name: 'web',
-    protocol: 'http',
-    listen: [{ host: '127.0.0.1', port: 0 }],
-    backend: { host: '127.0.0.1', port: backendPort },
-    proxy_protocol: false,
-    tls: 'implicit',
-    redirect_https: false,
-    hsts: 0,
-    trust_forwarded: [],
-    http2: true,
-    http2_max_streams: 100,
-    response_timeout: 60_000,
-    timeouts: { ...DEFAULT_TIMEOUTS },
-    limits: { ...DEFAULT_LIMITS },
-    ...overrides,
-  };
+  return defaultHttpListener({ backend: { host: '127.0.0.1', port: backendPort }, tls: 'implicit', ...overrides });
 }
 
 async function startGateway(t: TestContext, listener: HttpListener, policy: Policy = new PassthroughPolicy(), wellKnown?: WellKnownRegistry): Promise<Gateway> {
