@@ -11,7 +11,7 @@ import { after, before, test } from 'node:test';
 import { ControlClient } from '../../src/control/client.ts';
 import type { Ban } from '../../src/control/protocol.ts';
 import { ImapHolder, TmuxPane } from './control-helpers.ts';
-import { LineClient, python } from './harness/clients.ts';
+import { imapLoginFrom, LineClient } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, userByName, type Dovecot } from './harness/servers.ts';
 
@@ -61,33 +61,12 @@ async function daemonUsers(): Promise<(string | null)[]> {
   }
 }
 
-/** One login through the gateway from `source`: ok, or the server's words. */
-function login(user: string, password: string, source: string): Promise<{ ok: boolean; error?: string }> {
-  return python(
-    `
-import imaplib
-class From(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(sys.argv[4], 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-try:
-    m = From('127.0.0.1', int(sys.argv[1]), ssl_context=ctx(), timeout=10)
-    m.login(sys.argv[2], sys.argv[3])
-    m.logout()
-    out({'ok': True})
-except (imaplib.IMAP4.error, OSError) as e:
-    out({'ok': False, 'error': str(e)})
-`,
-    [gw.ports.imaps!, user, password, source],
-  );
-}
-
 test('mailgate top: b bans a session\'s address, Tab its user; B lists every ban kind; u lifts one', async () => {
   assert.ok((await holder.open('alice', alice.name, alice.password, '127.0.0.2')).ok);
   assert.ok((await holder.open('bob', bob.name, bob.password, '127.0.0.3')).ok);
   assert.ok((await holder.open('carol', carol.name, carol.password, '127.0.0.3')).ok);
   // Two wrong passwords for dave from 127.0.0.4: a brute-force ban of dave from that address.
-  for (let i = 0; i < 2; i++) assert.equal((await login(dave.name, `guess-${i}`, '127.0.0.4')).ok, false);
+  for (let i = 0; i < 2; i++) assert.equal((await loginFrom(dave.name, `guess-${i}`, '127.0.0.4')).ok, false);
   await gw.waitForLog((l) => l.msg === 'banned after failed logins' && l.ban === 'pair');
 
   pane = new TmuxPane(gw.dir, `env LANG=C.UTF-8 ${process.execPath} ${CLI} top -s ${socketPath}`, 120, 40);
@@ -129,7 +108,7 @@ test('mailgate top: b bans a session\'s address, Tab its user; B lists every ban
   const bobBan = bans.find((b) => b.kind === 'user');
   assert.equal(bobBan?.user, 'bob');
   assert.ok(bobBan.expiresAt! - Date.now() > 29 * 60_000 && bobBan.expiresAt! - Date.now() <= 30 * 60_000, 'banned for 30 minutes');
-  assert.equal((await login(bob.name, bob.password, '127.0.0.5')).ok, false, 'bob is refused from any address');
+  assert.equal((await loginFrom(bob.name, bob.password, '127.0.0.5')).ok, false, 'bob is refused from any address');
 
   // B: every kind in the bans view: the address, the user, the brute-force pair.
   pane.keys('Escape');
@@ -152,7 +131,7 @@ test('mailgate top: b bans a session\'s address, Tab its user; B lists every ban
   pane.keys('y');
   await pane.waitFor((s) => s.includes('2 bans') && s.includes('unbanned user bob'), 'the lifted ban');
   assert.deepEqual((await daemonBans()).map((b) => b.id).sort(), ['address:127.0.0.2', 'pair:127.0.0.4|dave']);
-  assert.equal((await login(bob.name, bob.password, '127.0.0.5')).ok, true, 'bob is back in');
+  assert.equal((await loginFrom(bob.name, bob.password, '127.0.0.5')).ok, true, 'bob is back in');
 
   // The brute-force ban is lifted the same way (up to it, u, y).
   pane.keys('g');
@@ -160,9 +139,14 @@ test('mailgate top: b bans a session\'s address, Tab its user; B lists every ban
   await pane.waitFor((s) => s.includes('Lift the ban of user dave from 127.0.0.4 (auto'), 'the pair ban confirmation');
   pane.keys('y');
   await pane.waitFor((s) => /\b1 ban\b/.test(s) && s.includes('unbanned user dave from 127.0.0.4'), 'one ban left');
-  assert.equal((await login(dave.name, dave.password, '127.0.0.4')).ok, true, 'dave is back in from that address');
+  assert.equal((await loginFrom(dave.name, dave.password, '127.0.0.4')).ok, true, 'dave is back in from that address');
 
   pane.keys('Escape');
   await pane.waitFor((s) => s.includes('carol') && !s.includes('REASON'), 'back to the sessions');
   pane.keys('q');
 });
+
+/** One IMAPS login through the gateway from `source`: ok, or the server's words. */
+function loginFrom(user: string, password: string, source: string): Promise<{ ok: boolean; error?: string }> {
+  return imapLoginFrom(gw.ports.imaps!, user, password, source);
+}

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ControlClient } from '../../src/control/client.ts';
-import { LineClient, python, run } from './harness/clients.ts';
+import { imapLoginFrom, LineClient, python, run } from './harness/clients.ts';
 import { CLI, startGateway, type Gateway } from './harness/gateway.ts';
 import { startDovecot, startNginx, startSmtpSink, userByName, type Dovecot, type Nginx, type SmtpServer } from './harness/servers.ts';
 import { waitFor } from '../helpers/wait.ts';
@@ -293,27 +293,6 @@ test('HTTP requests per address on one keep-alive connection: 429 past the limit
     await local.stop();
   }
 });
-
-/** An IMAPS login from `source` through `port`: ok, or the server's words. */
-function imapLoginFrom(port: number, user: string, password: string, source: string): Promise<ImapResult> {
-  return python<ImapResult>(
-    `
-import imaplib
-class From(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(sys.argv[4], 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-try:
-    m = From('127.0.0.1', int(sys.argv[1]), ssl_context=ctx(), timeout=10)
-    m.login(sys.argv[2], sys.argv[3])
-    m.logout()
-    out({'ok': True})
-except (imaplib.IMAP4.error, OSError) as e:
-    out({'ok': False, 'error': str(e)})
-`,
-    [port, user, password, source],
-  );
-}
 
 test('a ban holds for every spelling Dovecot (%n) takes for the same account: brute-force pair and user bans, and one set by hand', async () => {
   // Dovecot itself: "dave@anything.invalid" and "Dave@EXAMPLE.org" are dave (auth_username_format %Lu, passdb %n).

@@ -37,6 +37,27 @@ export async function python<T = unknown>(script: string, args: (string | number
   return JSON.parse(last) as T;
 }
 
+/** One IMAPS login through `port` with imaplib, from the local address `source` (127.0.0.0/8): ok, or the server's words. */
+export function imapLoginFrom(port: number, user: string, password: string, source: string): Promise<{ ok: boolean; error?: string }> {
+  return python(
+    `
+import imaplib
+class From(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(sys.argv[4], 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+try:
+    m = From('127.0.0.1', int(sys.argv[1]), ssl_context=ctx(), timeout=10)
+    m.login(sys.argv[2], sys.argv[3])
+    m.logout()
+    out({'ok': True})
+except (imaplib.IMAP4.error, OSError) as e:
+    out({'ok': False, 'error': str(e)})
+`,
+    [port, user, password, source],
+  );
+}
+
 /** Shared by every snippet: a TLS context that trusts the gateway's self-signed certificate. */
 const PY_PRELUDE = `
 import json, ssl, sys, socket, base64
