@@ -306,18 +306,8 @@ export class Wrk {
   }
 
   async run(url: string, conc: number, seconds: number, cpuPgids: number[]): Promise<WrkResult> {
-    const before = cpuPgids.map(groupCpuSeconds);
-    const clientBefore = childrenCpuSeconds();
     const args = ['-t1', `-c${conc}`, `-d${seconds}s`, '--timeout', '20s', '-s', this.lua, url];
-    const child = spawn('wrk', args, { env: { ...process.env, OPENSSL_CONF: this.opensslConf }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? -1)));
-    const after = cpuPgids.map(groupCpuSeconds);
-    // wrk's CPU appears in this process' cutime/cstime once it is reaped (nothing else exits meanwhile).
-    const clientCpu = childrenCpuSeconds() - clientBefore;
+    const { code, out, err, cpu, clientCpu } = await measuredRun('wrk', args, this.opensslConf, cpuPgids);
     const line = out.split('\n').filter((l) => l.startsWith('{')).pop();
     if (code !== 0 || !line) throw new Error(`wrk ${args.join(' ')} failed (${code}):\n${out}${err}`);
     const r = JSON.parse(line) as { requests: number; bytes: number; duration_us: number; errors: number; p50_us: number; p99_us: number };
@@ -328,10 +318,29 @@ export class Wrk {
       errors: r.errors,
       p50_us: r.p50_us,
       p99_us: r.p99_us,
-      cpu_s: after.map((a, i) => a - (before[i] ?? 0)),
+      cpu_s: cpu,
       client_cpu_s: clientCpu,
     };
   }
+}
+
+/**
+ * Runs a load tool with the client OpenSSL offer and reads its output, and
+ * the CPU the measured process groups and the tool itself used meanwhile
+ * (the tool's CPU appears in this process' cutime/cstime once it is reaped;
+ * nothing else exits meanwhile).
+ */
+async function measuredRun(cmd: string, args: string[], opensslConf: string, cpuPgids: number[]): Promise<{ code: number; out: string; err: string; cpu: number[]; clientCpu: number }> {
+  const before = cpuPgids.map(groupCpuSeconds);
+  const clientBefore = childrenCpuSeconds();
+  const child = spawn(cmd, args, { env: { ...process.env, OPENSSL_CONF: opensslConf }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? -1)));
+  const cpu = cpuPgids.map((pgid, i) => groupCpuSeconds(pgid) - (before[i] ?? 0));
+  return { code, out, err, cpu, clientCpu: childrenCpuSeconds() - clientBefore };
 }
 
 /** cutime + cstime of this process: CPU of reaped children (wrk, loadgen). */
@@ -366,17 +375,8 @@ export class H2load {
   }
 
   async run(url: string, clients: number, streams: number, seconds: number, cpuPgids: number[]): Promise<H2loadResult> {
-    const before = cpuPgids.map(groupCpuSeconds);
-    const clientBefore = childrenCpuSeconds();
     const args = ['-c', String(clients), '-m', String(streams), '-D', String(seconds), '-T', '20', url];
-    const child = spawn('h2load', args, { env: { ...process.env, OPENSSL_CONF: this.opensslConf }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? -1)));
-    const after = cpuPgids.map(groupCpuSeconds);
-    const clientCpu = childrenCpuSeconds() - clientBefore;
+    const { code, out, err, cpu, clientCpu } = await measuredRun('h2load', args, this.opensslConf, cpuPgids);
     // "finished in 2.00s, 12345.60 req/s, 13.45MB/s" and "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
     const fin = /finished in ([\d.]+)(m?s), ([\d.]+) req\/s/.exec(out);
     const req = /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out);
@@ -388,7 +388,7 @@ export class H2load {
       requests: succeeded,
       seconds: seconds_,
       errors: Number(req[5]) + Number(req[6]),
-      cpu_s: after.map((a, i) => a - (before[i] ?? 0)),
+      cpu_s: cpu,
       client_cpu_s: clientCpu,
     };
   }
