@@ -15,7 +15,6 @@
  * backend_connect for the TCP connect to the backend.
  */
 import { createServer, type Server, type Socket } from 'node:net';
-import { TLSSocket } from 'node:tls';
 import type { Listener } from '../config/load.ts';
 import { errorCode, errorMessage } from '../core/errors.ts';
 import { HttpConnection, type HttpListener } from '../http/connection.ts';
@@ -117,13 +116,7 @@ export async function startHttpListener(listener: HttpListener, deps: HttpListen
   };
 
   const startTls = (conn: HttpConnection, tcp: Socket, settings: HttpListener) => {
-    const socket = new TLSSocket(tcp, {
-      isServer: true,
-      // Clients without SNI (a URL with an IP address) get the store's default certificate, renewals included.
-      secureContext: deps.certs.contextFor(undefined),
-      SNICallback: deps.certs.sniCallback,
-      ALPNCallback: alpnSelector('http', settings.http2 ? H2_ALPN : ALPN_IDS.http),
-    });
+    const socket = deps.certs.accept(tcp, alpnSelector('http', settings.http2 ? H2_ALPN : ALPN_IDS.http));
     const timer = setTimeout(() => {
       conn.log.debug('TLS handshake timed out');
       conn.close('tls-handshake-timeout');

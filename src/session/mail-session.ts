@@ -8,7 +8,6 @@
  * protocol: the adapter, its Dialogue rules and its relay speak for it.
  */
 import type { Socket } from 'node:net';
-import { TLSSocket } from 'node:tls';
 import type { Listener } from '../config/load.ts';
 import { errorCode, errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
@@ -263,12 +262,7 @@ export class MailSession implements SessionControl {
   // ---- TLS -------------------------------------------------------------
 
   private startTls(then: () => void): void {
-    const tls = new TLSSocket(this.raw, {
-      isServer: true,
-      secureContext: this.deps.certs.contextFor(undefined),
-      SNICallback: this.deps.certs.sniCallback,
-      ALPNCallback: alpnSelector(this.deps.module.protocol),
-    });
+    const tls = this.deps.certs.accept(this.raw, alpnSelector(this.deps.module.protocol));
     this.client = tls;
     // The TLS socket reads the connection from now on, so activity (and the idle timer) is tracked there.
     tls.on('close', () => this.finalize());

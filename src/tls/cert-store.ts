@@ -9,7 +9,8 @@
  */
 import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createSecureContext, type SecureContext } from 'node:tls';
+import type { Socket } from 'node:net';
+import { createSecureContext, TLSSocket, type SecureContext, type TLSSocketOptions } from 'node:tls';
 import { MailgateError } from '../core/errors.ts';
 import { isAcmeTlsHandshake } from './acme-alpn.ts';
 import { secureContextOptions } from './options.ts';
@@ -258,6 +259,16 @@ export class CertStore {
     this.replaceWith(next);
     this.challenges.clear();
     for (const c of snapshot.challenges) this.setChallenge(c.name, c.certPem, c.keyPem);
+  }
+
+  /**
+   * The server side of TLS on an accepted connection, for every listener:
+   * clients without SNI (a URL with an IP address) get the default
+   * certificate, renewals included; SNI picks by name; `alpn` chooses the
+   * application protocol (tls/options.ts alpnSelector).
+   */
+  accept(raw: Socket, alpn: NonNullable<TLSSocketOptions['ALPNCallback']>): TLSSocket {
+    return new TLSSocket(raw, { isServer: true, secureContext: this.contextFor(undefined), SNICallback: this.sniCallback, ALPNCallback: alpn });
   }
 
   /**
