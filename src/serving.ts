@@ -6,6 +6,7 @@
  * with what the config's policy files hold; its certificates, policy state
  * and ACME answers are handed in by whoever owns them.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityCache } from './backend/capabilities.ts';
 import { BackendPools, type HealthView } from './backend/pools.ts';
 import type { Config, Listener } from './config/load.ts';
@@ -197,8 +198,4 @@ export class Serving {
 function sameBinding(a: Listener, b: Listener): boolean {
   if (a.protocol !== b.protocol || a.tls !== b.tls || a.listen.length !== b.listen.length) return false;
   return a.listen.every((x, i) => x.host === b.listen[i]?.host && x.port === b.listen[i]?.port);
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

@@ -8,6 +8,7 @@
  * protocol: the adapter, its Dialogue rules and its relay speak for it.
  */
 import type { Socket } from 'node:net';
+import { setTimeout as delay } from 'node:timers/promises';
 import type { Listener } from '../config/load.ts';
 import { errorCode, errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
@@ -441,7 +442,7 @@ export class MailSession implements SessionControl {
     const candidates = pools && decision.pool ? pools.order(this.poolMember(), decision.pool) : [decision.backend];
     let socket: Socket | undefined;
     let chosen = decision.backend;
-    let failure: CloseReason = 'backend-unavailable';
+    let failure: 'backend-timeout' | 'backend-unavailable' = 'backend-unavailable';
     const connectStartedAt = performance.now(); // metrics: backend connect latency (control/stats.ts)
     for (const candidate of candidates) {
       try {
@@ -458,7 +459,7 @@ export class MailSession implements SessionControl {
         pools?.failed(this.poolMember(), candidate);
       }
     }
-    if (!socket) return { kind: 'unavailable', reason: failure === 'backend-timeout' ? 'backend-timeout' : 'backend-unavailable' };
+    if (!socket) return { kind: 'unavailable', reason: failure };
     const backend = formatHostPort(chosen);
     if (pools) {
       this.releaseBackend?.();
@@ -750,10 +751,6 @@ function goodbyeFor(reason: CloseReason): Goodbye {
     default:
       return 'killed';
   }
-}
-
-function delay(ms: number): Promise<void> {
-  return ms > 0 ? new Promise((resolve) => setTimeout(resolve, ms)) : Promise.resolve();
 }
 
 /** The promise's value, or undefined once `ms` have passed (the promise is left to settle on its own). */
