@@ -7,7 +7,7 @@
  * the checker look again at once. Results are keyed by protocol, address and
  * PROXY version, so two listeners sharing a pool share its checks.
  */
-import type { Config } from '../config/load.ts';
+import type { Config, Listener } from '../config/load.ts';
 import { DEFAULT_HEALTH_INTERVAL } from '../config/schema.ts';
 import { errorMessage } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
@@ -48,22 +48,27 @@ const GOODBYE: Record<MailProtocol, string> = { imap: 'h LOGOUT\r\n', pop3: 'QUI
 /** A passive failure makes the checker look again, but not more often than this. */
 const RECHECK_MIN_MS = 250;
 
-/** Every pool member of a config: listeners whose backend is a list, and list routes on the mail listeners they apply to. */
+/** A mail listener's pool members: its own backend list, and the list routes that apply to it (once each). */
+export function poolMembers(config: Config, l: Listener): HostPort[] {
+  if (l.protocol === 'http') return [];
+  const out = new Map<string, HostPort>();
+  for (const b of l.pool ?? []) out.set(formatHostPort(b), b);
+  for (const r of config.routes) {
+    if (!Array.isArray(r.backend) || r.backend.length < 2) continue;
+    if (r.listeners && !r.listeners.includes(l.name)) continue;
+    if (r.protocols && !(r.protocols as readonly string[]).includes(l.protocol)) continue;
+    for (const b of r.backend) out.set(formatHostPort(b), b);
+  }
+  return [...out.values()];
+}
+
+/** Every pool member of a config, as the checker watches it: per mail listener, with its interval, PROXY header and timeout. */
 export function healthTargets(config: Config): CheckTarget[] {
   const out: CheckTarget[] = [];
   for (const l of config.listeners) {
     if (l.protocol === 'http') continue;
     const intervalMs = l.health_check?.interval ?? DEFAULT_HEALTH_INTERVAL;
-    const add = (pool: readonly HostPort[]) => {
-      for (const backend of pool) out.push({ protocol: l.protocol, backend, proxyProtocol: l.proxy_protocol, intervalMs, timeoutMs: l.timeouts.backend_connect });
-    };
-    if (l.pool) add(l.pool);
-    for (const r of config.routes) {
-      if (!Array.isArray(r.backend) || r.backend.length < 2) continue;
-      if (r.listeners && !r.listeners.includes(l.name)) continue;
-      if (r.protocols && !(r.protocols as readonly string[]).includes(l.protocol)) continue;
-      add(r.backend);
-    }
+    for (const backend of poolMembers(config, l)) out.push({ protocol: l.protocol, backend, proxyProtocol: l.proxy_protocol, intervalMs, timeoutMs: l.timeouts.backend_connect });
   }
   return out;
 }

@@ -4,24 +4,11 @@
  * with the runtime's last active check and the listener's live sessions on it.
  */
 import type { HealthView } from '../backend/pools.ts';
-import { targetKey } from '../backend/health.ts';
-import type { Config, Listener } from '../config/load.ts';
-import { formatHostPort, type HostPort } from '../net/address.ts';
+import { poolMembers, targetKey } from '../backend/health.ts';
+import type { Config } from '../config/load.ts';
+import { formatHostPort } from '../net/address.ts';
 import type { SessionRecord } from '../session/record.ts';
 import type { PoolMemberStatus } from './protocol.ts';
-
-export function poolMembers(config: Config, l: Listener): HostPort[] {
-  if (l.protocol === 'http') return [];
-  const out = new Map<string, HostPort>();
-  for (const b of l.pool ?? []) out.set(formatHostPort(b), b);
-  for (const r of config.routes) {
-    if (!Array.isArray(r.backend) || r.backend.length < 2) continue;
-    if (r.listeners && !r.listeners.includes(l.name)) continue;
-    if (r.protocols && !(r.protocols as readonly string[]).includes(l.protocol)) continue;
-    for (const b of r.backend) out.set(formatHostPort(b), b);
-  }
-  return [...out.values()];
-}
 
 /** Every listener's pool, by listener name; listeners without one are absent. */
 export function poolStatus(config: Config, health: HealthView | undefined, sessions: readonly SessionRecord[]): Map<string, PoolMemberStatus[]> {
