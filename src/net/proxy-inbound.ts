@@ -7,7 +7,7 @@
  */
 import { isIP, type Socket } from 'node:net';
 import { normalizeIp } from './address.ts';
-import type { ProxyEndpoints } from './proxy-protocol.ts';
+import { V2_SIGNATURE, type ProxyEndpoints } from './proxy-protocol.ts';
 
 /** Who a connection speaks for: the socket's peer, or the client a trusted balancer named. */
 export type Peer = ProxyEndpoints & {
@@ -25,7 +25,6 @@ export function socketPeer(socket: Socket): Peer {
   };
 }
 
-const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
 const V1_PREFIX = Buffer.from('PROXY ', 'latin1');
 /** The spec's bound for a v1 line, CRLF included. */
 export const V1_MAX = 107;

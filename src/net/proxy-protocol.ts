@@ -12,7 +12,8 @@ export interface ProxyEndpoints {
   localPort: number;
 }
 
-const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
+/** The twelve bytes every PROXY protocol v2 header starts with. */
+export const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
 
 /** Without endpoints (a probe made by the gateway itself): v1 UNKNOWN, v2 LOCAL. */
 export function proxyHeader(version: 'v1' | 'v2', ep: ProxyEndpoints | undefined): Buffer {
