@@ -3,10 +3,10 @@
  * Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
  */
 import cluster from 'node:cluster';
-import { parseCommandArgs } from './core/cli-args.ts';
+import { configProblem, parseCommandArgs } from './core/cli-args.ts';
 import { loadConfigFile, type Config } from './config/load.ts';
 import { formatDuration } from './core/duration.ts';
-import { ConfigError, errorMessage, MailgateError } from './core/errors.ts';
+import { errorMessage } from './core/errors.ts';
 import { formatHostPort } from './net/address.ts';
 import { workerCount } from './cluster/count.ts';
 import { policySummary } from './policy/cli.ts';
@@ -93,15 +93,7 @@ function readConfig(file: string): Config | number {
   try {
     return loadConfigFile(file);
   } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`mailgate: invalid configuration\n${err.message}\n`);
-      return 2;
-    }
-    if (err instanceof MailgateError) {
-      process.stderr.write(`mailgate: ${err.message}\n`);
-      return 2;
-    }
-    throw err;
+    return configProblem(err);
   }
 }
 

@@ -6,23 +6,13 @@
  */
 import { z } from 'zod';
 import { parseHash } from '../core/password-hash.ts';
-import { parseCidr, type Cidr } from '../net/cidr.ts';
 import { DEFAULT_USERNAME_FORMAT, MAX_USERNAME_FORMAT_LENGTH, MAX_USERNAME_FORMATS, parseUsernameFormat } from '../core/username-format.ts';
-import { backendOrPool, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
+import { backendOrPool, cidr, duration as durationOf, hostPort, positiveInt } from './schema-values.ts';
 
 const duration = durationOf('30s, 15m, 1h');
 
 /** Windows and bans are kept by the rate-limit library in whole seconds. */
 const window = duration.refine((ms) => ms >= 1000 && ms % 1000 === 0, 'use a whole number of seconds, at least 1s');
-
-const cidr = z.string().transform((v, ctx): Cidr => {
-  const r = parseCidr(v);
-  if (typeof r === 'string') {
-    ctx.addIssue({ code: 'custom', message: r });
-    return z.NEVER;
-  }
-  return r;
-});
 
 /** Validated here, kept as text (the config is frozen; users.ts parses it). */
 const passwordHash = z.string().superRefine((v, ctx) => {

@@ -4,8 +4,8 @@
  * daemon refused or cannot be reached, 2 usage or configuration error.
  */
 import { loadConfigFile } from '../config/load.ts';
-import { parseCommandArgs, type CommandArgs, type Options } from '../core/cli-args.ts';
-import { ConfigError, errorMessage, MailgateError } from '../core/errors.ts';
+import { configProblem, parseCommandArgs, type CommandArgs, type Options } from '../core/cli-args.ts';
+import { errorMessage } from '../core/errors.ts';
 import { humanBytes, humanDuration } from '../core/human.ts';
 import { ControlClient, ControlRequestError } from './client.ts';
 import type { BackendHealth, CertStatus, StatusInfo } from './protocol.ts';
@@ -32,15 +32,7 @@ export function target(opts: VerbOptions): Target {
     }
     return { socket: controlSocketPath(config), configFile: config.file };
   } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`mailgate: invalid configuration\n${err.message}\n`);
-      return 2;
-    }
-    if (err instanceof MailgateError) {
-      process.stderr.write(`mailgate: ${err.message}\n(use -s SOCKET to name the control socket directly)\n`);
-      return 2;
-    }
-    throw err;
+    return configProblem(err, '(use -s SOCKET to name the control socket directly)\n');
   }
 }
 

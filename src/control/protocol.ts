@@ -10,6 +10,7 @@
  * record's type (src/session/record.ts), so a session is described once.
  */
 import { z } from 'zod';
+import type { ReloadResult } from '../listeners/types.ts';
 import type { LiveFields, SessionInfo } from '../session/record.ts';
 
 /** Bumped on any incompatible change; a client refuses a daemon with another version. */
@@ -130,13 +131,8 @@ export interface Ban {
   source: 'manual' | 'auto' | 'config';
 }
 
-export interface ReloadOutcome {
-  ok: boolean;
-  error?: string;
-  started: string[];
-  stopped: string[];
-  updated: string[];
-}
+/** What a reload did, as the control protocol carries it (the listeners' own result). */
+export type ReloadOutcome = ReloadResult;
 
 /** One worker process of a cluster primary. */
 export interface WorkerStatus {

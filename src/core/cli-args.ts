@@ -4,7 +4,7 @@
  * (exit 2), and --help printing the usage (exit 0).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { errorMessage } from './errors.ts';
+import { ConfigError, errorMessage, MailgateError } from './errors.ts';
 
 export type Options = NonNullable<ParseArgsConfig['options']>;
 
@@ -33,4 +33,21 @@ export function parseCommandArgs(verb: string, argv: string[], options: Options,
     return 0;
   }
   return { values, positionals, string: (name) => (typeof values[name] === 'string' ? (values[name] as string) : undefined) };
+}
+
+/**
+ * A configuration that could not be read, as every command reports it (exit
+ * 2): an invalid file with its file:line errors, or a file that is not there
+ * (`hint` follows). Anything else is not the config's fault and goes up.
+ */
+export function configProblem(err: unknown, hint = ''): number {
+  if (err instanceof ConfigError) {
+    process.stderr.write(`mailgate: invalid configuration\n${err.message}\n`);
+    return 2;
+  }
+  if (err instanceof MailgateError) {
+    process.stderr.write(`mailgate: ${err.message}\n${hint}`);
+    return 2;
+  }
+  throw err;
 }
