@@ -543,14 +543,19 @@ export class SmtpRelay implements RelayFilter {
    */
   private refuse(text: string, reason: CloseReason, why: string | undefined): void {
     if (why !== undefined) this.host.refused(why);
+    this.stopReading();
+    this.expect.push({ kind: 'own', text, close: reason });
+    if (this.expect.length > 1) this.host.closing(reason, text);
+    else this.ownReplies();
+  }
+
+  /** Forwards what may still go, then reads nothing more from the client and forgets what waited. */
+  private stopReading(): void {
     this.flush();
     this.mode = 'closed';
     this.pendingRcpt = undefined;
     this.pendingMessage = false;
     this.dropHeld();
-    this.expect.push({ kind: 'own', text, close: reason });
-    if (this.expect.length > 1) this.host.closing(reason, text);
-    else this.ownReplies();
   }
 
   /** A message limit was reached: QUIT at the next command boundary (now, if the relay is at one). */
@@ -563,11 +568,7 @@ export class SmtpRelay implements RelayFilter {
 
   private quit(): void {
     const words = this.stopWords ?? '';
-    this.flush();
-    this.mode = 'closed';
-    this.pendingRcpt = undefined;
-    this.pendingMessage = false;
-    this.dropHeld();
+    this.stopReading();
     this.host.toBackend(QUIT);
     this.expect.push({ kind: 'quit', words });
     this.host.closing('policy-tempfail', words);
